@@ -1,0 +1,266 @@
+"""The ``fedge`` command line: parse, build a config, call one library function.
+
+Expected failures (a bad flag, a malformed file, an unknown name) print one
+line ``fedge: error: ...`` and exit with status 2; failures inside training
+exit with status 1; Ctrl-C exits with 130 after saying what was kept. No
+traceback for any of them. Heavy imports happen inside the subcommands, so
+``fedge --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedge import __version__
+from fedge.errors import ConfigError, FedgeError
+
+if TYPE_CHECKING:
+    from fedge.sim.engine import RoundRecord, SimResult
+
+__all__ = ["main"]
+
+logger = logging.getLogger("fedge")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _option(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip().replace("-", "_"), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key}: expected a number, got {value!r}") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _add_simulate(sub: Any) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="run a federation of virtual devices on this machine",
+        description=(
+            "Simulate federated training over virtual devices. With no arguments: digits data, "
+            "logistic regression, 20 devices with a Dirichlet(0.5) label skew, all devices every "
+            "round, 30 rounds of FedAvg. Writes metrics.jsonl, summary.json, model.safetensors "
+            "and curves.png to --out. Settings come from defaults, then --config, then flags."
+        ),
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("problem")
+    g.add_argument("--task", help="logreg, mlp, mlp:HIDDEN, torch-cnn, or module:attr (default logreg)")
+    g.add_argument("--data", help="digits, synthetic:ALPHA,BETA, synthetic:iid, or a .npz/.csv file "
+                   "(default digits)")
+    g.add_argument("--partition", help="iid, dirichlet:ALPHA, shards:K or powerlaw:A "
+                   "(default dirichlet:0.5; synthetic data comes partitioned)")
+    g.add_argument("--devices", type=int, help="number of virtual devices (default 20)")
+    g = p.add_argument_group("rounds")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--cohort", type=int, metavar="N", help="devices per round, uniformly at random "
+                   "(default: every device)")
+    x.add_argument("--sample-rate", type=_fraction, metavar="Q",
+                   help="each device joins a round with probability Q (Poisson sampling)")
+    g.add_argument("--rounds", type=int, help="rounds to run (default 30)")
+    g.add_argument("--stragglers", type=_fraction, metavar="FRACTION",
+                   help="fraction of each cohort that runs fewer local epochs (default 0)")
+    g.add_argument("--drop-stragglers", action="store_true",
+                   help="discard stragglers' partial work (FedAvg in the FedProx paper)")
+    g.add_argument("--eval-every", type=int, metavar="K",
+                   help="evaluate centrally every K rounds and after the last (default 1)")
+    g = p.add_argument_group("local training")
+    g.add_argument("--local-epochs", type=int, help="local epochs per round (default 1)")
+    g.add_argument("--batch-size", type=int, help="local minibatch size (default 32)")
+    g.add_argument("--lr", type=_fraction, help="local learning rate (default 0.1)")
+    g.add_argument("--mu", type=_fraction, help="FedProx proximal coefficient "
+                   "(default 0; 0.01 with --strategy fedprox)")
+    g = p.add_argument_group("server")
+    g.add_argument("--strategy", help="fedavg, fedavgm, fedadagrad, fedadam, fedyogi or fedprox "
+                   "(default fedavg)")
+    g.add_argument("--server-lr", type=_fraction, help="server learning rate (default: the "
+                   "strategy's: 1 for fedavg/fedavgm/fedprox, 0.1 fedadagrad, 0.01 fedadam/fedyogi)")
+    g.add_argument("--strategy-option", type=_option, action="append", dest="strategy_options",
+                   metavar="KEY=VALUE", help="a strategy hyperparameter, e.g. momentum=0.9, "
+                   "beta1=0.9, beta2=0.99, tau=0.001 (repeatable)")
+    g = p.add_argument_group("run")
+    g.add_argument("--backend", choices=["inline", "processes"],
+                   help="inline: one process, bit-for-bit reproducible; processes: every core "
+                   "(default inline)")
+    g.add_argument("--workers", type=int, help="worker processes for --backend processes "
+                   "(default: one per core)")
+    g.add_argument("--seed", type=int, help="seed for data split, selection and training (default 0)")
+    g.add_argument("--config", type=Path, metavar="FILE.toml",
+                   help="TOML file of settings (keys as the long flags, - or _)")
+    g.add_argument("--out", type=Path, metavar="DIR",
+                   help="output folder (default: a new folder under runs/)")
+    g.add_argument("--no-plot", action="store_true", help="skip curves.png")
+    g.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _build_config(args: argparse.Namespace) -> Any:
+    from fedge.sim.config import SimConfig, load_toml
+
+    values: dict[str, Any] = {}
+    if "config" in args:
+        values.update(
+            SimConfig.from_mapping(load_toml(args.config), source=str(args.config)).to_dict()
+        )
+    flags = {
+        k: v for k, v in vars(args).items()
+        if k not in {"config", "out", "no_plot", "quiet", "func", "command", "verbose"}
+    }
+    if "strategy_options" in flags:
+        merged = dict(values.get("strategy_options", {}))
+        merged.update(dict(flags.pop("strategy_options")))
+        flags["strategy_options"] = merged
+    values.update(flags)
+    return SimConfig(**values)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from fedge.sim.engine import Simulation
+    from fedge.sim.report import RunWriter, default_out_dir
+
+    config = _build_config(args)
+    sim = Simulation(config)
+    out_dir = args.out if "out" in args else default_out_dir(
+        Path("runs"), f"{config.task.replace(':', '-')}-{config.data.split(':')[0]}"
+    )
+    writer = RunWriter(Path(out_dir))
+    show = _Progress(config.rounds, enabled="quiet" not in args)
+
+    def on_round(record: RoundRecord) -> None:
+        writer.on_round(record)
+        show.update(record)
+
+    try:
+        with show:
+            result = sim.run(on_round=on_round)
+    except KeyboardInterrupt:
+        writer.close()
+        print(f"fedge: interrupted; metrics so far are in {writer.out_dir}/metrics.jsonl",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BaseException:
+        writer.close()
+        raise
+    result.timing["wall_s"] = time.perf_counter() - _T0
+    paths = writer.finish(result, plot="no_plot" not in args)
+    result.timing["wall_s"] = time.perf_counter() - _T0
+    _print_result(result, paths)
+    return EXIT_OK
+
+
+def _print_result(result: SimResult, paths: dict[str, Path]) -> None:
+    m = result.metrics
+    print(
+        f"final accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}  "
+        f"after {len(result.history)} rounds, {result.num_devices} devices, "
+        f"{result.timing['wall_s']:.2f} s"
+    )
+    print(f"outputs in {paths['summary'].parent}/ ({', '.join(p.name for p in paths.values())})")
+
+
+class _Progress:
+    """A progress bar with round, accuracy and loss on a terminal; sparse lines otherwise."""
+
+    def __init__(self, rounds: int, *, enabled: bool) -> None:
+        self.rounds = rounds
+        self.enabled = enabled
+        self._bar: Any = None
+        self._task: Any = None
+        self._next_line = 0.0
+
+    def __enter__(self) -> _Progress:
+        if self.enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("round"), MofNCompleteColumn(), BarColumn(),
+                TextColumn("acc {task.fields[acc]}  loss {task.fields[loss]}"),
+                TimeElapsedColumn(), console=Console(stderr=True), transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("rounds", total=self.rounds, acc="-", loss="-")
+        return self
+
+    def update(self, record: RoundRecord) -> None:
+        if not self.enabled:
+            return
+        acc = loss = "-"
+        if record.metrics is not None:
+            acc, loss = f"{record.metrics['accuracy']:.4f}", f"{record.metrics['loss']:.4f}"
+        if self._bar is not None:
+            fields: dict[str, str] = {} if record.metrics is None else {"acc": acc, "loss": loss}
+            self._bar.update(self._task, completed=record.round, **fields)
+            return
+        # Not a terminal (CI, a log file): a line about every 10% of the run.
+        if record.round >= self._next_line or record.round == self.rounds:
+            print(f"round {record.round}/{self.rounds}  acc {acc}  loss {loss}", file=sys.stderr)
+            self._next_line = record.round + max(1, self.rounds // 10)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedge",
+        description="Privacy-preserving federated learning for fleets of Linux edge devices.",
+    )
+    parser.add_argument("--version", action="version", version=f"fedge {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_simulate(sub)
+    return parser
+
+
+_T0 = time.perf_counter()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedge`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="fedge: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"fedge: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except FedgeError as e:
+        print(f"fedge: failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("fedge: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The fedge exception tree.
+
+Every error fedge raises on purpose derives from :class:`FedgeError`, so a
+caller can catch one level of the tree and nothing else::
+
+    FedgeError
+    ├── ConfigError        (also a ValueError) a setting or argument is invalid
+    │   ├── UnknownNameError   a task, strategy, data or partitioner name is unknown
+    │   └── DataError          a data source is malformed or does not fit the run
+    ├── TaskError          user task code failed or returned something malformed
+    ├── RoundError         the round logic refused an event (late, duplicate, not invited)
+    └── BackendError       a simulator backend or worker process failed
+
+``ConfigError`` subclasses ``ValueError`` so that plain Python callers that
+expect argument errors to be ``ValueError`` keep working; the CLI maps every
+``ConfigError`` to exit status 2 with its message on one line.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "ConfigError",
+    "DataError",
+    "FedgeError",
+    "RoundError",
+    "TaskError",
+    "UnknownNameError",
+]
+
+
+class FedgeError(Exception):
+    """Base class of every error fedge raises on purpose."""
+
+
+class ConfigError(FedgeError, ValueError):
+    """A setting or argument is invalid; the message names it and the value received."""
+
+
+class UnknownNameError(ConfigError):
+    """A registry lookup (task, strategy, data, partitioner) found no such name."""
+
+    def __init__(self, kind: str, name: str, known: list[str]) -> None:
+        self.kind = kind
+        self.name = name
+        self.known = sorted(known)
+        super().__init__(f"unknown {kind} {name!r}; known: {', '.join(self.known)}")
+
+
+class DataError(ConfigError):
+    """A data source is malformed (bad cell, NaN, wrong shape) or cannot serve the run."""
+
+
+class TaskError(FedgeError):
+    """A task's code raised or returned something that breaks the task contract."""
+
+
+class RoundError(FedgeError):
+    """The round state machine refused an event; ``reason`` is a stable code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class BackendError(FedgeError):
+    """A simulator backend failed: a worker died or raised."""

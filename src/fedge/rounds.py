@@ -1,0 +1,175 @@
+"""The round state machine: cohort selection, deadlines, dropouts. No I/O.
+
+One round: select a cohort from the available devices, open the round, accept
+each invited device's update at most once and only before the deadline, then
+close it. A round closes *complete* when at least ``min_updates`` arrived and
+*abandoned* otherwise; the devices that never reported are its dropouts. The
+simulator and the coordinator drive this same code; they differ only in
+where updates come from and what clock ``now`` is read from (both are
+arguments, never read here).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fedge.errors import ConfigError, RoundError
+
+__all__ = ["Round", "RoundOutcome", "RoundState", "choose_stragglers", "select_cohort"]
+
+IntArray = npt.NDArray[np.int64]
+
+
+def select_cohort(
+    population: IntArray | Iterable[int],
+    *,
+    rng: np.random.Generator,
+    cohort_size: int | None = None,
+    sample_rate: float | None = None,
+) -> IntArray:
+    """Choose the devices invited to a round, sorted by id.
+
+    Exactly one of ``cohort_size`` (that many devices, uniformly without
+    replacement) and ``sample_rate`` (each device independently with that
+    probability: Poisson sampling, the assumption DP accounting makes) may be
+    set; with neither, every device is invited.
+
+    Raises:
+        ConfigError: both are set, ``cohort_size`` is outside ``[1, population]``,
+            or ``sample_rate`` is outside ``(0, 1]``.
+    """
+    ids = np.fromiter(population, dtype=np.int64) if not isinstance(population, np.ndarray) \
+        else population.astype(np.int64, copy=False)
+    n = int(ids.size)
+    if cohort_size is not None and sample_rate is not None:
+        raise ConfigError("set a cohort size or a sample rate, not both")
+    if cohort_size is not None:
+        if not 1 <= cohort_size <= n:
+            raise ConfigError(f"cohort size must be between 1 and the {n} devices, got {cohort_size}")
+        if cohort_size == n:
+            return np.sort(ids)
+        return np.sort(rng.choice(ids, size=cohort_size, replace=False))
+    if sample_rate is not None:
+        if not (math.isfinite(sample_rate) and 0 < sample_rate <= 1):
+            raise ConfigError(f"sample rate must be in (0, 1], got {sample_rate}")
+        return np.sort(ids[rng.random(n) < sample_rate])
+    return np.sort(ids)
+
+
+def choose_stragglers(
+    cohort: IntArray, fraction: float, rng: np.random.Generator
+) -> IntArray:
+    """The ``round(fraction * len(cohort))`` devices of ``cohort`` that straggle this round.
+
+    Raises:
+        ConfigError: ``fraction`` is outside ``[0, 1]``.
+    """
+    if not (math.isfinite(fraction) and 0 <= fraction <= 1):
+        raise ConfigError(f"stragglers fraction must be in [0, 1], got {fraction}")
+    k = round(fraction * cohort.size)
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    return np.sort(rng.choice(cohort, size=k, replace=False))
+
+
+class RoundState(enum.Enum):
+    OPEN = "open"
+    COMPLETE = "complete"
+    ABANDONED = "abandoned"
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """How a round ended: who reported, who dropped, with what total weight."""
+
+    round_id: int
+    state: RoundState
+    reported: tuple[int, ...]
+    dropped: tuple[int, ...]
+    total_weight: float
+
+
+@dataclass
+class Round:
+    """One round's bookkeeping. ``deadline`` is an instant on the caller's clock.
+
+    Raises (from the constructor):
+        ConfigError: an empty cohort, ``min_updates`` outside ``[1, cohort]``.
+    """
+
+    round_id: int
+    cohort: frozenset[int]
+    min_updates: int
+    deadline: float = math.inf
+    state: RoundState = RoundState.OPEN
+    _weights: dict[int, float] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.cohort:
+            raise ConfigError(f"round {self.round_id}: the cohort is empty")
+        if not 1 <= self.min_updates <= len(self.cohort):
+            raise ConfigError(
+                f"round {self.round_id}: min_updates must be between 1 and the cohort size "
+                f"{len(self.cohort)}, got {self.min_updates}"
+            )
+
+    @classmethod
+    def open(
+        cls, round_id: int, cohort: Iterable[Any], *, min_updates: int | None = None,
+        deadline: float = math.inf,
+    ) -> Round:
+        members = frozenset(int(d) for d in cohort)
+        return cls(round_id, members, len(members) if min_updates is None else min_updates, deadline)
+
+    @property
+    def reported(self) -> frozenset[int]:
+        return frozenset(self._weights)
+
+    @property
+    def complete_cohort(self) -> bool:
+        """True once every invited device has reported."""
+        return len(self._weights) == len(self.cohort)
+
+    def accept(self, device_id: int, weight: float, now: float) -> None:
+        """Record ``device_id``'s update, or refuse it.
+
+        Raises:
+            RoundError: ``closed`` (the round has ended), ``late`` (past the
+                deadline), ``not_invited``, ``duplicate`` or ``bad_weight``.
+        """
+        if self.state is not RoundState.OPEN:
+            raise RoundError("closed", f"round {self.round_id} is {self.state.value}")
+        if now > self.deadline:
+            raise RoundError("late", f"round {self.round_id}'s deadline has passed")
+        if device_id not in self.cohort:
+            raise RoundError("not_invited", f"device {device_id} is not in round {self.round_id}")
+        if device_id in self._weights:
+            raise RoundError("duplicate", f"device {device_id} already reported to round {self.round_id}")
+        if not (math.isfinite(weight) and weight > 0):
+            raise RoundError("bad_weight", f"device {device_id} sent weight {weight!r}")
+        self._weights[device_id] = float(weight)
+
+    def close(self) -> RoundOutcome:
+        """End the round: complete with enough updates, abandoned without.
+
+        Raises:
+            RoundError: ``closed`` if the round has already ended.
+        """
+        if self.state is not RoundState.OPEN:
+            raise RoundError("closed", f"round {self.round_id} is already {self.state.value}")
+        enough = len(self._weights) >= self.min_updates
+        self.state = RoundState.COMPLETE if enough else RoundState.ABANDONED
+        return RoundOutcome(
+            round_id=self.round_id,
+            state=self.state,
+            reported=tuple(sorted(self._weights)),
+            dropped=tuple(sorted(self.cohort - self._weights.keys())),
+            total_weight=sum(self._weights.values()),
+        )

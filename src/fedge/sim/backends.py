@@ -1,0 +1,207 @@
+"""Simulator backends: where a round's devices train.
+
+- ``inline``: this process, devices in cohort order; bit-for-bit deterministic
+  for a seed.
+- ``processes``: one worker process per core. Each device lives on one worker
+  (``device_id % workers``) that receives its data once at start-up; every
+  round ships the params once per worker and gets back one partial
+  accumulator per worker, so the driver holds O(model) memory whatever the
+  cohort size. Results equal ``inline``'s up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, Protocol
+
+from fedge.data.dataset import Dataset, DataSpec
+from fedge.errors import BackendError, FedgeError, TaskError
+from fedge.params import Params
+from fedge.sim.devices import DeviceJob, DeviceRunner, PartialRound
+from fedge.strategies.base import Strategy
+from fedge.tasks import load_task
+from fedge.tasks.base import Task, TrainConfig
+
+__all__ = ["Backend", "InlineBackend", "ProcessBackend", "merge_partials"]
+
+
+class Backend(Protocol):
+    def run_round(self, round_id: int, params: Params, jobs: Sequence[DeviceJob]) -> PartialRound: ...
+
+    def close(self) -> None: ...
+
+
+def merge_partials(parts: Sequence[PartialRound]) -> PartialRound:
+    """Join partial rounds in the order given (a fixed order keeps results reproducible)."""
+    head = parts[0]
+    for p in parts[1:]:
+        head.accumulator.merge(p.accumulator)
+        head.reports.extend(p.reports)
+        head.rejected.extend(p.rejected)
+        head.train_loss_sum += p.train_loss_sum
+        head.train_s += p.train_s
+    return head
+
+
+class InlineBackend:
+    """Every device in this process, one after another."""
+
+    def __init__(self, runner: DeviceRunner) -> None:
+        self._runner = runner
+
+    def run_round(self, round_id: int, params: Params, jobs: Sequence[DeviceJob]) -> PartialRound:
+        return self._runner.run(round_id, params, jobs)
+
+    def close(self) -> None:
+        pass
+
+
+# Worker side ------------------------------------------------------------------
+
+def _worker_main(conn: Connection) -> None:
+    """A worker's loop: build the runner from the init message, then serve rounds."""
+    try:
+        task_name, spec, strategy, base, seed, datasets = conn.recv()
+        runner = DeviceRunner(
+            task=load_task(task_name, spec), strategy=strategy, datasets=datasets,
+            base_config=base, seed=seed,
+        )
+        conn.send(("ready", None))
+        while True:
+            msg = conn.recv()
+            if msg[0] == "stop":
+                return
+            _, round_id, params, jobs = msg
+            try:
+                conn.send(("ok", runner.run(round_id, params, jobs)))
+            except FedgeError as e:
+                conn.send(("error", f"{type(e).__name__}: {e}"))
+    except (EOFError, KeyboardInterrupt):
+        return
+    except Exception:
+        with contextlib.suppress(OSError):
+            conn.send(("error", traceback.format_exc()))
+
+
+@contextlib.contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """Spawned workers inherit the environment: one BLAS thread each, or W workers
+    would each start a thread per core and fight over the same cores."""
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(dict.fromkeys(names, "1"))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class ProcessBackend:
+    """Devices spread over worker processes, each device pinned to one worker."""
+
+    def __init__(
+        self,
+        *,
+        task_name: str,
+        spec: DataSpec,
+        strategy: Strategy,
+        datasets: Sequence[Dataset],
+        base_config: TrainConfig,
+        seed: int,
+        workers: int,
+    ) -> None:
+        self.workers = max(1, min(workers, len(datasets)))
+        ctx = mp.get_context("spawn")
+        self._procs: list[BaseProcess] = []
+        self._conns: list[Connection] = []
+        try:
+            with _single_threaded_blas():
+                for w in range(self.workers):
+                    parent, child = ctx.Pipe()
+                    proc = ctx.Process(target=_worker_main, args=(child,), daemon=True,
+                                       name=f"fedge-sim-worker-{w}")
+                    proc.start()
+                    child.close()
+                    self._procs.append(proc)
+                    self._conns.append(parent)
+            for w, conn in enumerate(self._conns):
+                mine: Mapping[int, Dataset] = {
+                    d: ds for d, ds in enumerate(datasets) if d % self.workers == w
+                }
+                conn.send((task_name, spec, strategy, base_config, seed, mine))
+            for w in range(self.workers):
+                self._receive(w)
+        except BaseException:
+            self.close()
+            raise
+
+    def _receive(self, w: int) -> Any:
+        try:
+            kind, payload = self._conns[w].recv()
+        except (EOFError, OSError):
+            self._procs[w].join(timeout=1)
+            raise BackendError(
+                f"simulator worker {w} died (exit code {self._procs[w].exitcode})"
+            ) from None
+        if kind == "error":
+            raise TaskError(f"simulator worker {w} failed: {payload}")
+        return payload
+
+    def run_round(self, round_id: int, params: Params, jobs: Sequence[DeviceJob]) -> PartialRound:
+        per_worker: list[list[DeviceJob]] = [[] for _ in range(self.workers)]
+        for job in jobs:
+            per_worker[job.device_id % self.workers].append(job)
+        busy = [w for w in range(self.workers) if per_worker[w]]
+        for w in busy:
+            try:
+                self._conns[w].send(("round", round_id, params, per_worker[w]))
+            except (BrokenPipeError, OSError):
+                raise BackendError(f"simulator worker {w} is gone") from None
+        parts: list[PartialRound] = [self._receive(w) for w in busy]
+        return merge_partials(parts)
+
+    def close(self) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                conn.send(("stop",))
+        for proc in self._procs:
+            proc.join(timeout=2)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=2)
+        for conn in self._conns:
+            conn.close()
+        self._procs.clear()
+        self._conns.clear()
+
+
+def build_backend(
+    name: str,
+    *,
+    task: Task,
+    task_name: str,
+    spec: DataSpec,
+    strategy: Strategy,
+    datasets: Sequence[Dataset],
+    base_config: TrainConfig,
+    seed: int,
+    workers: int | None,
+) -> Backend:
+    if name == "inline":
+        runner = DeviceRunner(task=task, strategy=strategy, datasets=dict(enumerate(datasets)),
+                              base_config=base_config, seed=seed)
+        return InlineBackend(runner)
+    return ProcessBackend(
+        task_name=task_name, spec=spec, strategy=strategy, datasets=datasets,
+        base_config=base_config, seed=seed, workers=workers or os.cpu_count() or 1,
+    )

@@ -1,0 +1,175 @@
+"""The simulator's configuration: one frozen value, from defaults, a TOML file and flags.
+
+Precedence is defaults < ``--config FILE.toml`` < command-line flags. Every
+field is checked here for what can be checked without loading anything;
+names (task, data, strategy, partitioner) are checked when the run is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedge.errors import ConfigError
+
+__all__ = ["BACKENDS", "SimConfig", "load_toml"]
+
+BACKENDS = ("inline", "processes")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything that defines a simulation run; ``summary.json`` records it resolved.
+
+    ``None`` means "the default for this data/strategy": ``devices`` is 20
+    (synthetic data brings its own 30), ``partition`` is ``dirichlet:0.5``,
+    ``mu`` and ``server_lr`` come from the strategy.
+    """
+
+    task: str = "logreg"
+    data: str = "digits"
+    partition: str | None = None
+    devices: int | None = None
+    cohort: int | None = None
+    sample_rate: float | None = None
+    rounds: int = 30
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    strategy: str = "fedavg"
+    mu: float | None = None
+    server_lr: float | None = None
+    strategy_options: Mapping[str, float] = field(default_factory=dict)
+    stragglers: float = 0.0
+    drop_stragglers: bool = False
+    backend: str = "inline"
+    workers: int | None = None
+    eval_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("rounds", self.rounds, low=1)
+        _check_int("local_epochs", self.local_epochs, low=1)
+        _check_int("batch_size", self.batch_size, low=1)
+        _check_int("eval_every", self.eval_every, low=1)
+        _check_int("seed", self.seed, low=0, high=2**63 - 1)
+        if self.devices is not None:
+            _check_int("devices", self.devices, low=1)
+        if self.cohort is not None:
+            _check_int("cohort", self.cohort, low=1)
+        if self.workers is not None:
+            _check_int("workers", self.workers, low=1)
+        if self.cohort is not None and self.sample_rate is not None:
+            raise ConfigError("--cohort and --sample-rate exclude each other; set one")
+        if self.sample_rate is not None and not (
+            math.isfinite(self.sample_rate) and 0 < self.sample_rate <= 1
+        ):
+            raise ConfigError(f"--sample-rate must be in (0, 1], got {self.sample_rate}")
+        _check_positive("lr", self.lr)
+        if self.server_lr is not None:
+            _check_positive("server_lr", self.server_lr)
+        if self.mu is not None and not (math.isfinite(self.mu) and self.mu >= 0):
+            raise ConfigError(f"--mu must be a finite number >= 0, got {self.mu}")
+        if not (math.isfinite(self.stragglers) and 0 <= self.stragglers <= 1):
+            raise ConfigError(f"--stragglers must be a fraction in [0, 1], got {self.stragglers}")
+        if self.stragglers > 0 and self.local_epochs < 2:
+            raise ConfigError(
+                "--stragglers needs --local-epochs >= 2: a straggler runs fewer epochs "
+                f"than the others, and {self.local_epochs} leaves none to drop"
+            )
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
+
+    def replace(self, **changes: Any) -> SimConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["strategy_options"] = dict(self.strategy_options)
+        return d
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str) -> SimConfig:
+        """Build a config from a mapping of field names (``-`` or ``_``) to values.
+
+        Raises:
+            ConfigError: an unknown key or a value of the wrong type, naming ``source``.
+        """
+        return cls(**coerce_fields(cls, values, source=source))
+
+
+def _check_int(name: str, value: object, *, low: int, high: int | None = None) -> None:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{flag} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ConfigError(f"{flag} must be {bound}, got {value}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+def coerce_fields(cls: type, values: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+    """Check ``values`` against dataclass ``cls``'s fields and their types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in names:
+            raise ConfigError(
+                f"{source}: unknown setting {raw_key!r}; known: {', '.join(sorted(names))}"
+            )
+        out[key] = _coerce(key, value, hints[key], source)
+    return out
+
+
+def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for t in options:
+        origin = typing.get_origin(t) or t
+        if origin is bool and isinstance(value, bool):
+            return value
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if origin is str and isinstance(value, str):
+            return value
+        if origin in (Mapping, dict) and isinstance(value, Mapping):
+            for k, v in value.items():
+                if isinstance(v, bool) or not isinstance(v, int | float):
+                    raise ConfigError(f"{source}: {key}.{k} must be a number, got {v!r}")
+            return {str(k): float(v) for k, v in value.items()}
+    wanted = " or ".join(getattr(t, "__name__", str(t)) for t in options if t is not type(None))
+    raise ConfigError(f"{source}: {key} must be {wanted}, got {value!r}")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file into a plain mapping.
+
+    Raises:
+        ConfigError: the file is missing, unreadable or not valid TOML.
+    """
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(p)!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e

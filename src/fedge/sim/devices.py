@@ -1,0 +1,133 @@
+"""Running a batch of simulated devices: the work every backend shares.
+
+A backend decides *where* devices train (this process, worker processes,
+later a Ray cluster); :class:`DeviceRunner` is *what* each of them does for a
+round: train from the round's params with a generator keyed by
+(seed, round, device), check the result, and stream the delta into a partial
+accumulator. Because every device's randomness depends only on that key, a
+device trains identically whichever backend or worker runs it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedge import params as P
+from fedge.data.dataset import Dataset
+from fedge.errors import TaskError
+from fedge.params import Params
+from fedge.strategies.base import Accumulator, Strategy
+from fedge.tasks.base import Task, TrainConfig
+
+__all__ = ["DeviceJob", "DeviceRunner", "PartialRound", "device_rng"]
+
+
+def device_rng(seed: int, round_id: int, device_id: int) -> np.random.Generator:
+    """The generator device ``device_id`` trains with in round ``round_id``.
+
+    Philox is counter-based: distinct keys give independent streams, and a key
+    is cheap to set up (no seed hashing), which matters at thousands of
+    devices per round.
+    """
+    key = np.array([seed, (round_id << 32) | device_id], dtype=np.uint64)
+    return np.random.Generator(np.random.Philox(key=key))
+
+
+@dataclass(frozen=True)
+class DeviceJob:
+    """One device's work in a round: who, and how many local epochs."""
+
+    device_id: int
+    local_epochs: int
+
+
+@dataclass
+class PartialRound:
+    """What a batch of devices produced: the partial accumulator and bookkeeping.
+
+    ``reports`` are (device, weight) for accepted updates; ``rejected`` are
+    devices whose update was refused (non-finite values), as a coordinator
+    would refuse them.
+    """
+
+    accumulator: Accumulator
+    reports: list[tuple[int, float]] = field(default_factory=list)
+    rejected: list[int] = field(default_factory=list)
+    train_loss_sum: float = 0.0
+    train_s: float = 0.0
+
+
+class DeviceRunner:
+    """Trains the devices whose data it holds."""
+
+    def __init__(
+        self,
+        *,
+        task: Task,
+        strategy: Strategy,
+        datasets: Mapping[int, Dataset],
+        base_config: TrainConfig,
+        seed: int,
+    ) -> None:
+        self._task = task
+        self._strategy = strategy
+        self._datasets = datasets
+        self._base = base_config
+        self._seed = seed
+        self._configs: dict[int, TrainConfig] = {}
+
+    def _config(self, epochs: int) -> TrainConfig:
+        cfg = self._configs.get(epochs)
+        if cfg is None:
+            b = self._base
+            cfg = TrainConfig(local_epochs=epochs, batch_size=b.batch_size, lr=b.lr, mu=b.mu)
+            self._configs[epochs] = cfg
+        return cfg
+
+    def run(self, round_id: int, params: Params, jobs: Sequence[DeviceJob]) -> PartialRound:
+        """Train ``jobs`` from ``params`` and accumulate their deltas.
+
+        Raises:
+            TaskError: the task raised, or returned params of another structure
+                or a non-positive example count.
+        """
+        out = PartialRound(accumulator=self._strategy.accumulator(params))
+        train = self._task.train
+        clock = time.perf_counter
+        for job in jobs:
+            data = self._datasets[job.device_id]
+            rng = device_rng(self._seed, round_id, job.device_id)
+            t0 = clock()
+            try:
+                result = train(params, data, self._config(job.local_epochs), rng)
+            except TaskError:
+                raise
+            except Exception as e:
+                raise TaskError(
+                    f"task train failed on device {job.device_id} in round {round_id}: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            out.train_s += clock() - t0
+            weight = result.num_examples
+            if isinstance(weight, bool) or not isinstance(weight, int | np.integer) or weight < 1:
+                raise TaskError(
+                    f"task train returned num_examples={weight!r} on device {job.device_id}; "
+                    "it must be a positive integer"
+                )
+            try:
+                delta = P.subtract(result.params, params)
+            except ValueError as e:
+                raise TaskError(f"task train returned malformed params: {e}") from e
+            if not all(np.isfinite(v).all() for v in delta.values()):
+                out.rejected.append(job.device_id)
+                continue
+            out.accumulator.add(delta, float(weight))
+            out.reports.append((job.device_id, float(weight)))
+            loss = result.metrics.get("train_loss")
+            if loss is not None:
+                out.train_loss_sum += float(loss) * float(weight)
+        return out

@@ -1,0 +1,114 @@
+"""A simulation's output folder: metrics as they happen, then model, summary and curves.
+
+``metrics.jsonl`` gets one line per evaluated round, flushed as the round
+ends, so an interrupted run keeps everything it measured. The final files are
+written to a temporary name, fsynced and renamed, so a reader never sees a
+half-written ``summary.json`` or model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from fedge.errors import ConfigError
+from fedge.params import Params
+from fedge.sim.engine import RoundRecord, SimResult
+
+__all__ = ["RunWriter", "atomic_write", "default_out_dir", "plot_curves"]
+
+
+def default_out_dir(base: Path, label: str) -> Path:
+    """A fresh folder ``base/YYYYmmdd-HHMMSS-label`` (suffixed ``-2``, ``-3``... if taken)."""
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
+    candidate = base / stem
+    i = 2
+    while candidate.exists():
+        candidate = base / f"{stem}-{i}"
+        i += 1
+    return candidate
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a fsynced temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    """Writes one run's files into ``out_dir`` (created if missing)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self._metrics: IO[str] = (out_dir / "metrics.jsonl").open("w", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"--out {str(out_dir)!r} cannot be written: {e.strerror}") from e
+
+    def on_round(self, record: RoundRecord) -> None:
+        if record.metrics is None:
+            return
+        self._metrics.write(json.dumps(record.to_json()) + "\n")
+        self._metrics.flush()
+
+    def close(self) -> None:
+        self._metrics.close()
+
+    def finish(self, result: SimResult, *, plot: bool = True) -> dict[str, Path]:
+        """Write model, summary and curves; return their paths by name."""
+        self.close()
+        paths = {
+            "metrics": self.out_dir / "metrics.jsonl",
+            "model": self.out_dir / "model.safetensors",
+            "summary": self.out_dir / "summary.json",
+        }
+        atomic_write(paths["model"], _safetensors_bytes(result.params))
+        if plot:
+            paths["curves"] = self.out_dir / "curves.png"
+            plot_curves(result.history, paths["curves"])
+        summary = result.summary()
+        summary["files"] = {k: p.name for k, p in paths.items()}
+        atomic_write(paths["summary"], (json.dumps(summary, indent=2) + "\n").encode())
+        return paths
+
+
+def _safetensors_bytes(params: Params) -> bytes:
+    from safetensors.numpy import save
+
+    return bytes(save({k: np.ascontiguousarray(v) for k, v in params.items()}))
+
+
+def plot_curves(history: list[RoundRecord], path: Path) -> None:
+    """Accuracy and loss per evaluated round, side by side, as a PNG."""
+    # The object-oriented API (no pyplot) skips GUI backend discovery: faster
+    # to import and safe on a headless device.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rounds = [r.round for r in history if r.metrics is not None]
+    series: dict[str, list[Any]] = {
+        "accuracy": [r.metrics["accuracy"] for r in history if r.metrics is not None],
+        "loss": [r.metrics["loss"] for r in history if r.metrics is not None],
+    }
+    fig = Figure(figsize=(9, 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (name, values) in enumerate(series.items()):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.plot(rounds, values, marker="o" if len(rounds) <= 40 else None, markersize=3)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"test {name}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
