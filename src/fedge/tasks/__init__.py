@@ -7,8 +7,8 @@ Built-in names:
 - ``torch-cnn``: a small CNN for 8x8 images (needs ``pip install 'fedge[torch]'``).
 
 Any other name of the form ``module:attr`` is imported: ``attr`` is either a
-Task object or a factory called with the run's :class:`~fedge.data.DataSpec`
-that returns one.
+Task object, or a class or factory that is called with the run's
+:class:`~fedge.data.DataSpec` and returns one.
 """
 
 from __future__ import annotations
@@ -85,8 +85,13 @@ def _import_task(module_name: str, attr: str, spec: DataSpec) -> Task:
         obj = getattr(module, attr)
     except AttributeError:
         raise ConfigError(f"task {label!r}: module {module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(obj, Task) and callable(obj):
-        obj = obj(spec)
+    # A class has init_params/train/evaluate attributes too, so it would pass
+    # the protocol check: call classes and other factories with the spec.
+    if isinstance(obj, type) or (not isinstance(obj, Task) and callable(obj)):
+        try:
+            obj = obj(spec)
+        except Exception as e:
+            raise ConfigError(f"task {label!r}: building it failed: {type(e).__name__}: {e}") from e
     if not isinstance(obj, Task):
         raise ConfigError(
             f"task {label!r} is not a task: it needs init_params, train and evaluate methods"
