@@ -174,6 +174,8 @@ def clip_by_l2(params: Mapping[str, Array], clip_norm: float) -> tuple[Params, f
     if not (np.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(f"clip_norm must be a positive finite number, got {clip_norm!r}")
     norm = l2_norm(params)
+    if not np.isfinite(norm):
+        raise ValueError("cannot clip params holding NaN or infinite values")
     if norm <= clip_norm:
         return copy(params), norm
     return scale(params, clip_norm / norm), norm
@@ -183,8 +185,13 @@ def num_values(params: Mapping[str, Array]) -> int:
     return sum(int(v.size) for v in params.values())
 
 
-def flatten(params: Mapping[str, Array], dtype: npt.DTypeLike = np.float32) -> npt.NDArray[Any]:
-    """Concatenate every tensor, in order, into one 1-D array of ``dtype``."""
+def flatten(params: Mapping[str, Array], dtype: npt.DTypeLike | None = None) -> npt.NDArray[Any]:
+    """Concatenate every tensor, in order, into one 1-D array.
+
+    ``dtype`` defaults to the common type of the tensors, so no precision is lost.
+    """
+    if dtype is None:
+        dtype = np.result_type(*params.values()) if params else np.float32
     out = np.empty(num_values(params), dtype=dtype)
     pos = 0
     for v in params.values():

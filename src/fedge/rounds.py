@@ -51,6 +51,8 @@ def select_cohort(
     if cohort_size is not None and sample_rate is not None:
         raise ConfigError("set a cohort size or a sample rate, not both")
     if cohort_size is not None:
+        if isinstance(cohort_size, bool) or not isinstance(cohort_size, int | np.integer):
+            raise ConfigError(f"cohort size must be an integer, got {cohort_size!r}")
         if not 1 <= cohort_size <= n:
             raise ConfigError(f"cohort size must be between 1 and the {n} devices, got {cohort_size}")
         if cohort_size == n:

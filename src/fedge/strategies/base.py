@@ -66,7 +66,10 @@ class WeightedMean:
     """Running example-weighted sum of deltas: FedAvg's aggregation, in O(model) memory.
 
     The sum is held in the params' own dtype; every add is one BLAS axpy for
-    large tensors (see :func:`fedge.params.add_scaled_`).
+    large tensors (see :func:`fedge.params.add_scaled_`). Deltas are not
+    checked for NaN here (that would be a second pass over every update on
+    the hot path): whoever receives an update refuses non-finite ones before
+    adding it, as the simulator's device runner and the coordinator do.
     """
 
     def __init__(self, template: Mapping[str, Array]) -> None:

@@ -72,10 +72,18 @@ class _SGD:
         return {"momentum": P.zeros_like(params)} if self.momentum else {}
 
     def step(self, params: Params, slots: Slots, delta: Params) -> tuple[Params, dict[str, Params]]:
+        # Cast back so a float64 delta never silently widens float32 params.
         if not self.momentum:
-            return {k: x + x.dtype.type(self.lr) * delta[k] for k, x in params.items()}, {}
-        m: Params = {k: self.momentum * m0 + delta[k] for k, m0 in slots["momentum"].items()}
-        return {k: x + x.dtype.type(self.lr) * m[k] for k, x in params.items()}, {"momentum": m}
+            return {
+                k: (x + self.lr * delta[k]).astype(x.dtype, copy=False) for k, x in params.items()
+            }, {}
+        m: Params = {
+            k: (self.momentum * m0 + delta[k]).astype(m0.dtype, copy=False)
+            for k, m0 in slots["momentum"].items()
+        }
+        return {
+            k: (x + self.lr * m[k]).astype(x.dtype, copy=False) for k, x in params.items()
+        }, {"momentum": m}
 
 
 # The three adaptive rules differ only in how the second moment v moves.

@@ -55,10 +55,13 @@ def _check_data(name: str, spec: DataSpec, data: Dataset) -> None:
             f"task {name!r} was built for {spec.num_features} features, "
             f"data has shape {data.x.shape}"
         )
-    if len(data) and int(data.y.max()) >= spec.num_classes:
+    if len(data) == 0:
+        raise TaskError(f"task {name!r} cannot train or evaluate on an empty dataset")
+    low, high = int(data.y.min()), int(data.y.max())
+    if low < 0 or high >= spec.num_classes:
         raise TaskError(
-            f"task {name!r} was built for {spec.num_classes} classes, "
-            f"data has label {int(data.y.max())}"
+            f"task {name!r} was built for {spec.num_classes} classes (labels 0..{spec.num_classes - 1}), "
+            f"data has label {low if low < 0 else high}"
         )
 
 
@@ -196,8 +199,6 @@ class MLP:
 
 def _evaluate(logits_of: Callable[[F32], npt.NDArray[Any]], data: Dataset) -> dict[str, float]:
     n = len(data)
-    if n == 0:
-        raise TaskError("cannot evaluate on an empty dataset")
     loss = 0.0
     correct = 0
     for start in range(0, n, _EVAL_BATCH):
