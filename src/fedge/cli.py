@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -157,8 +158,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     except BaseException:
         writer.close()
         raise
-    result.timing["wall_s"] = time.perf_counter() - _T0
-    paths = writer.finish(result, plot="no_plot" not in args)
+    paths = writer.finish(result, plot="no_plot" not in args, started_at=_T0)
     result.timing["wall_s"] = time.perf_counter() - _T0
     _print_result(result, paths)
     return EXIT_OK
@@ -260,6 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedge: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (``fedge simulate | head -1``): not an error of
+        # ours. Point stdout at /dev/null so the interpreter's final flush is quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

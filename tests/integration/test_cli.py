@@ -181,3 +181,39 @@ def test_help_explains_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
                  "--rounds", "--local-epochs", "--batch-size", "--lr", "--strategy", "--mu",
                  "--server-lr", "--stragglers", "--backend", "--seed", "--config", "--out"):
         assert flag in text
+
+
+def test_closed_stdout_is_not_an_error(tmp_path: Path) -> None:
+    fedge = Path(sys.executable).with_name("fedge")
+    proc = subprocess.run(
+        f"'{fedge}' simulate --rounds 2 --quiet --no-plot --out '{tmp_path / 'o'}' | head -c 5",
+        shell=True, capture_output=True, text=True, check=False,
+    )
+    assert proc.stdout == "final"
+    assert "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr
+
+
+@pytest.mark.parametrize("backend", ["inline", "processes"])
+def test_ctrl_c_keeps_metrics_and_exits_130(tmp_path: Path, backend: str) -> None:
+    import signal
+    import time
+
+    fedge = Path(sys.executable).with_name("fedge")
+    out_dir = tmp_path / "o"
+    proc = subprocess.Popen(
+        [str(fedge), "simulate", "--rounds", "100000", "--backend", backend, "--workers", "2",
+         "--quiet", "--out", str(out_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = out_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (
+        not metrics.exists() or metrics.read_text().count("\n") < 2
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(rows) >= 2 and rows[0]["round"] == 1

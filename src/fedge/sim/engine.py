@@ -169,6 +169,7 @@ class Simulation:
             "train_s": train_s,
             "eval_s": eval_s,
             "device_rounds": float(device_rounds),
+            "wall_s": self.setup_s + (time.perf_counter() - t_start),
         }
         if cfg.backend == "inline" and device_rounds:
             # In one process, everything that is not the task's own train or

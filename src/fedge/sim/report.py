@@ -64,8 +64,14 @@ class RunWriter:
     def close(self) -> None:
         self._metrics.close()
 
-    def finish(self, result: SimResult, *, plot: bool = True) -> dict[str, Path]:
-        """Write model, summary and curves; return their paths by name."""
+    def finish(
+        self, result: SimResult, *, plot: bool = True, started_at: float | None = None
+    ) -> dict[str, Path]:
+        """Write model, curves and summary; return their paths by name.
+
+        ``started_at`` (a ``time.perf_counter()`` reading) makes the summary's
+        ``wall_s`` cover everything from then until the summary is written.
+        """
         self.close()
         paths = {
             "metrics": self.out_dir / "metrics.jsonl",
@@ -75,7 +81,11 @@ class RunWriter:
         atomic_write(paths["model"], _safetensors_bytes(result.params))
         if plot:
             paths["curves"] = self.out_dir / "curves.png"
-            plot_curves(result.history, paths["curves"])
+            c = result.config
+            plot_curves(result.history, paths["curves"],
+                        title=f"{c.task} on {c.data}, {result.num_devices} devices, {c.strategy}")
+        if started_at is not None:
+            result.timing["wall_s"] = time.perf_counter() - started_at
         summary = result.summary()
         summary["files"] = {k: p.name for k, p in paths.items()}
         atomic_write(paths["summary"], (json.dumps(summary, indent=2) + "\n").encode())
@@ -88,7 +98,7 @@ def _safetensors_bytes(params: Params) -> bytes:
     return bytes(save({k: np.ascontiguousarray(v) for k, v in params.items()}))
 
 
-def plot_curves(history: list[RoundRecord], path: Path) -> None:
+def plot_curves(history: list[RoundRecord], path: Path, *, title: str = "") -> None:
     """Accuracy and loss per evaluated round, side by side, as a PNG."""
     # The object-oriented API (no pyplot) skips GUI backend discovery: faster
     # to import and safe on a headless device.
@@ -108,6 +118,8 @@ def plot_curves(history: list[RoundRecord], path: Path) -> None:
         ax.set_xlabel("round")
         ax.set_ylabel(f"test {name}")
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, format="png")

@@ -73,6 +73,63 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[npt.NDAr
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+# A task's gradient: (batch x, batch y, current tensors) -> (summed loss, gradients
+# of the mean loss, fresh arrays the caller may modify).
+_Grads = Callable[[F32, npt.NDArray[np.int64], list[F32]], tuple[float, list[F32]]]
+
+
+def _sgd(
+    names: tuple[str, ...],
+    grads_of: _Grads,
+    params: Params,
+    data: Dataset,
+    config: TrainConfig,
+    rng: np.random.Generator,
+) -> TrainResult:
+    """Minibatch SGD with the FedProx proximal term, shared by the numpy tasks."""
+    start = [params[k] for k in names]
+    current: list[F32] = [np.array(p, dtype=np.float32) for p in start]
+    lr, mu = np.float32(config.lr), np.float32(config.mu)
+    x, y = data.x, data.y
+    n = len(data)
+    loss = 0.0
+    for _ in range(config.local_epochs):
+        loss = 0.0
+        batches = _batches(n, config.batch_size, rng)
+        for idx in batches if batches is not None else [None]:
+            xb = x if idx is None else x[idx]
+            yb = y if idx is None else y[idx]
+            batch_loss, grads = grads_of(xb, yb, current)
+            loss += batch_loss
+            for p, grad, p0 in zip(current, grads, start, strict=True):
+                if mu:
+                    np.add(grad, mu * (p - p0), out=grad)
+                np.subtract(p, lr * grad, out=p)
+    return TrainResult(
+        params=dict(zip(names, current, strict=True)),
+        num_examples=n,
+        metrics={"train_loss": loss / n},
+    )
+
+
+def _logreg_grads(xb: F32, yb: npt.NDArray[np.int64], p: list[F32]) -> tuple[float, list[F32]]:
+    w, b = p
+    g = _softmax_(xb @ w + b)
+    loss = _xent_grad_(g, yb)
+    return loss, [xb.T @ g, g.sum(axis=0)]
+
+
+def _mlp_grads(xb: F32, yb: npt.NDArray[np.int64], p: list[F32]) -> tuple[float, list[F32]]:
+    w1, b1, w2, b2 = p
+    hid = xb @ w1 + b1
+    np.maximum(hid, 0, out=hid)
+    g = _softmax_(hid @ w2 + b2)
+    loss = _xent_grad_(g, yb)
+    gh = g @ w2.T
+    gh *= hid > 0
+    return loss, [xb.T @ gh, gh.sum(axis=0), hid.T @ g, g.sum(axis=0)]
+
+
 @dataclass(frozen=True)
 class LogReg:
     """Multinomial logistic regression: ``softmax(x @ weight + bias)``."""
@@ -93,30 +150,7 @@ class LogReg:
         self, params: Params, data: Dataset, config: TrainConfig, rng: np.random.Generator
     ) -> TrainResult:
         _check_data(self.name, self.spec, data)
-        w0, b0 = params["weight"], params["bias"]
-        w = np.array(w0, dtype=np.float32)
-        b = np.array(b0, dtype=np.float32)
-        lr, mu = np.float32(config.lr), np.float32(config.mu)
-        x, y = data.x, data.y
-        n = len(data)
-        loss = 0.0
-        for _ in range(config.local_epochs):
-            loss = 0.0
-            batches = _batches(n, config.batch_size, rng)
-            for idx in batches if batches is not None else [None]:
-                xb = x if idx is None else x[idx]
-                yb = y if idx is None else y[idx]
-                g = _softmax_(xb @ w + b)
-                loss += _xent_grad_(g, yb)
-                gw = xb.T @ g
-                gb = g.sum(axis=0)
-                if mu:
-                    gw += mu * (w - w0)
-                    gb += mu * (b - b0)
-                w -= lr * gw
-                b -= lr * gb
-        return TrainResult(params={"weight": w, "bias": b}, num_examples=n,
-                           metrics={"train_loss": loss / n})
+        return _sgd(("weight", "bias"), _logreg_grads, params, data, config, rng)
 
     def evaluate(self, params: Params, data: Dataset) -> dict[str, float]:
         _check_data(self.name, self.spec, data)
@@ -157,39 +191,7 @@ class MLP:
         self, params: Params, data: Dataset, config: TrainConfig, rng: np.random.Generator
     ) -> TrainResult:
         _check_data(self.name, self.spec, data)
-        names = ("w1", "b1", "w2", "b2")
-        start = [params[k] for k in names]
-        w1, b1, w2, b2 = (np.array(p, dtype=np.float32) for p in start)
-        lr, mu = np.float32(config.lr), np.float32(config.mu)
-        x, y = data.x, data.y
-        n = len(data)
-        loss = 0.0
-        for _ in range(config.local_epochs):
-            loss = 0.0
-            batches = _batches(n, config.batch_size, rng)
-            for idx in batches if batches is not None else [None]:
-                xb = x if idx is None else x[idx]
-                yb = y if idx is None else y[idx]
-                hid = xb @ w1 + b1
-                np.maximum(hid, 0, out=hid)
-                g = _softmax_(hid @ w2 + b2)
-                loss += _xent_grad_(g, yb)
-                gw2 = hid.T @ g
-                gb2 = g.sum(axis=0)
-                gh = g @ w2.T
-                gh *= hid > 0
-                gw1 = xb.T @ gh
-                gb1 = gh.sum(axis=0)
-                grads = (gw1, gb1, gw2, gb2)
-                for p, grad, p0 in zip((w1, b1, w2, b2), grads, start, strict=True):
-                    if mu:
-                        np.add(grad, mu * (p - p0), out=grad)
-                    np.subtract(p, lr * grad, out=p)
-        return TrainResult(
-            params=dict(zip(names, (w1, b1, w2, b2), strict=True)),
-            num_examples=n,
-            metrics={"train_loss": loss / n},
-        )
+        return _sgd(("w1", "b1", "w2", "b2"), _mlp_grads, params, data, config, rng)
 
     def evaluate(self, params: Params, data: Dataset) -> dict[str, float]:
         _check_data(self.name, self.spec, data)
