@@ -10,6 +10,7 @@ traceback for any of them. Heavy imports happen inside the subcommands, so
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
     from fedge.sim.engine import RoundRecord, SimResult
 
 __all__ = ["main"]
-
-logger = logging.getLogger("fedge")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -121,7 +120,7 @@ def _build_config(args: argparse.Namespace) -> Any:
         )
     flags = {
         k: v for k, v in vars(args).items()
-        if k not in {"config", "out", "no_plot", "quiet", "func", "command", "verbose"}
+        if k not in {"config", "out", "no_plot", "quiet", "func", "command", "verbose", "started_at"}
     }
     if "strategy_options" in flags:
         merged = dict(values.get("strategy_options", {}))
@@ -135,6 +134,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedge.sim.engine import Simulation
     from fedge.sim.report import RunWriter, default_out_dir
 
+    if "no_plot" not in args and importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError(
+            "curves.png needs matplotlib, which is not installed: "
+            "pip install 'fedge[sim]', or pass --no-plot"
+        )
     config = _build_config(args)
     sim = Simulation(config)
     out_dir = args.out if "out" in args else default_out_dir(
@@ -158,8 +162,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     except BaseException:
         writer.close()
         raise
-    paths = writer.finish(result, plot="no_plot" not in args, started_at=_T0)
-    result.timing["wall_s"] = time.perf_counter() - _T0
+    paths = writer.finish(result, plot="no_plot" not in args, started_at=args.started_at)
     _print_result(result, paths)
     return EXIT_OK
 
@@ -185,7 +188,8 @@ class _Progress:
         self._next_line = 0.0
 
     def __enter__(self) -> _Progress:
-        if self.enabled and sys.stderr.isatty():
+        # Without rich (a core install), fall back to the plain lines below.
+        if self.enabled and sys.stderr.isatty() and importlib.util.find_spec("rich") is not None:
             from rich.console import Console
             from rich.progress import (
                 BarColumn,
@@ -237,13 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_T0 = time.perf_counter()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedge`` console script; returns the exit status."""
+    started_at = time.perf_counter()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.started_at = started_at
+    # As ``python -m`` does, let ``--task mymodule:attr`` find mymodule.py in
+    # the working directory; appended, so it never shadows an installed package.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="fedge: %(levelname)s: %(message)s",

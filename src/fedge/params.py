@@ -87,25 +87,29 @@ def check_finite(params: Mapping[str, Array], *, what: str = "params") -> None:
 
 
 def copy(params: Mapping[str, Array]) -> Params:
+    """A deep copy: new arrays, same names, shapes and dtypes."""
     return {k: np.array(v, copy=True) for k, v in params.items()}
 
 
 def zeros_like(params: Mapping[str, Array], dtype: npt.DTypeLike | None = None) -> Params:
+    """Zeros shaped like ``params`` (in ``dtype`` if given)."""
     return {k: np.zeros_like(v, dtype=dtype) for k, v in params.items()}
 
 
 def add(a: Mapping[str, Array], b: Mapping[str, Array]) -> Params:
+    """``a + b`` tensor by tensor; raises ``ValueError`` if their structures differ."""
     check_same_structure(a, b)
     return {k: a[k] + b[k] for k in a}
 
 
 def subtract(a: Mapping[str, Array], b: Mapping[str, Array]) -> Params:
-    """``a - b`` tensor by tensor."""
+    """``a - b`` tensor by tensor; raises ``ValueError`` if their structures differ."""
     check_same_structure(a, b)
     return {k: a[k] - b[k] for k in a}
 
 
 def scale(params: Mapping[str, Array], factor: float) -> Params:
+    """``factor * params``, keeping each tensor's dtype."""
     return {k: v * v.dtype.type(factor) for k, v in params.items()}
 
 
@@ -182,6 +186,7 @@ def clip_by_l2(params: Mapping[str, Array], clip_norm: float) -> tuple[Params, f
 
 
 def num_values(params: Mapping[str, Array]) -> int:
+    """How many values ``params`` holds in all."""
     return sum(int(v.size) for v in params.values())
 
 

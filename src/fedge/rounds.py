@@ -15,7 +15,6 @@ import enum
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -111,7 +110,7 @@ class Round:
     min_updates: int
     deadline: float = math.inf
     state: RoundState = RoundState.OPEN
-    _weights: dict[int, float] = field(default_factory=dict, repr=False)
+    _weights: dict[int, float] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.cohort:
@@ -124,9 +123,10 @@ class Round:
 
     @classmethod
     def open(
-        cls, round_id: int, cohort: Iterable[Any], *, min_updates: int | None = None,
+        cls, round_id: int, cohort: Iterable[int], *, min_updates: int | None = None,
         deadline: float = math.inf,
     ) -> Round:
+        """A round open to ``cohort``; ``min_updates`` defaults to the whole cohort."""
         members = frozenset(int(d) for d in cohort)
         return cls(round_id, members, len(members) if min_updates is None else min_updates, deadline)
 

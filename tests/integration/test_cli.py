@@ -172,6 +172,30 @@ def test_console_script_has_no_traceback(tmp_path: Path) -> None:
     )
 
 
+def test_task_module_in_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "my_cwd_task.py").write_text(
+        "from fedge.tasks import MLP\n\ndef build(spec):\n    return MLP(spec, hidden=8)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    code, _, err = run(["simulate", "--task", "my_cwd_task:build", "--rounds", "1", "--quiet",
+                          "--no-plot", "--out", "o"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["params"] == 64 * 8 + 8 + 8 * 10 + 10
+
+
+def test_labels_that_are_not_class_ids_are_refused(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    y = np.zeros(50, dtype=np.int64)
+    y[3] = 200_000
+    path = _npz(tmp_path / "huge.npz", np.ones((50, 2)), y)
+    code, _, err = run(["simulate", "--data", path, "--devices", "2", "--quiet", "--out",
+                        str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert "largest label is 200000 among only 50 examples" in err
+
+
 def test_help_explains_the_flags(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["simulate", "--help"])

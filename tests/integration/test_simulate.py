@@ -117,7 +117,29 @@ def user_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
             def train(self, params, data, config, rng):
                 return TrainResult(dict(params), 0)
 
+        class BadInitTask(LogReg):
+            def init_params(self, rng):
+                raise KeyError("weights.bin")
+
+        class WordyEvalTask(LogReg):
+            def evaluate(self, params, data):
+                return {"loss": 1.0, "accuracy": "high"}
+
+        class ListParamsTask(LogReg):
+            def train(self, params, data, config, rng):
+                return TrainResult(list(params.values()), len(data))
+
+        def worker_only_failure(spec):
+            import multiprocessing
+            from fedge.errors import TaskError
+            if multiprocessing.current_process().name != "MainProcess":
+                raise TaskError("no accelerator in this worker")
+            return LogReg(spec)
+
         nan_task = NaNTask
+        bad_init_task = BadInitTask
+        wordy_eval_task = WordyEvalTask
+        list_params_task = ListParamsTask
         raising_task = RaisingTask
         dying_task = DyingTask
         zero_weight_task = ZeroWeightTask
@@ -140,6 +162,26 @@ def test_task_errors_name_the_device(user_tasks: str) -> None:
         simulate(task=f"{user_tasks}:zero_weight_task", rounds=1)
     with pytest.raises(TaskError, match="disk on fire"):
         simulate(task=f"{user_tasks}:raising_task", rounds=1, backend="processes", workers=2)
+
+
+@pytest.mark.parametrize(
+    ("attr", "message"),
+    [
+        ("bad_init_task", "init_params failed: KeyError"),
+        ("wordy_eval_task", "non-numeric metrics"),
+        ("list_params_task", "params and metrics as mappings"),
+    ],
+)
+def test_malformed_task_behaviour_is_a_task_error(user_tasks: str, attr: str, message: str) -> None:
+    with pytest.raises(TaskError, match=message):
+        simulate(task=f"{user_tasks}:{attr}", rounds=1)
+
+
+def test_worker_errors_keep_their_kind_and_stay_one_line(user_tasks: str) -> None:
+    with pytest.raises(TaskError) as info:
+        simulate(task=f"{user_tasks}:worker_only_failure", rounds=1, backend="processes", workers=2)
+    assert "no accelerator in this worker" in str(info.value)
+    assert "Traceback" not in str(info.value) and "\n" not in str(info.value)
 
 
 def test_a_dead_worker_is_a_backend_error(user_tasks: str) -> None:
@@ -208,3 +250,24 @@ def test_unknown_name_error_lists_known_names() -> None:
     with pytest.raises(UnknownNameError) as info:
         simulate(strategy="fedsgd", rounds=1)
     assert "fedavg" in info.value.known and "fedyogi" in info.value.known
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("lr", "0.1", "lr must be float, got '0.1'"),
+        ("task", None, "task must be str"),
+        ("drop_stragglers", "no", "drop_stragglers must be bool"),
+        ("strategy_options", "x", "strategy_options must be Mapping"),
+        ("strategy_options", {"server_lr": True}, "strategy_options.server_lr must be a number"),
+        ("stragglers", None, "stragglers must be float"),
+    ],
+)
+def test_api_refuses_wrongly_typed_settings(field: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SimConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_api_accepts_numpy_numbers() -> None:
+    cfg = SimConfig(seed=np.int64(3), lr=np.float32(0.5), rounds=2)  # type: ignore[arg-type]
+    assert cfg.seed == 3 and type(cfg.seed) is int and cfg.lr == 0.5

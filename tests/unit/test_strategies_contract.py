@@ -80,7 +80,7 @@ def test_is_a_strategy_with_its_registry_name(strategy: Strategy, params: Params
     assert isinstance(strategy, Strategy)
     assert strategy.name in STRATEGIES
     assert isinstance(strategy.accumulator(params), Accumulator)
-    assert strategy.client_mu >= 0
+    assert strategy.device_mu >= 0
 
 
 def test_init_copies_params(strategy: Strategy, params: Params) -> None:
@@ -427,10 +427,10 @@ def test_fedadam_and_fedyogi_differ_only_in_v() -> None:
     assert a.opt_state["v"]["x"][0] != pytest.approx(y.opt_state["v"]["x"][0])
 
 
-def test_fedprox_exposes_client_mu_and_otherwise_equals_fedavg(params: Params) -> None:
+def test_fedprox_exposes_device_mu_and_otherwise_equals_fedavg(params: Params) -> None:
     prox = build_strategy("fedprox", {"mu": 0.1, "server_lr": 0.5})
     avg = build_strategy("fedavg", {"server_lr": 0.5})
-    assert prox.client_mu == 0.1
+    assert prox.device_mu == 0.1
     assert prox.name == "fedprox"
     agg = aggregate(avg, params, (delta_of(1.0), 1.0), (delta_of(-2.0), 3.0))
     assert_params_equal(prox.apply(prox.init(params), agg).params,
@@ -440,11 +440,11 @@ def test_fedprox_exposes_client_mu_and_otherwise_equals_fedavg(params: Params) -
 
 @pytest.mark.parametrize("name", sorted(set(STRATEGIES) - {"fedprox"}))
 def test_only_fedprox_asks_for_a_proximal_term(name: str) -> None:
-    assert build_strategy(name).client_mu == 0.0
+    assert build_strategy(name).device_mu == 0.0
 
 
 def test_fedprox_accepts_mu_zero() -> None:
-    assert build_strategy("fedprox", {"mu": 0.0}).client_mu == 0.0
+    assert build_strategy("fedprox", {"mu": 0.0}).device_mu == 0.0
 
 
 # --- the registry ---------------------------------------------------------------------

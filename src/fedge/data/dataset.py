@@ -14,7 +14,11 @@ import numpy.typing as npt
 
 from fedge.errors import DataError
 
-__all__ = ["DataSpec", "Dataset", "FederatedData", "make_dataset"]
+__all__ = ["MAX_LABEL", "DataSpec", "Dataset", "FederatedData", "make_dataset"]
+
+#: The largest label accepted: labels are class ids and become int64 indices.
+MAX_LABEL = 2**31 - 1
+_CLASS_ALLOWANCE = 1000
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,21 @@ def make_dataset(x: npt.ArrayLike, y: npt.ArrayLike, *, source: str) -> Dataset:
     if ya_raw.dtype.kind not in "iuf":
         raise DataError(f"{source}: labels must be integers, got dtype {ya_raw.dtype}")
     ya_f = ya_raw.astype(np.float64)
-    if not np.isfinite(ya_f).all() or (ya_f != np.round(ya_f)).any() or (ya_f < 0).any():
-        i = int(np.argmax(~np.isfinite(ya_f) | (ya_f != np.round(ya_f)) | (ya_f < 0)))
-        raise DataError(f"{source}: labels must be integers >= 0; example {i} has {ya_raw[i]!r}")
+    bad_label = ~np.isfinite(ya_f) | (ya_f != np.round(ya_f)) | (ya_f < 0) | (ya_f > MAX_LABEL)
+    if bad_label.any():
+        i = int(np.argmax(bad_label))
+        raise DataError(
+            f"{source}: labels must be integers >= 0 (class ids up to {MAX_LABEL}); "
+            f"example {i} has {ya_raw[i].item()!r}"
+        )
+    # Labels are class ids 0..C-1: a model gets one output per class, so a
+    # stray huge label would silently build (or fail to allocate) a huge model.
+    # More classes than examples (past a small allowance) means the column is
+    # not class ids.
+    num_classes = int(ya_f.max()) + 1
+    if num_classes > max(_CLASS_ALLOWANCE, ya_f.shape[0]):
+        raise DataError(
+            f"{source}: labels must be class ids 0..C-1, but the largest label is "
+            f"{num_classes - 1} among only {ya_f.shape[0]} examples"
+        )
     return Dataset(x=xa.astype(np.float32), y=ya_f.astype(np.int64))

@@ -19,14 +19,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from fedge.data.dataset import Dataset, make_dataset
+from fedge.data.dataset import MAX_LABEL, Dataset, make_dataset
 from fedge.errors import DataError
 
 __all__ = ["load_csv", "load_file", "load_npz"]
-
-#: The largest class label a CSV file may hold; larger values are surely not
-#: class ids, and would overflow on the way to int64.
-_MAX_LABEL = 2**31 - 1
 
 #: dtype kinds accepted for arrays in an ``.npz`` file: bool, int, uint, float.
 _NUMERIC_KINDS = "biuf"
@@ -137,13 +133,13 @@ def load_csv(path: str | os.PathLike[str]) -> Dataset:
             f"{cell!r} is not a finite number"
         )
     labels = table[:, -1]
-    bad_label = (labels != np.floor(labels)) | (labels < 0) | (labels > _MAX_LABEL)
+    bad_label = (labels != np.floor(labels)) | (labels < 0) | (labels > MAX_LABEL)
     if bad_label.any():
         row = int(np.argmax(bad_label))
         cell = rows[row].split(",")[-1].strip()
         raise DataError(
             f"{source}: line {line_numbers[row]}, column {table.shape[1]}: "
-            f"label {cell!r} is not an integer in [0, {_MAX_LABEL}]"
+            f"label {cell!r} is not an integer in [0, {MAX_LABEL}]"
         )
     return make_dataset(table[:, :-1], labels.astype(np.int64), source=source)
 

@@ -12,29 +12,50 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing as mp
 import os
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
 from fedge.data.dataset import Dataset, DataSpec
-from fedge.errors import BackendError, FedgeError, TaskError
+from fedge.errors import BackendError, ConfigError, DataError, FedgeError, TaskError
 from fedge.params import Params
 from fedge.sim.devices import DeviceJob, DeviceRunner, PartialRound
 from fedge.strategies.base import Strategy
 from fedge.tasks import load_task
 from fedge.tasks.base import Task, TrainConfig
 
-__all__ = ["Backend", "InlineBackend", "ProcessBackend", "merge_partials"]
+__all__ = ["Backend", "InlineBackend", "ProcessBackend", "build_backend", "merge_partials"]
+
+logger = logging.getLogger(__name__)
+
+# A worker's error, by class name, becomes the same class on the driver, so
+# a bad task name is still a configuration error (exit 2) when a worker finds it.
+# UnknownNameError takes structured arguments, so it comes back as its parent.
+_WORKER_ERRORS: dict[str, type[FedgeError]] = {
+    "ConfigError": ConfigError,
+    "UnknownNameError": ConfigError,
+    "DataError": DataError,
+    "TaskError": TaskError,
+    "BackendError": BackendError,
+}
 
 
 class Backend(Protocol):
-    def run_round(self, round_id: int, params: Params, jobs: Sequence[DeviceJob]) -> PartialRound: ...
+    """Where devices train: one call per round, then ``close`` to release workers."""
 
-    def close(self) -> None: ...
+    def run_round(self, round_id: int, params: Params, jobs: Sequence[DeviceJob]) -> PartialRound:
+        """Train ``jobs`` from ``params``; return their merged partial round."""
+        ...
+
+    def close(self) -> None:
+        """Release every resource (worker processes); safe to call twice."""
+        ...
 
 
 def merge_partials(parts: Sequence[PartialRound]) -> PartialRound:
@@ -45,6 +66,7 @@ def merge_partials(parts: Sequence[PartialRound]) -> PartialRound:
         head.reports.extend(p.reports)
         head.rejected.extend(p.rejected)
         head.train_loss_sum += p.train_loss_sum
+        head.train_loss_weight += p.train_loss_weight
         head.train_s += p.train_s
     return head
 
@@ -65,7 +87,11 @@ class InlineBackend:
 # Worker side ------------------------------------------------------------------
 
 def _worker_main(conn: Connection) -> None:
-    """A worker's loop: build the runner from the init message, then serve rounds."""
+    """A worker's loop: build the runner from the init message, then serve rounds.
+
+    Every failure goes back to the driver as (error class name, message), so
+    the driver can raise the same kind of error in its own process.
+    """
     try:
         task_name, spec, strategy, base, seed, datasets = conn.recv()
         runner = DeviceRunner(
@@ -77,16 +103,17 @@ def _worker_main(conn: Connection) -> None:
             msg = conn.recv()
             if msg[0] == "stop":
                 return
-            _, round_id, params, jobs = msg
-            try:
-                conn.send(("ok", runner.run(round_id, params, jobs)))
-            except FedgeError as e:
-                conn.send(("error", f"{type(e).__name__}: {e}"))
+            _, round_id, jobs = msg
+            # The params come as one pickle made once for every worker.
+            params = ForkingPickler.loads(conn.recv_bytes())
+            conn.send(("ok", runner.run(round_id, params, jobs)))
     except (EOFError, KeyboardInterrupt):
         return
-    except Exception:
+    except Exception as e:
+        logger.debug("simulator worker failed:\n%s", traceback.format_exc())
+        kind = type(e).__name__ if isinstance(e, FedgeError) else "unexpected"
         with contextlib.suppress(OSError):
-            conn.send(("error", traceback.format_exc()))
+            conn.send(("error", (kind, f"{type(e).__name__}: {e}")))
 
 
 @contextlib.contextmanager
@@ -154,7 +181,9 @@ class ProcessBackend:
                 f"simulator worker {w} died (exit code {self._procs[w].exitcode})"
             ) from None
         if kind == "error":
-            raise TaskError(f"simulator worker {w} failed: {payload}")
+            error_kind, message = payload
+            error = _WORKER_ERRORS.get(error_kind, BackendError)
+            raise error(f"simulator worker {w}: {message}")
         return payload
 
     def run_round(self, round_id: int, params: Params, jobs: Sequence[DeviceJob]) -> PartialRound:
@@ -162,9 +191,11 @@ class ProcessBackend:
         for job in jobs:
             per_worker[job.device_id % self.workers].append(job)
         busy = [w for w in range(self.workers) if per_worker[w]]
+        blob = bytes(ForkingPickler.dumps(params))
         for w in busy:
             try:
-                self._conns[w].send(("round", round_id, params, per_worker[w]))
+                self._conns[w].send(("round", round_id, per_worker[w]))
+                self._conns[w].send_bytes(blob)
             except (BrokenPipeError, OSError):
                 raise BackendError(f"simulator worker {w} is gone") from None
         parts: list[PartialRound] = [self._receive(w) for w in busy]
@@ -197,11 +228,20 @@ def build_backend(
     seed: int,
     workers: int | None,
 ) -> Backend:
+    """The backend called ``name`` (``inline`` or ``processes``), ready for rounds."""
     if name == "inline":
         runner = DeviceRunner(task=task, strategy=strategy, datasets=dict(enumerate(datasets)),
                               base_config=base_config, seed=seed)
         return InlineBackend(runner)
     return ProcessBackend(
         task_name=task_name, spec=spec, strategy=strategy, datasets=datasets,
-        base_config=base_config, seed=seed, workers=workers or os.cpu_count() or 1,
+        base_config=base_config, seed=seed, workers=workers or _usable_cores(),
     )
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (affinity and cpusets), not the host's total."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

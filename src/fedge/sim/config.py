@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedge.errors import ConfigError
 
 __all__ = ["BACKENDS", "SimConfig", "load_toml"]
@@ -55,6 +57,11 @@ class SimConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # Types first (the API can pass anything), then ranges.
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _coerce(f.name, getattr(self, f.name), hints[f.name], "SimConfig")
+            object.__setattr__(self, f.name, value)
         _check_int("rounds", self.rounds, low=1)
         _check_int("local_epochs", self.local_epochs, low=1)
         _check_int("batch_size", self.batch_size, low=1)
@@ -102,7 +109,7 @@ class SimConfig:
         Raises:
             ConfigError: an unknown key or a value of the wrong type, naming ``source``.
         """
-        return cls(**coerce_fields(cls, values, source=source))
+        return cls(**_coerce_fields(cls, values, source=source))
 
 
 def _check_int(name: str, value: object, *, low: int, high: int | None = None) -> None:
@@ -119,7 +126,7 @@ def _check_positive(name: str, value: float) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
 
 
-def coerce_fields(cls: type, values: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+def _coerce_fields(cls: type, values: Mapping[str, Any], *, source: str) -> dict[str, Any]:
     """Check ``values`` against dataclass ``cls``'s fields and their types."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -140,17 +147,19 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
         return None
     for t in options:
         origin = typing.get_origin(t) or t
-        if origin is bool and isinstance(value, bool):
-            return value
-        if origin is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if origin is bool and isinstance(value, bool | np.bool_):
+            return bool(value)
+        if origin is int and isinstance(value, int | np.integer) and not isinstance(value, bool):
+            return int(value)
+        if origin is float and isinstance(value, int | float | np.integer | np.floating) and not (
+            isinstance(value, bool)
+        ):
             return float(value)
         if origin is str and isinstance(value, str):
             return value
         if origin in (Mapping, dict) and isinstance(value, Mapping):
             for k, v in value.items():
-                if isinstance(v, bool) or not isinstance(v, int | float):
+                if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
                     raise ConfigError(f"{source}: {key}.{k} must be a number, got {v!r}")
             return {str(k): float(v) for k, v in value.items()}
     wanted = " or ".join(getattr(t, "__name__", str(t)) for t in options if t is not type(None))

@@ -58,6 +58,7 @@ class PartialRound:
     reports: list[tuple[int, float]] = field(default_factory=list)
     rejected: list[int] = field(default_factory=list)
     train_loss_sum: float = 0.0
+    train_loss_weight: float = 0.0
     train_s: float = 0.0
 
 
@@ -118,9 +119,15 @@ class DeviceRunner:
                     f"task train returned num_examples={weight!r} on device {job.device_id}; "
                     "it must be a positive integer"
                 )
+            if not isinstance(result.params, Mapping) or not isinstance(result.metrics, Mapping):
+                raise TaskError(
+                    f"task train on device {job.device_id} must return params and metrics as "
+                    f"mappings, got {type(result.params).__name__} and "
+                    f"{type(result.metrics).__name__}"
+                )
             try:
                 delta = P.subtract(result.params, params)
-            except ValueError as e:
+            except (ValueError, TypeError, AttributeError) as e:
                 raise TaskError(f"task train returned malformed params: {e}") from e
             if not all(np.isfinite(v).all() for v in delta.values()):
                 out.rejected.append(job.device_id)
@@ -128,6 +135,7 @@ class DeviceRunner:
             out.accumulator.add(delta, float(weight))
             out.reports.append((job.device_id, float(weight)))
             loss = result.metrics.get("train_loss")
-            if loss is not None:
+            if isinstance(loss, int | float | np.floating) and np.isfinite(loss):
                 out.train_loss_sum += float(loss) * float(weight)
+                out.train_loss_weight += float(weight)
         return out

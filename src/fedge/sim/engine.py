@@ -9,6 +9,7 @@ reproducible for a seed, and bit-for-bit so with the ``inline`` backend.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -93,7 +94,9 @@ class SimResult:
         evaluated = [r.metrics for r in self.history if r.metrics is not None]
         return {
             "fedge_version": __version__,
-            **self.metrics,
+            "accuracy": self.metrics.get("accuracy"),
+            "loss": self.metrics.get("loss"),
+            "metrics": dict(self.metrics),
             "best_accuracy": max((m["accuracy"] for m in evaluated), default=None),
             "rounds": len(self.history),
             "rounds_complete": complete,
@@ -124,7 +127,7 @@ class Simulation:
             raise ConfigError(f"--cohort {config.cohort} is larger than the {n} devices")
         self.task: Task = load_task(config.task, self.data.spec)
         self.strategy: Strategy = _strategy_of(config)
-        mu = config.mu if config.mu is not None else self.strategy.client_mu
+        mu = config.mu if config.mu is not None else self.strategy.device_mu
         self.train_config = TrainConfig(
             local_epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr, mu=mu
         )
@@ -134,8 +137,7 @@ class Simulation:
         """Run every round; ``on_round`` sees each record as soon as it exists."""
         cfg = self.config
         t_start = time.perf_counter()
-        state = self.strategy.init(self.task.init_params(_stream(cfg.seed, _INIT)))
-        P.check_finite(state.params, what="initial params")
+        state = self.strategy.init(self._init_params())
         population = np.arange(len(self.data.devices), dtype=np.int64)
         backend = build_backend(
             cfg.backend, task=self.task, task_name=cfg.task, spec=self.data.spec,
@@ -155,7 +157,9 @@ class Simulation:
                     t0 = time.perf_counter()
                     metrics = self._evaluate(state.params)
                     eval_s += time.perf_counter() - t0
-                    record = _with_metrics(record, metrics, time.perf_counter() - t_start)
+                    record = dataclasses.replace(
+                        record, metrics=dict(metrics), elapsed_s=time.perf_counter() - t_start
+                    )
                 history.append(record)
                 if on_round is not None:
                     on_round(record)
@@ -213,10 +217,12 @@ class Simulation:
         train_loss = None
         if outcome.state is RoundState.COMPLETE and part is not None:
             state = self.strategy.apply(state, part.accumulator.result())
-            if part.train_loss_sum:
-                train_loss = part.train_loss_sum / outcome.total_weight
+            if part.train_loss_weight:
+                train_loss = part.train_loss_sum / part.train_loss_weight
         elif part is not None and part.rejected:
-            logger.warning("round %d: every update was refused as non-finite", r)
+            logger.warning("round %d abandoned: every update was refused as non-finite", r)
+        else:
+            logger.warning("round %d abandoned: every invited device dropped out", r)
         record = RoundRecord(
             round=r, state=outcome.state.value, invited=int(cohort.size),
             reported=len(outcome.reported), dropped=len(outcome.dropped),
@@ -225,25 +231,30 @@ class Simulation:
         )
         return state, record, part.train_s if part else 0.0
 
-    def _evaluate(self, params: Params) -> dict[str, float]:
+    def _init_params(self) -> Params:
         try:
-            metrics = self.task.evaluate(params, self.data.test)
+            params = self.task.init_params(_stream(self.config.seed, _INIT))
+            P.check_finite(params, what="initial params")
+            return {k: np.asarray(v) for k, v in params.items()}
         except TaskError:
             raise
         except Exception as e:
-            raise TaskError(f"task evaluate failed: {type(e).__name__}: {e}") from e
+            raise TaskError(f"task init_params failed: {type(e).__name__}: {e}") from e
+
+    def _evaluate(self, params: Params) -> dict[str, float]:
+        try:
+            metrics = self.task.evaluate(params, self.data.test)
+            out = {str(k): float(v) for k, v in metrics.items()}
+        except TaskError:
+            raise
+        except Exception as e:
+            raise TaskError(
+                f"task evaluate failed or returned non-numeric metrics: {type(e).__name__}: {e}"
+            ) from e
         for key in ("loss", "accuracy"):
-            if key not in metrics:
-                raise TaskError(f"task evaluate must return {key!r}; it returned {sorted(metrics)}")
-        return {k: float(v) for k, v in metrics.items()}
-
-
-def _with_metrics(record: RoundRecord, metrics: dict[str, float], elapsed_s: float) -> RoundRecord:
-    return RoundRecord(
-        round=record.round, state=record.state, invited=record.invited, reported=record.reported,
-        dropped=record.dropped, rejected=record.rejected, stragglers=record.stragglers,
-        train_loss=record.train_loss, metrics=dict(metrics), elapsed_s=elapsed_s,
-    )
+            if key not in out:
+                raise TaskError(f"task evaluate must return {key!r}; it returned {sorted(out)}")
+        return out
 
 
 def _strategy_of(config: SimConfig) -> Strategy:

@@ -53,13 +53,21 @@ class Accumulator(Protocol):
     """Collects updates as they arrive; ``merge`` joins partial accumulators."""
 
     @property
-    def count(self) -> int: ...
+    def count(self) -> int:
+        """How many updates were added (merged ones included)."""
+        ...
 
-    def add(self, delta: Mapping[str, Array], weight: float) -> None: ...
+    def add(self, delta: Mapping[str, Array], weight: float) -> None:
+        """Add one device's ``delta`` with weight ``weight`` (its example count)."""
+        ...
 
-    def merge(self, other: Accumulator) -> None: ...
+    def merge(self, other: Accumulator) -> None:
+        """Add everything ``other`` accumulated (a partial sum from another worker)."""
+        ...
 
-    def result(self) -> Aggregate: ...
+    def result(self) -> Aggregate:
+        """The round's combined update; raises ``ValueError`` if nothing was added."""
+        ...
 
 
 class WeightedMean:
@@ -120,31 +128,33 @@ class WeightedMean:
             count=self._count,
         )
 
-    def __getstate__(self) -> dict[str, object]:
-        return {"sum": self._sum, "weight": self._weight, "count": self._count}
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self._sum = state["sum"]  # type: ignore[assignment]
-        self._weight = state["weight"]  # type: ignore[assignment]
-        self._count = state["count"]  # type: ignore[assignment]
-
 
 @runtime_checkable
 class Strategy(Protocol):
     """A server-side aggregation rule.
 
-    ``client_mu`` is the FedProx proximal coefficient the strategy asks every
+    ``device_mu`` is the FedProx proximal coefficient the strategy asks every
     device to train with (0 for all but FedProx).
     """
 
     @property
-    def name(self) -> str: ...
+    def name(self) -> str:
+        """The strategy's CLI name."""
+        ...
 
     @property
-    def client_mu(self) -> float: ...
+    def device_mu(self) -> float:
+        """The FedProx proximal coefficient devices train with (0: none)."""
+        ...
 
-    def init(self, params: Params) -> ServerState: ...
+    def init(self, params: Params) -> ServerState:
+        """The state before round 1, holding a copy of ``params``."""
+        ...
 
-    def accumulator(self, template: Mapping[str, Array]) -> Accumulator: ...
+    def accumulator(self, template: Mapping[str, Array]) -> Accumulator:
+        """An empty accumulator for updates shaped like ``template``."""
+        ...
 
-    def apply(self, state: ServerState, aggregate: Aggregate) -> ServerState: ...
+    def apply(self, state: ServerState, aggregate: Aggregate) -> ServerState:
+        """The state after one round whose combined update is ``aggregate``."""
+        ...

@@ -138,7 +138,7 @@ class FedOpt:
 
     name: str
     optimizer: ServerOptimizer
-    client_mu: float = 0.0
+    device_mu: float = 0.0
 
     def init(self, params: Params) -> ServerState:
         p = P.copy(params)
@@ -204,4 +204,4 @@ def fedprox(*, mu: float = 0.01, server_lr: float = 1.0) -> FedOpt:
     """FedProx (Li et al., MLSys 2020): FedAvg on the server, proximal term ``mu`` on devices."""
     if not (np.isfinite(mu) and mu >= 0):
         raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
-    return FedOpt("fedprox", _SGD(lr=_positive("server_lr", server_lr)), client_mu=float(mu))
+    return FedOpt("fedprox", _SGD(lr=_positive("server_lr", server_lr)), device_mu=float(mu))

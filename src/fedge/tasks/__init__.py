@@ -17,7 +17,7 @@ import importlib
 from collections.abc import Callable
 
 from fedge.data.dataset import DataSpec
-from fedge.errors import ConfigError, UnknownNameError
+from fedge.errors import ConfigError, FedgeError, UnknownNameError
 from fedge.tasks.base import Task, TrainConfig, TrainResult
 from fedge.tasks.numpy_tasks import MLP, LogReg
 
@@ -44,8 +44,6 @@ def _mlp(spec: DataSpec, arg: str | None) -> Task:
         hidden = int(arg)
     except ValueError:
         raise ConfigError(f"task 'mlp:{arg}': hidden size must be an integer, got {arg!r}") from None
-    if hidden < 1:
-        raise ConfigError(f"task 'mlp:{arg}': hidden size must be >= 1, got {hidden}")
     return MLP(spec, hidden=hidden)
 
 
@@ -90,6 +88,8 @@ def _import_task(module_name: str, attr: str, spec: DataSpec) -> Task:
     if isinstance(obj, type) or (not isinstance(obj, Task) and callable(obj)):
         try:
             obj = obj(spec)
+        except FedgeError:
+            raise
         except Exception as e:
             raise ConfigError(f"task {label!r}: building it failed: {type(e).__name__}: {e}") from e
     if not isinstance(obj, Task):

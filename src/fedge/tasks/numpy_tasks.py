@@ -138,8 +138,8 @@ class LogReg:
     name: str = "logreg"
 
     def init_params(self, rng: np.random.Generator) -> Params:
-        # Zero init is the convex optimum's natural start and makes every seed agree;
-        # a tiny random draw keeps devices' first steps from being symmetric anyway.
+        # The problem is convex, so the start matters little; a small draw
+        # (rather than zeros) lets a seed vary the run like any other task.
         w = rng.normal(0.0, 0.01, (self.spec.num_features, self.spec.num_classes))
         return {
             "weight": w.astype(np.float32),
@@ -175,7 +175,7 @@ class MLP:
 
     def __post_init__(self) -> None:
         if self.hidden < 1:
-            raise ConfigError(f"mlp hidden size must be >= 1, got {self.hidden}")
+            raise ConfigError(f"task 'mlp:{self.hidden}': hidden size must be >= 1, got {self.hidden}")
 
     def init_params(self, rng: np.random.Generator) -> Params:
         f, h, c = self.spec.num_features, self.hidden, self.spec.num_classes
