@@ -159,10 +159,8 @@ def l2_norm(params: Mapping[str, Array]) -> float:
     """The L2 norm of all values together, accumulated in float64."""
     total = 0.0
     for v in params.values():
-        f = v.reshape(-1)
-        total += float(np.dot(f, f)) if f.dtype == np.float64 else float(
-            np.dot(f.astype(np.float64, copy=False), f.astype(np.float64, copy=False))
-        )
+        f = v.reshape(-1).astype(np.float64, copy=False)
+        total += float(np.dot(f, f))
     return float(np.sqrt(total))
 
 

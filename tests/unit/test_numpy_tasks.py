@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+from params_asserts import assert_params_equal, deep_copy
 
 from fedge.data.dataset import Dataset, DataSpec
 from fedge.errors import ConfigError, TaskError, UnknownNameError
@@ -24,17 +25,6 @@ TASK_NAMES = ["logreg", "mlp:16"]
 
 def rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
-
-
-def deep_copy(params: Params) -> Params:
-    return {k: v.copy() for k, v in params.items()}
-
-
-def assert_params_equal(a: Params, b: Params) -> None:
-    assert list(a) == list(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, k
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def distance(a: Params, b: Params) -> float:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from params_asserts import assert_params_equal, deep_copy
 
 from fedge import params as P
 from fedge.params import Params, ParamsSpec
@@ -17,18 +18,6 @@ from fedge.params import Params, ParamsSpec
 # At and above this many values add_scaled_ may hand a tensor to BLAS axpy.
 BLAS_SIZE = 1 << 16
 FLOATS = [np.float32, np.float64]
-
-
-def deep_copy(params: Params) -> Params:
-    return {k: v.copy() for k, v in params.items()}
-
-
-def assert_params_equal(a: Params, b: Params) -> None:
-    assert list(a) == list(b)
-    for k in a:
-        assert a[k].shape == b[k].shape, k
-        assert a[k].dtype == b[k].dtype, k
-        np.testing.assert_array_equal(a[k], b[k])
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from params_asserts import assert_params_close, assert_params_equal, deep_copy
 
 from fedge.errors import ConfigError, UnknownNameError
 from fedge.params import Params
@@ -25,24 +26,6 @@ from fedge.strategies import (
     build_strategy,
     strategy_options,
 )
-
-
-def deep_copy(params: Params) -> Params:
-    return {k: v.copy() for k, v in params.items()}
-
-
-def assert_params_close(a: Params, b: Params, *, rtol: float = 1e-6, atol: float = 1e-7) -> None:
-    assert list(a) == list(b)
-    for k in a:
-        assert a[k].shape == b[k].shape, k
-        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
-
-
-def assert_params_equal(a: Params, b: Params) -> None:
-    assert list(a) == list(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, k
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def aggregate(strategy: Strategy, template: Params, *updates: tuple[Params, float]) -> Aggregate:
