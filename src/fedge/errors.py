@@ -9,6 +9,8 @@ caller can catch one level of the tree and nothing else::
     │   └── DataError          a data source is malformed or does not fit the run
     ├── TaskError          user task code failed or returned something malformed
     ├── RoundError         the round logic refused an event (late, duplicate, not invited)
+    ├── ProtocolError      a message or payload from the other side is malformed or refused
+    ├── TransportError     the other side cannot be reached or answered with a server error
     └── BackendError       a simulator backend or worker process failed
 
 ``ConfigError`` subclasses ``ValueError`` so that plain Python callers that
@@ -23,8 +25,10 @@ __all__ = [
     "ConfigError",
     "DataError",
     "FedgeError",
+    "ProtocolError",
     "RoundError",
     "TaskError",
+    "TransportError",
     "UnknownNameError",
 ]
 
@@ -66,3 +70,22 @@ class RoundError(FedgeError):
 
 class BackendError(FedgeError):
     """A simulator backend failed: a worker died or raised."""
+
+
+class ProtocolError(FedgeError):
+    """A message or payload was refused; ``reason`` is the stable code sent as ``error``.
+
+    ``status`` is the HTTP status the coordinator answers with (a 4xx: the
+    sender is at fault). On the agent side the same class carries a refusal
+    the coordinator sent back.
+    """
+
+    def __init__(self, reason: str, detail: str, status: int = 400) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.status = status
+        super().__init__(f"{reason}: {detail}")
+
+
+class TransportError(FedgeError):
+    """The coordinator could not be reached, or answered with a server error (retry later)."""

@@ -1,0 +1,404 @@
+"""Versioned messages between agent and coordinator, and the tensor payload codec.
+
+Two kinds of thing cross the wire (see "Round protocol" in DESIGN.md):
+
+* **JSON messages** (check-in, its reply, evaluation reports, acks, error
+  bodies) are pydantic models with ``extra="forbid"``: an unknown field or a
+  wrong type is refused, never ignored. Every message carries ``protocol``;
+  a version this build does not speak is refused with ``bad_version``.
+* **Tensor payloads** (the round's params, a device's update) are
+  safetensors files compressed with zstd. Nothing is ever unpickled. The
+  decoder reads the safetensors header itself first, so names, shapes and
+  dtypes are checked against the round's params *before* any tensor memory
+  is allocated, and it never decompresses more than the expected size (a
+  small body cannot inflate into gigabytes).
+
+Every refusal raises :class:`~fedge.errors.ProtocolError` whose ``reason``
+is one of :data:`REFUSALS`; the coordinator sends it back as
+``{"error": reason, "detail": text}`` with the matching HTTP status.
+This module is pure: no sockets, no disk, no clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedge.errors import ProtocolError
+from fedge.params import Array, Params, ParamsSpec
+
+__all__ = [
+    "DEVICE_HEADER",
+    "DEVICE_ID_PATTERN",
+    "PROTOCOL_VERSION",
+    "REFUSALS",
+    "CheckIn",
+    "CheckInReply",
+    "ErrorBody",
+    "EvalReport",
+    "Message",
+    "TaskInfo",
+    "TrainPlan",
+    "Update",
+    "UpdateAck",
+    "decode_params",
+    "decode_update",
+    "encode_params",
+    "encode_update",
+    "parse_message",
+    "payload_etag",
+]
+
+#: The protocol version this build speaks (the ``/v1`` in every path).
+PROTOCOL_VERSION = 1
+
+#: The header naming the sending device until mutual TLS supplies its
+#: certificate's subject instead (the identity is never read from a body).
+DEVICE_HEADER = "X-Fedge-Device"
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+#: Every refusal code, with the HTTP status the coordinator answers it with.
+REFUSALS: dict[str, int] = {
+    "bad_request": 400,      # a JSON body or header is malformed
+    "bad_version": 400,      # a protocol version this build does not speak
+    "bad_payload": 400,      # not zstd, not safetensors, or metadata missing
+    "unknown_device": 401,   # no device identity, or a malformed one
+    "not_invited": 403,      # the device is not in this round's cohort
+    "unknown_round": 404,    # no such round (or its params are gone)
+    "closed": 409,           # the round (attempt) has ended
+    "late": 409,             # past the round's deadline
+    "duplicate": 409,        # this device already reported to this round
+    "too_large": 413,        # the body exceeds the size limit
+    "shape_mismatch": 422,   # names, shapes or dtypes differ from the round's params
+    "non_finite": 422,       # NaN or infinity in a tensor or a metric
+    "bad_weight": 422,       # the example count is not a positive number
+}
+
+_ZSTD_LEVEL = 3
+# A safetensors header lists names, dtypes, shapes and offsets; 1 MiB is far
+# more than any real model needs, and bounds what a hostile header can cost.
+_MAX_HEADER = 1 << 20
+_DTYPES: dict[str, str] = {"<f2": "F16", "<f4": "F32", "<f8": "F64"}
+_META_PREFIX = "fedge."
+
+
+def _refuse(reason: str, detail: str) -> ProtocolError:
+    return ProtocolError(reason, detail, REFUSALS[reason])
+
+
+# ---------------------------------------------------------------- JSON messages
+
+
+class Message(BaseModel):
+    """Base of every JSON message: frozen, unknown fields refused, versioned."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    protocol: int = PROTOCOL_VERSION
+
+    @field_validator("protocol")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != PROTOCOL_VERSION:
+            raise ValueError(f"protocol version {v} is not supported (this build speaks {PROTOCOL_VERSION})")
+        return v
+
+
+ProfileValue = str | int | float | bool
+
+
+class CheckIn(Message):
+    """The agent's periodic hello: how much data it holds and whether it may train now."""
+
+    num_examples: Annotated[int, Field(ge=0)]
+    ready: bool = True
+    profile: Annotated[dict[str, ProfileValue], Field(max_length=64)] = Field(default_factory=dict)
+
+
+class TaskInfo(Message):
+    """What the agent needs to build the task: its name and the data's shape."""
+
+    name: str
+    num_features: Annotated[int, Field(ge=1)]
+    num_classes: Annotated[int, Field(ge=2)]
+
+
+class TrainPlan(Message):
+    """An invitation to one round attempt: which params to fetch and how to train."""
+
+    round: Annotated[int, Field(ge=1)]
+    attempt: Annotated[int, Field(ge=1)]
+    params_etag: str
+    deadline_s: Annotated[float, Field(ge=0)]
+    local_epochs: Annotated[int, Field(ge=1)]
+    batch_size: Annotated[int, Field(ge=1)]
+    lr: Annotated[float, Field(gt=0)]
+    mu: Annotated[float, Field(ge=0)] = 0.0
+    evaluate: bool = True
+
+
+class CheckInReply(Message):
+    """The coordinator's answer: wait, train in a round, or stop (training is over)."""
+
+    action: Literal["wait", "train", "done"]
+    wait_s: Annotated[float, Field(ge=0)] = 0.0
+    task: TaskInfo
+    plan: TrainPlan | None = None
+
+
+class EvalReport(Message):
+    """A device's evaluation of a round's params on its local data."""
+
+    round: Annotated[int, Field(ge=1)]
+    attempt: Annotated[int, Field(ge=1)]
+    num_examples: Annotated[int, Field(ge=1)]
+    metrics: Annotated[dict[str, float], Field(max_length=64)]
+
+    @field_validator("metrics")
+    @classmethod
+    def _finite(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = sorted(k for k, x in v.items() if not math.isfinite(x))
+        if bad:
+            raise ValueError(f"metrics {bad} are not finite")
+        return v
+
+
+class UpdateAck(Message):
+    """The coordinator accepted an update (or an evaluation report)."""
+
+    round: int
+    attempt: int
+
+
+_M = TypeVar("_M", bound=Message)
+
+
+class ErrorBody(BaseModel):
+    """Every refusal's JSON body."""
+
+    error: str
+    detail: str
+
+
+def parse_message(kind: type[_M], body: bytes | str | Mapping[str, Any]) -> _M:
+    """Validate ``body`` (JSON text or an already-parsed mapping) as a ``kind``.
+
+    Raises:
+        ProtocolError: ``bad_version`` for an unknown protocol version,
+            ``non_finite`` for a NaN or infinite metric, ``bad_request`` for
+            anything else that does not fit ``kind``.
+    """
+    try:
+        if isinstance(body, Mapping):
+            return kind.model_validate(body)
+        return kind.model_validate_json(body)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        msg = f"{kind.__name__}.{where}: {first['msg']}"
+        if first["loc"][:1] == ("protocol",):
+            raise _refuse("bad_version", msg) from None
+        if "not finite" in first["msg"]:
+            raise _refuse("non_finite", msg) from None
+        raise _refuse("bad_request", msg) from None
+
+
+# ------------------------------------------------------------ tensor payloads
+
+
+@dataclass(frozen=True)
+class Update:
+    """A decoded update: the device's params delta plus what it reported with it."""
+
+    round: int
+    attempt: int
+    num_examples: int
+    metrics: dict[str, float]
+    delta: Params
+
+
+def payload_etag(body: bytes) -> str:
+    """The strong ETag of an encoded payload (a quoted SHA-256 prefix)."""
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+def encode_params(
+    params: Mapping[str, Array], metadata: Mapping[str, str] | None = None, *, level: int = _ZSTD_LEVEL
+) -> bytes:
+    """Serialize ``params`` as zstd-compressed safetensors, ``metadata`` in its header."""
+    import zstandard
+    from safetensors.numpy import save
+
+    meta = {f"{_META_PREFIX}protocol": str(PROTOCOL_VERSION)}
+    meta.update(metadata or {})
+    tensors = {name: np.ascontiguousarray(a) for name, a in params.items()}
+    return zstandard.ZstdCompressor(level=level).compress(save(tensors, metadata=meta))
+
+
+def encode_update(
+    delta: Mapping[str, Array], *, round: int, attempt: int, num_examples: int,
+    metrics: Mapping[str, float] | None = None,
+) -> bytes:
+    """Serialize a device's update for round ``round``, attempt ``attempt``."""
+    meta = {
+        f"{_META_PREFIX}kind": "update",
+        f"{_META_PREFIX}round": str(round),
+        f"{_META_PREFIX}attempt": str(attempt),
+        f"{_META_PREFIX}num_examples": str(num_examples),
+        f"{_META_PREFIX}metrics": json.dumps({k: float(v) for k, v in (metrics or {}).items()}),
+    }
+    return encode_params(delta, meta)
+
+
+def decode_params(
+    body: bytes, *, spec: ParamsSpec | None, max_bytes: int
+) -> tuple[Params, dict[str, str]]:
+    """Decode a payload into params (in ``spec``'s order) and its header metadata.
+
+    Args:
+        body: the compressed payload as received.
+        spec: the names, shapes and dtypes the payload must have; ``None``
+            accepts any float tensors (for tools reading a checkpoint).
+        max_bytes: the most the payload may occupy, compressed or not.
+
+    Raises:
+        ProtocolError: ``too_large``, ``bad_payload``, ``bad_version``,
+            ``shape_mismatch`` or ``non_finite``.
+    """
+    if len(body) > max_bytes:
+        raise _refuse("too_large", f"payload of {len(body)} bytes exceeds the limit of {max_bytes}")
+    limit = max_bytes if spec is None else min(max_bytes, _expected_size(spec) + _MAX_HEADER)
+    raw = _decompress(body, limit)
+    header, data_start = _read_header(raw)
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _refuse("bad_payload", "the safetensors metadata is not a string mapping")
+    version = meta.get(f"{_META_PREFIX}protocol")
+    if version != str(PROTOCOL_VERSION):
+        raise _refuse("bad_version", f"payload protocol {version!r}; this build speaks {PROTOCOL_VERSION}")
+    _check_layout(header, spec, len(raw) - data_start)
+    names = spec.names if spec is not None else tuple(header)
+    params: Params = {}
+    view = memoryview(raw)
+    for name in names:
+        entry = header[name]
+        dtype = np.dtype(_numpy_dtype(entry["dtype"]))
+        start, end = entry["data_offsets"]
+        a = np.frombuffer(view[data_start + start:data_start + end], dtype=dtype).reshape(entry["shape"])
+        if not np.isfinite(a).all():
+            raise _refuse("non_finite", f"tensor {name!r} holds NaN or infinite values")
+        params[name] = a
+    return params, dict(meta)
+
+
+def decode_update(body: bytes, *, spec: ParamsSpec, max_bytes: int) -> Update:
+    """Decode and check a device's update against the round's params ``spec``.
+
+    Raises:
+        ProtocolError: as :func:`decode_params`, ``bad_payload`` for missing or
+            malformed metadata, ``bad_weight`` for a non-positive example count,
+            ``non_finite`` for a NaN or infinite metric.
+    """
+    delta, meta = decode_params(body, spec=spec, max_bytes=max_bytes)
+    if meta.get(f"{_META_PREFIX}kind") != "update":
+        raise _refuse("bad_payload", "the payload is not an update")
+    try:
+        round_id = int(meta[f"{_META_PREFIX}round"])
+        attempt = int(meta[f"{_META_PREFIX}attempt"])
+        num_examples = int(meta[f"{_META_PREFIX}num_examples"])
+        metrics_raw = json.loads(meta.get(f"{_META_PREFIX}metrics", "{}"))
+    except (KeyError, ValueError) as e:
+        raise _refuse("bad_payload", f"update metadata is missing or malformed ({e})") from None
+    if num_examples < 1:
+        raise _refuse("bad_weight", f"num_examples must be at least 1, got {num_examples}")
+    if not isinstance(metrics_raw, dict) or len(metrics_raw) > 64:
+        raise _refuse("bad_payload", "update metrics must be a mapping of at most 64 names")
+    metrics: dict[str, float] = {}
+    for k, v in metrics_raw.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise _refuse("bad_payload", f"metric {k!r} is not a number")
+        if not math.isfinite(v):
+            raise _refuse("non_finite", f"metric {k!r} is {v}")
+        metrics[str(k)] = float(v)
+    return Update(round_id, attempt, num_examples, metrics, delta)
+
+
+def _expected_size(spec: ParamsSpec) -> int:
+    return sum(
+        int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+        for shape, dt in zip(spec.shapes, spec.dtypes, strict=True)
+    )
+
+
+def _decompress(body: bytes, limit: int) -> bytes:
+    import zstandard
+
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)) as reader:
+            raw = reader.read(limit + 1)
+    except zstandard.ZstdError as e:
+        raise _refuse("bad_payload", f"not a zstd frame ({e})") from None
+    if len(raw) > limit:
+        raise _refuse("too_large", f"payload decompresses to more than {limit} bytes")
+    return raw
+
+
+def _read_header(raw: bytes) -> tuple[dict[str, Any], int]:
+    if len(raw) < 8:
+        raise _refuse("bad_payload", "not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > _MAX_HEADER or 8 + n > len(raw):
+        raise _refuse("bad_payload", f"safetensors header length {n} is invalid")
+    try:
+        header = json.loads(raw[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _refuse("bad_payload", f"safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _refuse("bad_payload", "safetensors header is not an object")
+    return header, 8 + n
+
+
+def _numpy_dtype(st: object) -> str:
+    for np_dt, st_dt in _DTYPES.items():
+        if st == st_dt:
+            return np_dt
+    raise _refuse("shape_mismatch", f"tensor dtype {st!r} is not a float type fedge accepts")
+
+
+def _check_layout(header: dict[str, Any], spec: ParamsSpec | None, data_len: int) -> None:
+    """Names, shapes, dtypes and offsets, checked before any tensor is touched."""
+    for name, entry in header.items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry["shape"])
+            and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in entry["data_offsets"])
+        ):
+            raise _refuse("bad_payload", f"tensor {name!r} has a malformed header entry")
+        start, end = entry["data_offsets"]
+        itemsize = np.dtype(_numpy_dtype(entry.get("dtype"))).itemsize
+        if not (0 <= start <= end <= data_len) or end - start != itemsize * math.prod(entry["shape"]):
+            raise _refuse("bad_payload", f"tensor {name!r} has inconsistent data offsets")
+    if spec is None:
+        return
+    if set(header) != set(spec.names):
+        missing = sorted(set(spec.names) - set(header))
+        extra = sorted(set(header) - set(spec.names))
+        raise _refuse("shape_mismatch", f"tensor names differ: missing {missing}, unexpected {extra}")
+    for name, shape, dt in zip(spec.names, spec.shapes, spec.dtypes, strict=True):
+        entry = header[name]
+        if tuple(entry["shape"]) != shape:
+            raise _refuse("shape_mismatch", f"tensor {name!r} has shape {tuple(entry['shape'])}, expected {shape}")
+        if _numpy_dtype(entry["dtype"]) != np.dtype(dt).newbyteorder("<").str:
+            raise _refuse("shape_mismatch", f"tensor {name!r} has dtype {entry['dtype']}, expected {np.dtype(dt)}")
