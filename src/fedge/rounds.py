@@ -15,15 +15,19 @@ import enum
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
 from fedge.errors import ConfigError, RoundError
 
-__all__ = ["Round", "RoundOutcome", "RoundState", "choose_stragglers", "select_cohort"]
+__all__ = ["DeviceId", "Round", "RoundOutcome", "RoundState", "choose_stragglers", "select_cohort"]
 
 IntArray = npt.NDArray[np.int64]
+#: A device as the round logic sees it: an index in the simulator, an enrolled
+#: device's id string on the coordinator. One round never mixes the two.
+DeviceId: TypeAlias = int | str
 
 
 def select_cohort(
@@ -92,8 +96,8 @@ class RoundOutcome:
 
     round_id: int
     state: RoundState
-    reported: tuple[int, ...]
-    dropped: tuple[int, ...]
+    reported: tuple[DeviceId, ...]
+    dropped: tuple[DeviceId, ...]
     total_weight: float
 
 
@@ -106,11 +110,11 @@ class Round:
     """
 
     round_id: int
-    cohort: frozenset[int]
+    cohort: frozenset[DeviceId]
     min_updates: int
     deadline: float = math.inf
     state: RoundState = RoundState.OPEN
-    _weights: dict[int, float] = field(default_factory=dict, init=False, repr=False)
+    _weights: dict[DeviceId, float] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.cohort:
@@ -123,15 +127,15 @@ class Round:
 
     @classmethod
     def open(
-        cls, round_id: int, cohort: Iterable[int], *, min_updates: int | None = None,
+        cls, round_id: int, cohort: Iterable[DeviceId] | IntArray, *, min_updates: int | None = None,
         deadline: float = math.inf,
     ) -> Round:
         """A round open to ``cohort``; ``min_updates`` defaults to the whole cohort."""
-        members = frozenset(int(d) for d in cohort)
+        members = frozenset(d if isinstance(d, str) else int(d) for d in cohort)
         return cls(round_id, members, len(members) if min_updates is None else min_updates, deadline)
 
     @property
-    def reported(self) -> frozenset[int]:
+    def reported(self) -> frozenset[DeviceId]:
         return frozenset(self._weights)
 
     @property
@@ -139,7 +143,7 @@ class Round:
         """True once every invited device has reported."""
         return len(self._weights) == len(self.cohort)
 
-    def accept(self, device_id: int, weight: float, now: float) -> None:
+    def accept(self, device_id: DeviceId, weight: float, now: float) -> None:
         """Record ``device_id``'s update, or refuse it.
 
         Raises:

@@ -21,7 +21,7 @@ import numpy as np
 
 from fedge.errors import ConfigError
 
-__all__ = ["BACKENDS", "SimConfig", "load_toml"]
+__all__ = ["BACKENDS", "SimConfig", "coerce_fields", "load_toml"]
 
 BACKENDS = ("inline", "processes")
 
@@ -109,7 +109,7 @@ class SimConfig:
         Raises:
             ConfigError: an unknown key or a value of the wrong type, naming ``source``.
         """
-        return cls(**_coerce_fields(cls, values, source=source))
+        return cls(**coerce_fields(cls, values, source=source))
 
 
 def _check_int(name: str, value: object, *, low: int, high: int | None = None) -> None:
@@ -126,7 +126,7 @@ def _check_positive(name: str, value: float) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
 
 
-def _coerce_fields(cls: type, values: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+def coerce_fields(cls: type, values: Mapping[str, Any], *, source: str) -> dict[str, Any]:
     """Check ``values`` against dataclass ``cls``'s fields and their types."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}

@@ -1,0 +1,191 @@
+"""The coordinator's configuration: one frozen value read from ``coordinator.toml``.
+
+The file has five tables; every key is optional except the task's shape
+(given directly or read from ``eval_data``)::
+
+    [task]
+    name = "logreg"            # logreg, mlp, mlp:HIDDEN, torch-cnn or module:attr
+    num_features = 64          # or eval_data = "test.npz": shape read from it,
+    num_classes = 10           #   and the model evaluated on it after each round
+
+    [strategy]
+    name = "fedavg"            # any simulator strategy
+    options = { server_lr = 1.0 }
+
+    [rounds]
+    count = 20                 # rounds to complete
+    cohort_size = 8            # updates a round waits for before closing early
+    min_updates = 8            # fewer than this by the deadline: abandoned, retried
+    over_selection = 1.0       # invite ceil(cohort_size * over_selection) devices
+    deadline_s = 120.0
+    wait_s = 5.0               # how long an idle device waits between check-ins
+
+    [train]
+    local_epochs = 1
+    batch_size = 32
+    lr = 0.1
+
+    [server]
+    host = "127.0.0.1"
+    port = 8080
+    data_dir = "fedge-data"
+    max_body_mb = 256
+
+Relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedge.errors import ConfigError
+from fedge.sim.config import coerce_fields, load_toml
+
+__all__ = ["CoordinatorConfig", "load_coordinator_config"]
+
+# TOML table -> {key in the table: field name}.
+_TABLES: dict[str, dict[str, str]] = {
+    "task": {"name": "task", "num_features": "num_features", "num_classes": "num_classes",
+             "eval_data": "eval_data"},
+    "strategy": {"name": "strategy", "options": "strategy_options", "mu": "mu"},
+    "rounds": {"count": "rounds", "cohort_size": "cohort_size", "min_updates": "min_updates",
+               "over_selection": "over_selection", "deadline_s": "deadline_s", "wait_s": "wait_s",
+               "min_devices": "min_devices", "eval_every": "eval_every"},
+    "train": {"local_epochs": "local_epochs", "batch_size": "batch_size", "lr": "lr"},
+    "server": {"host": "host", "port": "port", "data_dir": "data_dir", "max_body_mb": "max_body_mb",
+               "seed": "seed"},
+}
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything that defines a coordinator; see the module docstring for the file.
+
+    ``min_updates`` defaults to ``cohort_size``; ``min_devices`` (devices that
+    must have checked in before a round opens) defaults to ``min_updates``.
+    """
+
+    task: str = "logreg"
+    num_features: int | None = None
+    num_classes: int | None = None
+    eval_data: str | None = None
+    strategy: str = "fedavg"
+    strategy_options: Mapping[str, float] = field(default_factory=dict)
+    mu: float | None = None
+    rounds: int = 20
+    cohort_size: int = 8
+    min_updates: int | None = None
+    over_selection: float = 1.0
+    deadline_s: float = 120.0
+    wait_s: float = 5.0
+    min_devices: int | None = None
+    eval_every: int = 1
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: str = "fedge-data"
+    max_body_mb: float = 256.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "cohort_size", "eval_every", "local_epochs", "batch_size"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("num_features", "min_updates", "min_devices"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+        if self.num_classes is not None:
+            _at_least("num_classes", self.num_classes, 2)
+        _at_least("seed", self.seed, 0)
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"server.port must be between 0 and 65535, got {self.port}")
+        if self.min_updates is not None and self.min_updates > self.cohort_size:
+            raise ConfigError(
+                f"rounds.min_updates ({self.min_updates}) cannot exceed rounds.cohort_size "
+                f"({self.cohort_size})"
+            )
+        for name in ("deadline_s", "wait_s", "lr", "max_body_mb"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value}")
+        if not (math.isfinite(self.over_selection) and 1 <= self.over_selection <= 10):
+            raise ConfigError(f"rounds.over_selection must be between 1 and 10, got {self.over_selection}")
+        if self.mu is not None and not (math.isfinite(self.mu) and self.mu >= 0):
+            raise ConfigError(f"strategy.mu must be a finite number >= 0, got {self.mu}")
+        if self.eval_data is None and (self.num_features is None or self.num_classes is None):
+            raise ConfigError(
+                "task.num_features and task.num_classes are required unless task.eval_data names "
+                "a data file to read them from"
+            )
+
+    @property
+    def effective_min_updates(self) -> int:
+        return self.cohort_size if self.min_updates is None else self.min_updates
+
+    @property
+    def effective_min_devices(self) -> int:
+        return self.effective_min_updates if self.min_devices is None else self.min_devices
+
+    @property
+    def invite_count(self) -> int:
+        """Devices invited per round: the cohort size times the over-selection factor."""
+        return math.ceil(self.cohort_size * self.over_selection - 1e-9)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+    def replace(self, **changes: Any) -> CoordinatorConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["strategy_options"] = dict(self.strategy_options)
+        return d
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value}")
+
+
+def load_coordinator_config(
+    path: str | Path | None, overrides: Mapping[str, Any] | None = None
+) -> CoordinatorConfig:
+    """Read ``path`` (may be ``None``: defaults) and apply ``overrides`` (field names).
+
+    Raises:
+        ConfigError: the file is missing or malformed, a table or key is
+            unknown, a value has the wrong type or is out of range.
+    """
+    values: dict[str, Any] = {}
+    source = "coordinator config"
+    base = Path.cwd()
+    if path is not None:
+        source = str(path)
+        base = Path(path).resolve().parent
+        raw = load_toml(path)
+        for table, entries in raw.items():
+            if table not in _TABLES:
+                raise ConfigError(f"{source}: unknown table [{table}]; known: {', '.join(_TABLES)}")
+            if not isinstance(entries, Mapping):
+                raise ConfigError(f"{source}: {table} must be a table, got {entries!r}")
+            for key, value in entries.items():
+                if key not in _TABLES[table]:
+                    raise ConfigError(
+                        f"{source}: unknown key {table}.{key}; known: {', '.join(_TABLES[table])}"
+                    )
+                values[_TABLES[table][key]] = value
+    fields = coerce_fields(CoordinatorConfig, values, source=source)
+    for key in ("data_dir", "eval_data"):
+        if isinstance(fields.get(key), str):
+            fields[key] = str((base / fields[key]).resolve()) if not Path(fields[key]).is_absolute() \
+                else fields[key]
+    fields.update(coerce_fields(CoordinatorConfig, dict(overrides or {}), source="command line"))
+    return CoordinatorConfig(**fields)

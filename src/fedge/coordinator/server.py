@@ -1,0 +1,91 @@
+"""The coordinator process: bind the listening socket, serve the app with uvicorn, shut down cleanly.
+
+The socket is bound here, before uvicorn starts, so that a port already in
+use is a :class:`~fedge.errors.ConfigError` with one clear line rather than
+a log record from deep inside the server. SIGTERM and SIGINT stop the server
+gracefully (uvicorn's handlers); the store is closed on the way out, and an
+open round is left open in the store, to be restarted by the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+
+import uvicorn
+
+from fedge.coordinator.app import create_app
+from fedge.coordinator.config import CoordinatorConfig
+from fedge.coordinator.service import Coordinator
+from fedge.errors import ConfigError
+
+__all__ = ["bind", "serve"]
+
+logger = logging.getLogger(__name__)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv4 or IPv6).
+
+    Raises:
+        ConfigError: the address is in use, not local, or cannot be resolved.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"server.host {host!r} cannot be resolved: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is already in use (server.port)") from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(config: CoordinatorConfig, *, exit_when_done: bool = False, log_level: str = "warning") -> int:
+    """Run the coordinator until it is stopped (or, with ``exit_when_done``, until training ends).
+
+    Returns:
+        The exit status: 0.
+
+    Raises:
+        ConfigError: a bad setting, or the port is taken.
+    """
+    sock = bind(config.host, config.port)
+    try:
+        coordinator = Coordinator(config)
+    except BaseException:
+        sock.close()
+        raise
+    server: uvicorn.Server | None = None
+
+    def finished() -> None:
+        if not exit_when_done or server is None:
+            return
+        # Linger for two check-in periods so every agent hears "done".
+        grace = min(2 * config.wait_s + 1.0, 30.0)
+        logger.info("training complete; exiting in %.1f s", grace)
+        asyncio.get_running_loop().call_later(grace, setattr, server, "should_exit", True)
+
+    app = create_app(coordinator, on_done=finished)
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(
+        app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
+        limit_concurrency=4096, backlog=2048, server_header=False,
+    ))
+    logger.info("coordinator listening on http://%s:%d (data in %s)", host, port, config.data_dir)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        coordinator.close()
+        sock.close()
+    return 0

@@ -1,0 +1,460 @@
+"""The coordinator's round driver: the round logic of :mod:`fedge.rounds` over the network.
+
+:class:`Coordinator` holds the live state (devices seen, the open round, its
+streaming accumulator) and answers the protocol's requests; the FastAPI app
+in :mod:`fedge.coordinator.app` only translates HTTP to these calls. All
+methods run on the server's event loop thread, so the state needs no lock;
+the slow steps (decoding an upload, writing a checkpoint, central
+evaluation) run in worker threads and only touch values they were handed.
+
+Rounds, as in the simulator: select a cohort from the devices that checked
+in recently (inviting ``cohort_size * over_selection`` of them), accept each
+invited device's update once and only before the deadline, close as soon as
+``cohort_size`` updates arrived or at the deadline, and then either apply the
+strategy and checkpoint (enough updates) or abandon the attempt and retry the
+same round with a fresh cohort. The store is written before any reply that
+depends on it, so a coordinator killed at any instant restarts from the last
+complete round (see :mod:`fedge.store`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedge import params as P
+from fedge.coordinator.config import CoordinatorConfig
+from fedge.data.dataset import Dataset, DataSpec
+from fedge.data.files import load_file
+from fedge.errors import ConfigError, ProtocolError, RoundError, TaskError
+from fedge.params import ParamsSpec
+from fedge.rounds import Round, RoundState, select_cohort
+from fedge.store import Store
+from fedge.strategies import ServerState, Strategy, build_strategy
+from fedge.strategies.base import Accumulator
+from fedge.tasks import load_task
+from fedge.tasks.base import Task
+from fedge.wire import (
+    REFUSALS,
+    CheckIn,
+    CheckInReply,
+    EvalReport,
+    TaskInfo,
+    TrainPlan,
+    UpdateAck,
+    decode_update,
+    encode_params,
+    payload_etag,
+)
+
+__all__ = ["Coordinator", "RoundSummary"]
+
+logger = logging.getLogger(__name__)
+
+# Purposes of the coordinator's generator streams (as in the simulator).
+_INIT, _SELECT = 1, 2
+
+
+@dataclass
+class _Device:
+    last_seen: float
+    num_examples: int
+    ready: bool
+
+
+@dataclass
+class _OpenRound:
+    """The round in flight: the state machine plus what streams into it."""
+
+    round: Round
+    attempt: int
+    target: int
+    opened_at: float
+    accumulator: Accumulator
+    payload: bytes
+    etag: str
+    train_loss: list[tuple[float, float]] = field(default_factory=list)
+    train_s: float | None = None  # the slowest reported local training time
+    closing: bool = False
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """One finished attempt, as ``/v1/status`` and ``summary.json`` show it."""
+
+    round: int
+    attempt: int
+    state: str
+    invited: int
+    reported: int
+    dropped: tuple[str, ...]
+    metrics: dict[str, float]
+    duration_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round, "attempt": self.attempt, "state": self.state,
+            "invited": self.invited, "reported": self.reported, "dropped": list(self.dropped),
+            "duration_s": round(self.duration_s, 4), **self.metrics,
+        }
+
+
+class Coordinator:
+    """Runs the configured rounds for the devices that check in.
+
+    Building it opens (or resumes) the store: an open round left by a crash
+    is marked interrupted and the next round is the one after the last
+    complete one, from its checkpoint.
+
+    Raises (from the constructor):
+        ConfigError: an unknown task or strategy, an unreadable evaluation
+            file, or a data directory that holds a run of another task.
+    """
+
+    def __init__(self, config: CoordinatorConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._clock = clock
+        self.eval_data: Dataset | None = load_file(config.eval_data) if config.eval_data else None
+        self.spec = _spec_of(config, self.eval_data)
+        self.task: Task = load_task(config.task, self.spec)
+        options = dict(config.strategy_options)
+        if config.strategy == "fedprox" and config.mu is not None:
+            options["mu"] = config.mu
+        self.strategy: Strategy = build_strategy(config.strategy, options)
+        self.mu = config.mu if config.mu is not None else self.strategy.device_mu
+        self.task_info = TaskInfo(
+            name=config.task, num_features=self.spec.num_features, num_classes=self.spec.num_classes
+        )
+        self.store = Store(config.data_dir)
+        try:
+            self._resume()
+        except BaseException:
+            self.store.close()
+            raise
+        self.devices: dict[str, _Device] = {}
+        self.open: _OpenRound | None = None
+        self.history: list[RoundSummary] = []
+        self.refusals: dict[str, int] = dict.fromkeys(REFUSALS, 0)
+        self.on_refusal: Callable[[str], None] | None = None
+        self._wake = asyncio.Event()
+        self._last_dropped: frozenset[str] = frozenset()
+
+    def _resume(self) -> None:
+        fingerprint = json.dumps({"task": self.config.task, "num_features": self.spec.num_features,
+                                  "num_classes": self.spec.num_classes, "strategy": self.config.strategy})
+        self.store.check_meta("run", fingerprint)
+        interrupted = self.store.interrupt_open_rounds(at=self._clock())
+        for r, a in interrupted:
+            logger.warning("round %d attempt %d was in flight when the coordinator stopped; it restarts", r, a)
+        done = self.store.last_complete_round()
+        if done:
+            self.state = self.store.load_checkpoint(done)
+            P.check_same_structure(self.state.params, self._init_params())
+            logger.info("resuming after round %d from its checkpoint", done)
+        else:
+            self.state = self.strategy.init(self._init_params())
+        self.params_spec = ParamsSpec.of(self.state.params)
+
+    def _init_params(self) -> P.Params:
+        # Seeded, so a coordinator that dies before round 1 completes starts
+        # again from the same model.
+        try:
+            params = self.task.init_params(np.random.default_rng([self.config.seed, _INIT, 0]))
+        except Exception as e:
+            raise TaskError(f"task init_params failed: {type(e).__name__}: {e}") from e
+        P.check_finite(params, what="initial params")
+        return {k: np.asarray(v) for k, v in params.items()}
+
+    # ------------------------------------------------------------ requests
+
+    @property
+    def done(self) -> bool:
+        return self.state.round >= self.config.rounds
+
+    def refuse(self, error: ProtocolError, device_id: str | None, round_id: int | None) -> None:
+        """Count and record a refusal (the app sends the error back)."""
+        self.refusals[error.reason] = self.refusals.get(error.reason, 0) + 1
+        if self.on_refusal is not None:
+            self.on_refusal(error.reason)
+        try:
+            self.store.record_refusal(code=error.reason, device_id=device_id, round=round_id, at=self._clock())
+        except Exception:  # a refusal must never turn into a server error
+            logger.exception("could not record a refusal")
+        logger.info("refused %s from device %s: %s", error.reason, device_id, error.detail)
+
+    def check_in(self, device_id: str, msg: CheckIn) -> CheckInReply:
+        """Note the device as seen, and tell it to wait, train or stop."""
+        now = self._clock()
+        known = device_id in self.devices
+        self.devices[device_id] = _Device(now, msg.num_examples, msg.ready and msg.num_examples > 0)
+        self.store.upsert_device(device_id, now=now, num_examples=msg.num_examples, profile=msg.profile)
+        if not known:
+            logger.info("device %s checked in (%d examples)", device_id, msg.num_examples)
+            self._wake.set()
+        if self.done:
+            return CheckInReply(action="done", task=self.task_info)
+        rnd = self.open
+        if (rnd is not None and not rnd.closing and device_id in rnd.round.cohort
+                and device_id not in rnd.round.reported and now < rnd.round.deadline):
+            plan = TrainPlan(
+                round=rnd.round.round_id, attempt=rnd.attempt, params_etag=rnd.etag,
+                deadline_s=max(0.0, rnd.round.deadline - now),
+                local_epochs=self.config.local_epochs, batch_size=self.config.batch_size,
+                lr=self.config.lr, mu=self.mu, evaluate=True,
+            )
+            return CheckInReply(action="train", task=self.task_info, plan=plan)
+        return CheckInReply(action="wait", wait_s=self.config.wait_s, task=self.task_info)
+
+    def params_payload(self, round_id: int) -> tuple[bytes, str]:
+        """The encoded params of the open round ``round_id`` and their ETag.
+
+        Raises:
+            ProtocolError: ``unknown_round`` unless ``round_id`` is open.
+        """
+        rnd = self.open
+        if rnd is None or rnd.round.round_id != round_id:
+            raise ProtocolError("unknown_round", f"round {round_id} is not open", REFUSALS["unknown_round"])
+        return rnd.payload, rnd.etag
+
+    async def submit_update(self, device_id: str, round_id: int, body: bytes) -> UpdateAck:
+        """Check, decode and accumulate one device's update.
+
+        Raises:
+            ProtocolError: any refusal of :data:`fedge.wire.REFUSALS`; the
+                round and the process carry on.
+        """
+        rnd = self._round_for(device_id, round_id)
+        update, digest = await asyncio.to_thread(self._decode, body)
+        if update.round != round_id:
+            raise ProtocolError("bad_payload", f"the payload is for round {update.round}, sent to round {round_id}")
+        # The round may have moved on while the payload was being decoded.
+        rnd = self._round_for(device_id, round_id)
+        if update.attempt != rnd.attempt:
+            raise ProtocolError("closed", f"round {round_id} attempt {update.attempt} has ended",
+                                REFUSALS["closed"])
+        now = self._clock()
+        try:
+            rnd.round.accept(device_id, float(update.num_examples), now)
+        except RoundError as e:
+            raise ProtocolError(e.reason, e.detail, REFUSALS.get(e.reason, 409)) from None
+        rnd.accumulator.add(update.delta, float(update.num_examples))
+        loss = update.metrics.get("train_loss")
+        if loss is not None:
+            rnd.train_loss.append((loss, float(update.num_examples)))
+        took = update.metrics.get("train_s")
+        if took is not None:
+            rnd.train_s = max(took, rnd.train_s or 0.0)
+        self.store.record_update(
+            round_id, rnd.attempt, device_id, digest=digest, size_bytes=len(body),
+            num_examples=update.num_examples, received_at=now, metrics=update.metrics,
+        )
+        if len(rnd.round.reported) >= rnd.target:
+            self._wake.set()
+        return UpdateAck(round=round_id, attempt=rnd.attempt)
+
+    def submit_eval(self, device_id: str, round_id: int, report: EvalReport) -> UpdateAck:
+        """Record a device's evaluation of the round's params on its own data."""
+        rnd = self._round_for(device_id, round_id)
+        if report.round != round_id:
+            raise ProtocolError("bad_request", f"the report is for round {report.round}, sent to round {round_id}")
+        if report.attempt != rnd.attempt:
+            raise ProtocolError("closed", f"round {round_id} attempt {report.attempt} has ended",
+                                REFUSALS["closed"])
+        done = self.store.metrics(round_id, rnd.attempt, kind="eval")
+        if any(row["device_id"] == device_id for row in done):
+            raise ProtocolError("duplicate", f"device {device_id} already reported metrics to round {round_id}",
+                                REFUSALS["duplicate"])
+        self.store.record_metrics(round_id, rnd.attempt, device_id, kind="eval",
+                                  num_examples=report.num_examples, metrics=report.metrics, at=self._clock())
+        return UpdateAck(round=round_id, attempt=rnd.attempt)
+
+    def _round_for(self, device_id: str, round_id: int) -> _OpenRound:
+        rnd = self.open
+        current = self.state.round + 1
+        if round_id < current or (rnd is not None and rnd.closing and round_id == rnd.round.round_id):
+            raise ProtocolError("closed", f"round {round_id} has ended", REFUSALS["closed"])
+        if rnd is None or rnd.round.round_id != round_id:
+            raise ProtocolError("unknown_round", f"round {round_id} is not open", REFUSALS["unknown_round"])
+        if device_id not in rnd.round.cohort:
+            raise ProtocolError("not_invited", f"device {device_id} is not in round {round_id}",
+                                REFUSALS["not_invited"])
+        return rnd
+
+    def _decode(self, body: bytes) -> tuple[Any, str]:
+        update = decode_update(body, spec=self.params_spec, max_bytes=self.config.max_body_bytes)
+        return update, hashlib.sha256(body).hexdigest()
+
+    # ------------------------------------------------------------ the driver
+
+    async def run(self, on_done: Callable[[], None] | None = None) -> None:
+        """Drive rounds until the configured count is complete (then call ``on_done``)."""
+        while not self.done:
+            self._wake.clear()
+            rnd = self.open
+            now = self._clock()
+            if rnd is None:
+                if self._open_round(now):
+                    continue
+                timeout = 0.5
+            elif len(rnd.round.reported) >= rnd.target or now >= rnd.round.deadline:
+                await self._close_round(rnd)
+                continue
+            else:
+                timeout = min(1.0, max(0.0, rnd.round.deadline - now))
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+        logger.info("training complete: %d rounds", self.state.round)
+        if on_done is not None:
+            on_done()
+
+    def available(self, now: float) -> list[str]:
+        """Devices that checked in recently, say they may train, and hold data."""
+        horizon = now - max(3 * self.config.wait_s, 10.0)
+        return sorted(d for d, s in self.devices.items() if s.ready and s.last_seen >= horizon)
+
+    def _open_round(self, now: float) -> bool:
+        cfg = self.config
+        ready = self.available(now)
+        if len(ready) < cfg.effective_min_devices:
+            return False
+        # A retry prefers devices that did not just drop out, if enough remain.
+        fresh = [d for d in ready if d not in self._last_dropped]
+        pool = fresh if len(fresh) >= cfg.effective_min_updates else ready
+        round_id = self.state.round + 1
+        tried = sum(1 for row in self.store.rounds() if row.round == round_id)
+        rng = np.random.default_rng([cfg.seed, _SELECT, round_id, tried])
+        size = min(len(pool), cfg.invite_count)
+        picked = select_cohort(np.arange(len(pool)), rng=rng, cohort_size=size)
+        cohort = [pool[i] for i in picked.tolist()]
+        min_updates = min(cfg.effective_min_updates, len(cohort))
+        deadline = now + cfg.deadline_s
+        attempt = self.store.open_round(round_id, cohort=cohort, min_updates=min_updates,
+                                        opened_at=now, deadline_at=deadline)
+        payload = encode_params(self.state.params, {"fedge.kind": "params", "fedge.round": str(round_id)})
+        self.open = _OpenRound(
+            round=Round.open(round_id, cohort, min_updates=min_updates, deadline=deadline),
+            attempt=attempt, target=min(cfg.cohort_size, len(cohort)), opened_at=now,
+            accumulator=self.strategy.accumulator(self.state.params), payload=payload,
+            etag=payload_etag(payload),
+        )
+        logger.info("round %d attempt %d open: %d devices invited, %d needed, deadline %.0f s",
+                    round_id, attempt, len(cohort), min_updates, cfg.deadline_s)
+        return True
+
+    async def _close_round(self, rnd: _OpenRound) -> None:
+        rnd.closing = True
+        now = self._clock()
+        outcome = rnd.round.close()
+        r, attempt = outcome.round_id, rnd.attempt
+        reported = [str(d) for d in outcome.reported]
+        dropped = [str(d) for d in outcome.dropped]
+        metrics: dict[str, float] = {}
+        evals = self.store.metrics(r, attempt, kind="eval")
+        if evals:
+            metrics.update(_weighted_eval(evals))
+        if rnd.train_loss:
+            total = sum(w for _, w in rnd.train_loss)
+            metrics["train_loss"] = sum(v * w for v, w in rnd.train_loss) / total
+        if rnd.train_s is not None:
+            metrics["train_s"] = rnd.train_s
+        if outcome.state is RoundState.COMPLETE:
+            state = self.strategy.apply(self.state, rnd.accumulator.result())
+            state = ServerState(params=state.params, opt_state=state.opt_state, round=r)
+            if self.eval_data is not None and (r % self.config.eval_every == 0 or r == self.config.rounds):
+                metrics.update(await asyncio.to_thread(self._evaluate, state.params))
+            await asyncio.to_thread(
+                self.store.complete_round, r, attempt, state, closed_at=now, reported=reported,
+                dropped=dropped, metrics=metrics,
+            )
+            self.state = state
+            self._last_dropped = frozenset()
+            logger.info("round %d complete: %d of %d reported%s", r, len(reported), len(rnd.round.cohort),
+                        f", accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else "")
+        else:
+            self.store.abandon_round(r, attempt, closed_at=now, reported=reported, dropped=dropped)
+            self._last_dropped = frozenset(dropped)
+            logger.warning("round %d attempt %d abandoned: %d of the %d needed reported; retrying with a "
+                           "fresh cohort", r, attempt, len(reported), rnd.round.min_updates)
+        self.history.append(RoundSummary(
+            round=r, attempt=attempt, state=outcome.state.value, invited=len(rnd.round.cohort),
+            reported=len(reported), dropped=tuple(dropped), metrics=metrics,
+            duration_s=self._clock() - rnd.opened_at,
+        ))
+        self.open = None
+
+    def _evaluate(self, params: P.Params) -> dict[str, float]:
+        assert self.eval_data is not None
+        try:
+            return {str(k): float(v) for k, v in self.task.evaluate(params, self.eval_data).items()}
+        except Exception as e:
+            logger.error("central evaluation failed: %s: %s", type(e).__name__, e)
+            return {}
+
+    def status(self) -> dict[str, Any]:
+        """Where training stands, for ``/v1/status`` and the demo's progress line."""
+        rnd = self.open
+        last = self.store.rounds()
+        return {
+            "state": "done" if self.done else ("running" if rnd is not None else "waiting"),
+            "rounds_complete": self.state.round,
+            "rounds": self.config.rounds,
+            "open": None if rnd is None else {
+                "round": rnd.round.round_id, "attempt": rnd.attempt, "invited": len(rnd.round.cohort),
+                "reported": len(rnd.round.reported), "target": rnd.target,
+            },
+            "devices": len(self.devices),
+            "available": len(self.available(self._clock())),
+            "history": [_row_json(row) for row in last if row.state != "open"],
+            "refusals": {k: v for k, v in self.refusals.items() if v},
+        }
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _weighted_eval(rows: list[dict[str, object]]) -> dict[str, float]:
+    """Example-weighted means of the devices' evaluation metrics, as ``device_<name>``."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for row in rows:
+        n = float(row["num_examples"])  # type: ignore[arg-type]
+        for k, v in row["metrics"].items():  # type: ignore[attr-defined]
+            sums[k] = sums.get(k, 0.0) + n * float(v)
+            weights[k] = weights.get(k, 0.0) + n
+    return {f"device_{k}": sums[k] / weights[k] for k in sums}
+
+
+def _row_json(row: Any) -> dict[str, Any]:
+    return {
+        "round": row.round, "attempt": row.attempt, "state": row.state,
+        "invited": len(row.cohort), "reported": len(row.reported), "dropped": list(row.dropped),
+        "duration_s": None if row.closed_at is None else round(row.closed_at - row.opened_at, 4),
+        **row.metrics,
+    }
+
+
+def _spec_of(config: CoordinatorConfig, eval_data: Dataset | None) -> DataSpec:
+    if eval_data is None:
+        assert config.num_features is not None and config.num_classes is not None
+        return DataSpec(config.num_features, config.num_classes)
+    features = int(eval_data.x.shape[1])
+    classes = int(eval_data.y.max()) + 1
+    if config.num_features is not None and config.num_features != features:
+        raise ConfigError(f"task.num_features is {config.num_features} but {config.eval_data} has {features} features")
+    if config.num_classes is not None:
+        if classes > config.num_classes:
+            raise ConfigError(f"{config.eval_data} has labels up to {classes - 1}, beyond task.num_classes "
+                              f"{config.num_classes}")
+        classes = config.num_classes
+    return DataSpec(features, max(classes, 2))
+
