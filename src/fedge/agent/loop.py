@@ -1,0 +1,556 @@
+"""The device agent's loop: check in, and when invited fetch, evaluate, train and upload.
+
+One pass of the loop (DESIGN.md, "Round protocol")::
+
+    check-in --wait--> sleep wait_s (+-10%) --> check-in
+             --done--> exit 0
+             --train-> GET params (ETag-cached) -> evaluate, POST metrics
+                       -> train -> POST update -> check-in
+
+Failures and what the agent does about them:
+
+* **No answer** (connection refused or reset, DNS, timeout, 5xx): retry after
+  an exponential backoff with full jitter (:func:`backoff_delay`). The count
+  of failures in a row resets when a check-in answers "wait" or "done", or a
+  round ends with an answer (accepted or refused). A restarted coordinator is
+  found again this way, with no help.
+* **A refusal** (4xx) of params, metrics or an update (``closed``, ``late``,
+  ``not_invited``...): one warning line, then back to check-in; the refused
+  upload is never retried, and a round attempt the coordinator refused is not
+  trained again if it is offered again (the agent backs off instead of spinning).
+* **A refused check-in** (``bad_version``, ``unknown_device``...): a
+  configuration problem on one side or the other; logged as an error and
+  retried with backoff, so an operator can fix the coordinator meanwhile.
+* **Local data that does not fit the coordinator's task**: a
+  :class:`~fedge.errors.ConfigError` out of :meth:`Agent.run` (exit 2).
+* **Stop** (SIGTERM, SIGINT, :meth:`Agent.stop`): every sleep is an
+  ``Event.wait`` and ends at once; a request in flight finishes (bounded by
+  its timeout); training in progress finishes its call and its result is
+  dropped, never uploaded.
+
+Privacy: params, updates and anything derived from them are never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import FrameType
+from typing import TypeVar
+
+import numpy as np
+
+from fedge.agent.client import CoordinatorClient, RefusalError
+from fedge.agent.config import AgentConfig
+from fedge.agent.state import StateLock, resolve_device_id
+from fedge.data.dataset import Dataset, DataSpec
+from fedge.data.files import load_file
+from fedge.errors import ConfigError, ProtocolError, TaskError, TransportError
+from fedge.params import Params, ParamsSpec, check_finite, subtract
+from fedge.tasks import Task, TrainConfig, TrainResult, load_task
+from fedge.transport.base import Transport
+from fedge.wire import CheckIn, EvalReport, TaskInfo, TrainPlan, decode_params, encode_update, parse_message
+
+__all__ = ["Agent", "backoff_delay", "run_agent", "training_rng"]
+
+logger = logging.getLogger(__name__)
+
+# A "wait 0 s" reply must not turn a fleet into a request storm.
+_MIN_WAIT_S = 0.1
+_WAIT_JITTER = 0.1
+# Room beyond the params payload for JSON replies and headers.
+_BODY_SLACK = 1024 * 1024
+# A metrics report holds at most this many names (EvalReport's limit).
+_MAX_METRICS = 64
+
+_T = TypeVar("_T")
+
+
+def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
+    """The delay before retry number ``attempt`` (0 for the first) after failures in a row.
+
+    "Full jitter" (M. Brooker, "Exponential Backoff And Jitter", AWS
+    Architecture Blog, 2015): uniform on ``[0, min(cap_s, base_s * 2**attempt)]``.
+    Drawing over the whole interval, rather than around its top, spreads a
+    fleet that lost the coordinator at the same instant, so its restart is not
+    met by every device at once.
+
+    Args:
+        attempt: how many failures in a row came before this one (>= 0).
+        base_s: the bound for the first retry (> 0).
+        cap_s: the largest bound (>= ``base_s``).
+        rng: the jitter source.
+
+    Returns:
+        The delay in seconds.
+
+    Raises:
+        ValueError: an argument is out of range.
+    """
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
+        raise ValueError(f"attempt must be an integer >= 0, got {attempt!r}")
+    if not (math.isfinite(base_s) and base_s > 0):
+        raise ValueError(f"base_s must be a positive finite number, got {base_s}")
+    if not (math.isfinite(cap_s) and cap_s >= base_s):
+        raise ValueError(f"cap_s must be a finite number >= base_s ({base_s}), got {cap_s}")
+    # Past 2**64 the bound is the cap for any sane base; the clamp avoids float overflow.
+    bound = min(cap_s, base_s * 2.0 ** min(attempt, 64))
+    return rng.uniform(0.0, bound)
+
+
+def training_rng(device_id: str, round_id: int, attempt: int) -> np.random.Generator:
+    """The generator local training draws from in one round attempt.
+
+    Seeded by a 64-bit hash of the device id (SHA-256, so stable across
+    processes and Python versions, unlike ``hash()``), the round and the
+    attempt: a retried attempt reproduces its training, and no two devices
+    or rounds share a stream.
+
+    Args:
+        device_id: this device's id.
+        round_id: the round.
+        attempt: the round's attempt.
+
+    Returns:
+        A fresh generator.
+    """
+    device_seed = int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:8], "big")
+    return np.random.default_rng([device_seed, round_id, attempt])
+
+
+@dataclass(frozen=True)
+class _Session:
+    """What one :meth:`Agent.run` works with once its startup checks passed."""
+
+    client: CoordinatorClient
+    device_id: str
+    data: Dataset
+    top_label: int
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An encoded update whose upload got no answer; sent again if the same invitation comes back."""
+
+    key: tuple[int, int, str]
+    body: bytes
+    num_examples: int
+    train_s: float
+
+
+@dataclass(frozen=True)
+class _TaskState:
+    """The task built for the coordinator's :class:`~fedge.wire.TaskInfo`, and its params layout."""
+
+    info: TaskInfo
+    task: Task
+    spec: ParamsSpec
+
+
+class Agent:
+    """A device agent: runs rounds for the coordinator until told to stop.
+
+    Args:
+        config: the agent's settings.
+        transport: carries requests to the coordinator (:class:`~fedge.transport.http.HttpTransport`
+            on a device, :class:`~fedge.transport.local.LocalTransport` in tests).
+        rng: the jitter source for waits and backoff (default: seeded from the OS).
+        sleep: waits the given seconds and may return early once :meth:`stop`
+            is called (default: the stop event's ``wait``); tests inject one
+            that records delays.
+        clock: a monotonic clock in seconds, for deadlines and timings.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        transport: Transport,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._transport = transport
+        self._rng = rng if rng is not None else random.Random()
+        self._stop = threading.Event()
+        self._sleep: Callable[[float], object] = sleep if sleep is not None else self._stop.wait
+        self._clock = clock
+        self._failures = 0
+        self._task: _TaskState | None = None
+        self._cached: tuple[str, Params] | None = None
+        self._pending: _Pending | None = None
+        self._finished: tuple[int, int, str] | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` has been called."""
+        return self._stop.is_set()
+
+    def stop(self) -> None:
+        """Ask the agent to stop: sleeps end now, training in progress is abandoned.
+
+        Thread-safe, and safe to call from a signal handler; :meth:`run`
+        returns 0 soon after.
+        """
+        if not self._stop.is_set():
+            self._stop.set()
+            logger.info("stopping")
+
+    def run(self) -> int:
+        """Check the local setup, then run rounds until stopped or training is over.
+
+        Returns:
+            The exit status: 0 after a stop or when the coordinator says "done".
+
+        Raises:
+            ConfigError: the state directory cannot be created, written or
+                locked (another agent runs on it); the device id kept there is
+                malformed; the data file is missing or malformed; or the data
+                does not fit the task the coordinator announces.
+        """
+        with StateLock(self._config.state_dir):
+            device_id = resolve_device_id(self._config.state_dir, self._config.device_id)
+            data = load_file(self._config.data)
+            logger.info(
+                "agent %s: %d examples from %s; coordinator %s",
+                device_id, len(data), self._config.data, self._config.coordinator,
+            )
+            client = CoordinatorClient(
+                self._transport, device_id=device_id, timeout_s=self._config.request_timeout_s
+            )
+            status = self._loop(_Session(client, device_id, data, int(data.y.max())))
+        logger.info("stopped")
+        return status
+
+    # ------------------------------------------------------------- the loop
+
+    def _loop(self, session: _Session) -> int:
+        while not self._stop.is_set():
+            try:
+                reply = session.client.check_in(CheckIn(num_examples=len(session.data)))
+            except TransportError as e:
+                self._retry_later("coordinator unreachable", e)
+                continue
+            except RefusalError as e:
+                self._retry_later("check-in refused (check the coordinator and this config)", e,
+                                  level=logging.ERROR)
+                continue
+            except ProtocolError as e:
+                self._retry_later("unusable check-in reply", e, level=logging.ERROR)
+                continue
+            received_at = self._clock()
+            if reply.action != "train":
+                # A train reply resets the count only once its round ends well, so a
+                # coordinator that answers check-ins but fails uploads is not hammered.
+                self._failures = 0
+            self._check_fit(reply.task, session)
+            if reply.action == "done":
+                logger.info("the coordinator says training is over; exiting")
+                return 0
+            task = self._task_for(reply.task)
+            if self._stop.is_set():
+                break
+            if reply.action == "wait":
+                delay = max(_MIN_WAIT_S, reply.wait_s * self._rng.uniform(1 - _WAIT_JITTER, 1 + _WAIT_JITTER))
+                logger.debug("waiting %.1f s", delay)
+                self._sleep(delay)
+            elif reply.plan is None:
+                self._retry_later("unusable check-in reply", "action 'train' without a plan",
+                                  level=logging.ERROR)
+            else:
+                self._round(session, task, reply.plan, received_at)
+        return 0
+
+    def _round(self, session: _Session, task: _TaskState, plan: TrainPlan, received_at: float) -> None:
+        """One invitation; every failure ends it and sends the loop back to check-in."""
+        label = f"round {plan.round} attempt {plan.attempt}"
+        if self._finished == _key(plan):
+            # Offered again after a refusal or a skip: training it again would
+            # be refused again, so wait instead of spinning.
+            self._retry_later(label, "offered again after this agent finished with it")
+            return
+        try:
+            self._train_and_upload(session, task, plan, received_at, label)
+        except TransportError as e:
+            self._retry_later(f"{label}: coordinator unreachable", e)
+        except RefusalError as e:
+            self._finished = _key(plan)
+            self._failures = 0
+            logger.warning("%s: %s", label, e)
+        except ProtocolError as e:
+            self._finished = _key(plan)
+            self._retry_later(f"{label}: unusable answer from the coordinator", e, level=logging.ERROR)
+        except TaskError as e:
+            self._finished = _key(plan)
+            self._retry_later(f"{label}: the task failed", e, level=logging.ERROR)
+        else:
+            self._failures = 0
+
+    def _train_and_upload(
+        self, session: _Session, task: _TaskState, plan: TrainPlan, received_at: float, label: str
+    ) -> None:
+        pending = self._pending
+        if pending is not None and pending.key == _key(plan):
+            logger.info("%s: sending the update again (its upload got no answer)", label)
+            self._upload(session, plan, pending, label)
+            return
+        self._pending = None
+        params = self._fetch_params(session, task, plan, label)
+        if params is None or self._abandoned(label):
+            return
+        if plan.evaluate:
+            self._report_evaluation(session, task, plan, params, label)
+            if self._abandoned(label):
+                return
+        config = TrainConfig(
+            local_epochs=plan.local_epochs, batch_size=plan.batch_size, lr=plan.lr, mu=plan.mu
+        )
+        started = self._clock()
+        rng = training_rng(session.device_id, plan.round, plan.attempt)
+        result: TrainResult = _call_task("train", lambda: task.task.train(params, session.data, config, rng))
+        train_s = self._clock() - started
+        if self._abandoned(label):
+            return
+        delta = _delta(result.params, params, task.spec)
+        try:
+            check_finite(delta, what="update")
+        except ValueError as e:
+            raise TaskError(f"training diverged: {e}") from None
+        body = encode_update(
+            delta, round=plan.round, attempt=plan.attempt, num_examples=result.num_examples,
+            metrics=_finite_metrics(result.metrics, label, "training"),
+        )
+        elapsed = self._clock() - received_at
+        if elapsed > plan.deadline_s:
+            self._finished = _key(plan)
+            logger.warning(
+                "%s: past the deadline (%.1f s of %.1f s); not uploading", label, elapsed, plan.deadline_s
+            )
+            return
+        pending = _Pending(_key(plan), body, result.num_examples, train_s)
+        self._pending = pending
+        self._upload(session, plan, pending, label)
+
+    def _upload(self, session: _Session, plan: TrainPlan, pending: _Pending, label: str) -> None:
+        try:
+            session.client.send_update(plan.round, pending.body)
+        except RefusalError:
+            self._pending = None  # a refused upload is never sent again
+            raise
+        self._pending = None
+        self._finished = _key(plan)
+        logger.info(
+            "%s: trained %d examples in %.2f s, uploaded %.1f KiB",
+            label, pending.num_examples, pending.train_s, len(pending.body) / 1024,
+        )
+
+    # -------------------------------------------------------------- steps
+
+    def _check_fit(self, info: TaskInfo, session: _Session) -> None:
+        """Refuse local data whose shape does not fit the coordinator's task (exit 2, not a retry)."""
+        source, shape, top = self._config.data, session.data.x.shape, session.top_label
+        if shape[1] != info.num_features:
+            raise ConfigError(
+                f"{source}: data has {shape[1]} features (shape {shape}), but the "
+                f"coordinator's task {info.name!r} expects {info.num_features} features"
+            )
+        if top >= info.num_classes:
+            raise ConfigError(
+                f"{source}: data has label {top}, but the coordinator's task {info.name!r} has "
+                f"{info.num_classes} classes (labels 0 to {info.num_classes - 1})"
+            )
+
+    def _task_for(self, info: TaskInfo) -> _TaskState:
+        """The task for ``info``, built on first sight and rebuilt when it changes."""
+        if self._task is not None and self._task.info == info:
+            return self._task
+        task = load_task(info.name, DataSpec(info.num_features, info.num_classes))
+        # Only the layout (names, shapes, dtypes) is kept: the values come from the coordinator.
+        spec = ParamsSpec.of(_call_task("init_params", lambda: task.init_params(np.random.default_rng(0))))
+        self._task = _TaskState(info, task, spec)
+        self._cached = None
+        logger.info(
+            "task %s: %d features, %d classes, %d parameters",
+            info.name, info.num_features, info.num_classes, spec.size,
+        )
+        return self._task
+
+    def _fetch_params(
+        self, session: _Session, task: _TaskState, plan: TrainPlan, label: str
+    ) -> Params | None:
+        """The round's params, or ``None`` if the coordinator already serves others."""
+        cached = self._cached
+        reply = session.client.fetch_params(plan.round, etag=cached[0] if cached is not None else None)
+        if reply.etag != plan.params_etag:
+            self._finished = _key(plan)
+            logger.info("%s: the coordinator serves other params now; the round moved on", label)
+            return None
+        if reply.body is None:
+            if cached is None or cached[0] != reply.etag:
+                raise ProtocolError(
+                    "unexpected_status", "304 Not Modified for params this agent does not hold"
+                )
+            logger.debug("%s: params not modified", label)
+            return cached[1]
+        params, _ = decode_params(reply.body, spec=task.spec, max_bytes=self._config.max_payload_bytes)
+        self._cached = (reply.etag, params)
+        logger.debug("%s: downloaded %.1f KiB of params", label, len(reply.body) / 1024)
+        return params
+
+    def _report_evaluation(
+        self, session: _Session, task: _TaskState, plan: TrainPlan, params: Params, label: str
+    ) -> None:
+        """Federated evaluation of the round's params on local data, sent before training."""
+        metrics = _call_task("evaluate", lambda: task.task.evaluate(params, session.data))
+        report = parse_message(EvalReport, {
+            "round": plan.round, "attempt": plan.attempt, "num_examples": len(session.data),
+            "metrics": _finite_metrics(metrics, label, "evaluation"),
+        })
+        try:
+            session.client.send_metrics(report)
+        except RefusalError as e:
+            if e.reason != "duplicate":
+                raise
+            # Sent before, by an earlier try whose answer was lost: the update is still due.
+            logger.info("%s: evaluation already reported", label)
+            return
+        logger.debug("%s: evaluation reported", label)
+
+    # ------------------------------------------------------------ helpers
+
+    def _abandoned(self, label: str) -> bool:
+        if self._stop.is_set():
+            logger.info("stopping: %s abandoned, nothing uploaded", label)
+            return True
+        return False
+
+    def _retry_later(self, what: str, error: Exception | str, *, level: int = logging.WARNING) -> None:
+        delay = backoff_delay(
+            self._failures, base_s=self._config.backoff_base_s, cap_s=self._config.backoff_cap_s,
+            rng=self._rng,
+        )
+        self._failures += 1
+        logger.log(level, "%s: %s; retrying in %.1f s", what, error, delay)
+        self._sleep(delay)
+
+
+def _key(plan: TrainPlan) -> tuple[int, int, str]:
+    """What identifies one invitation; the ETag tells a wiped coordinator's round 1 from the old one."""
+    return (plan.round, plan.attempt, plan.params_etag)
+
+
+def _call_task(what: str, call: Callable[[], _T]) -> _T:
+    """Run user task code; whatever it raises becomes a :class:`TaskError`.
+
+    The agent loop is a process edge: a task's bug must end the round, not the
+    agent, and its message goes to the log on one line.
+    """
+    try:
+        return call()
+    except (TaskError, ConfigError):
+        raise
+    except Exception as e:
+        raise TaskError(f"task.{what} raised {type(e).__name__}: {e}") from e
+
+
+def _delta(trained: Params, start: Params, spec: ParamsSpec) -> Params:
+    """``trained - start`` in the round's dtypes (a task may hand back wider floats)."""
+    try:
+        delta = subtract(trained, start)
+    except ValueError as e:
+        raise TaskError(f"task.train returned params of another structure: {e}") from None
+    return {
+        name: np.asarray(delta[name], dtype=np.dtype(dt))
+        for name, dt in zip(spec.names, spec.dtypes, strict=True)
+    }
+
+
+def _finite_metrics(metrics: Mapping[str, float], label: str, what: str) -> dict[str, float]:
+    """The finite metrics (at most 64); the coordinator refuses a report holding NaN or infinity."""
+    kept: dict[str, float] = {}
+    dropped: list[str] = []
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
+                or not math.isfinite(value) or len(kept) >= _MAX_METRICS:
+            dropped.append(str(name))
+        else:
+            kept[str(name)] = float(value)
+    if dropped:
+        logger.warning("%s: %s metrics %s dropped (not finite numbers, or too many)", label, what, dropped)
+    return kept
+
+
+# ---------------------------------------------------------------- process
+
+
+def run_agent(config: AgentConfig, *, transport: Transport | None = None) -> int:
+    """Run a device agent in this process until SIGTERM, SIGINT or "done".
+
+    The first SIGTERM or SIGINT stops the agent cleanly (see :meth:`Agent.stop`);
+    a second one acts as it would have without the agent (SIGINT raises
+    ``KeyboardInterrupt``), for an operator who cannot wait for training to end.
+
+    Args:
+        config: the agent's settings.
+        transport: carries requests; default an
+            :class:`~fedge.transport.http.HttpTransport` to ``config.coordinator``,
+            closed on return.
+
+    Returns:
+        The exit status: 0.
+
+    Raises:
+        ConfigError: as :meth:`Agent.run`.
+    """
+    owned = None
+    if transport is None:
+        from fedge.transport.http import HttpTransport
+
+        transport = owned = HttpTransport(
+            config.coordinator, max_body_bytes=config.max_payload_bytes + _BODY_SLACK
+        )
+    if config.coordinator.lower().startswith("http://"):
+        logger.warning(
+            "coordinator %s is plain HTTP: updates travel unencrypted and unauthenticated",
+            config.coordinator,
+        )
+    agent = Agent(config, transport=transport)
+    restore = _install_signal_handlers(agent)
+    try:
+        return agent.run()
+    finally:
+        restore()
+        if owned is not None:
+            owned.close()
+
+
+def _install_signal_handlers(agent: Agent) -> Callable[[], None]:
+    """Route SIGTERM and SIGINT to ``agent.stop``; returns what puts the old handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        logger.debug("not the main thread: signal handlers left alone")
+        return lambda: None
+    signums = (signal.SIGTERM, signal.SIGINT)
+    # getsignal answers None for a handler installed outside Python; the default stands in.
+    previous = {s: signal.getsignal(s) or signal.SIG_DFL for s in signums}
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        del frame
+        logger.info("received %s", signal.Signals(signum).name)
+        restore()  # a second signal does what it would have done without the agent
+        agent.stop()
+
+    for s in signums:
+        signal.signal(s, on_signal)
+    return restore

@@ -1,0 +1,515 @@
+"""The coordinator's durable state: SQLite in WAL mode plus one checkpoint file per round.
+
+``data_dir/fedge.db`` holds meta, devices, rounds, updates, metrics and
+refusals; ``data_dir/checkpoints/round-000005.safetensors`` holds the
+:class:`ServerState` after round 5. Why a coordinator killed at any instant
+restarts at the last complete round, losing and repeating none:
+
+* A round is complete exactly when its row says so, and that row names the
+  checkpoint and its sha256. So the checkpoint is written first (temporary
+  name, fsync, rename, fsync of the directory) and only then is the row
+  marked complete, in one transaction committed with ``synchronous=FULL``
+  (durable across a power cut). A crash before that commit leaves at worst a
+  file no row names, overwritten when the round completes later; no instant
+  has a complete row without its file.
+* Other writes commit with ``synchronous=NORMAL``: in WAL mode a commit
+  survives the death of the process, if not a power cut. They describe the
+  round in flight, which is re-run anyway.
+* A round open at startup was in flight at the crash. Its updates were summed
+  only in memory, so it cannot be finished: it is marked "interrupted" and
+  the same round number opens again as a new attempt. Attempt numbers only
+  grow, so an update sent to a dead attempt is never taken for a live one.
+
+The store never reads the clock: every timestamp is an argument.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import struct
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedge.errors import FedgeError
+from fedge.params import Params
+from fedge.strategies.base import ServerState
+
+__all__ = ["SCHEMA_VERSION", "DeviceRow", "RoundRow", "Store", "StoreError"]
+
+#: The schema this build writes (``PRAGMA user_version``); a newer one is refused.
+SCHEMA_VERSION = 1
+
+_CHECKPOINTS = "checkpoints"
+_OPT_PREFIX = "__opt__/"
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE devices (device_id TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+    num_examples INTEGER NOT NULL, profile TEXT NOT NULL);
+CREATE TABLE rounds (round INTEGER NOT NULL, attempt INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('open', 'complete', 'abandoned', 'interrupted')),
+    cohort TEXT NOT NULL, min_updates INTEGER NOT NULL, opened_at REAL NOT NULL,
+    deadline_at REAL NOT NULL, closed_at REAL, reported TEXT NOT NULL DEFAULT '[]',
+    dropped TEXT NOT NULL DEFAULT '[]', checkpoint TEXT, checkpoint_sha256 TEXT,
+    metrics TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (round, attempt));
+CREATE TABLE updates (round INTEGER NOT NULL, attempt INTEGER NOT NULL, device_id TEXT NOT NULL,
+    digest TEXT NOT NULL, size_bytes INTEGER NOT NULL, num_examples INTEGER NOT NULL,
+    received_at REAL NOT NULL, metrics TEXT NOT NULL, PRIMARY KEY (round, attempt, device_id),
+    FOREIGN KEY (round, attempt) REFERENCES rounds (round, attempt));
+CREATE TABLE metrics (id INTEGER PRIMARY KEY, round INTEGER NOT NULL, attempt INTEGER NOT NULL,
+    device_id TEXT, kind TEXT NOT NULL, num_examples INTEGER NOT NULL, metrics TEXT NOT NULL,
+    at REAL NOT NULL);
+CREATE TABLE refusals (id INTEGER PRIMARY KEY, code TEXT NOT NULL, device_id TEXT, round INTEGER,
+    at REAL NOT NULL);
+"""
+
+ProfileValue = str | int | float | bool
+
+
+class StoreError(FedgeError):
+    """A corrupt or foreign database, a missing or altered checkpoint, or a changed config."""
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One attempt of one round; ``checkpoint`` (relative to ``data_dir``) is set once complete."""
+
+    round: int
+    attempt: int
+    state: str  # "open" | "complete" | "abandoned" | "interrupted"
+    cohort: tuple[str, ...]
+    min_updates: int
+    opened_at: float
+    deadline_at: float
+    closed_at: float | None
+    reported: tuple[str, ...]
+    dropped: tuple[str, ...]
+    checkpoint: str | None
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """A device the coordinator has heard from, with its latest example count and profile."""
+
+    device_id: str
+    first_seen: float
+    last_seen: float
+    num_examples: int
+    profile: dict[str, ProfileValue]
+
+
+class Store:
+    """The coordinator's durable state in ``data_dir`` (created with mode 0700 if missing).
+
+    One lock serialises every call, so the event loop and worker threads may
+    share a store.
+
+    Raises:
+        StoreError: ``data_dir`` cannot be created, or ``fedge.db`` is not a
+            fedge store, is corrupt, or has a newer schema.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.data_dir = Path(data_dir)
+        self.db_path = self.data_dir / "fedge.db"
+        self._lock = threading.Lock()
+        try:
+            _make_dirs(self.data_dir / _CHECKPOINTS)
+        except OSError as e:
+            raise StoreError(f"cannot create the store directory {str(self.data_dir)!r}: {e}") from e
+        try:
+            conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open {self.db_path}: {e}") from e
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]  # a foreign file fails here
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.db_path} cannot use WAL journaling (got {mode!r})")
+            conn.executescript("PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON; PRAGMA synchronous=NORMAL")
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.db_path} has schema version {version}, newer than this "
+                                 f"build's {SCHEMA_VERSION}: upgrade fedge")
+            if version == 0:  # a new file; on failure, close() rolls the open transaction back
+                conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT")
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise StoreError(f"{self.db_path} is not a usable fedge store: {e}") from e
+        except BaseException:
+            conn.close()
+            raise
+        self._conn: sqlite3.Connection | None = conn
+
+    def close(self) -> None:
+        """Close the database (idempotent); later calls raise :class:`StoreError`."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """Hold the lock; turn database failures into :class:`StoreError` naming the file."""
+        with self._lock:
+            if self._conn is None:
+                raise StoreError(f"the store {self.db_path} is closed")
+            try:
+                yield self._conn
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"{self.db_path}: {e}") from e
+
+    @contextmanager
+    def _write(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock; ``durable`` commits with synchronous=FULL."""
+        with self._read() as conn:
+            if durable:  # the level cannot change inside a transaction
+                conn.execute("PRAGMA synchronous=FULL")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:  # the body raised, or COMMIT failed
+                    conn.execute("ROLLBACK")
+                if durable:
+                    conn.execute("PRAGMA synchronous=NORMAL")
+
+    def _query(self, sql: str, args: Sequence[object] = ()) -> list[Any]:
+        with self._read() as conn:
+            return conn.execute(sql, args).fetchall()
+
+    def _exec(self, sql: str, args: Sequence[object]) -> None:
+        with self._write() as conn:
+            conn.execute(sql, args)
+
+    # ---------------------------------------------------------------- meta and devices
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._exec("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def check_meta(self, key: str, value: str) -> None:
+        """Store ``value`` under ``key`` if absent, else insist it is unchanged.
+
+        Raises:
+            StoreError: ``key`` holds another value (say the config fingerprint
+                of another task: resuming would mix two runs).
+        """
+        with self._write() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES (?, ?)", (key, value))
+            elif row[0] != value:
+                raise StoreError(f"{self.db_path} was made with {key}={row[0]!r}, not {value!r}; "
+                                 "start a different run in another data directory")
+
+    def upsert_device(
+        self, device_id: str, *, now: float, num_examples: int, profile: Mapping[str, ProfileValue]
+    ) -> None:
+        """Record that ``device_id`` checked in at ``now`` with this example count and profile."""
+        if num_examples < 0:
+            raise ValueError(f"num_examples must be >= 0, got {num_examples!r}")
+        self._exec(
+            "INSERT INTO devices VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+            "last_seen = excluded.last_seen, num_examples = excluded.num_examples, "
+            "profile = excluded.profile",
+            (device_id, now, now, num_examples, json.dumps(dict(profile))),
+        )
+
+    def devices(self) -> list[DeviceRow]:
+        """Every device, by id."""
+        rows = self._query("SELECT * FROM devices ORDER BY device_id")
+        return [DeviceRow(str(r[0]), float(r[1]), float(r[2]), int(r[3]), json.loads(r[4])) for r in rows]
+
+    # ---------------------------------------------------------------- rounds
+
+    def open_round(
+        self, round: int, *, cohort: Sequence[str], min_updates: int, opened_at: float, deadline_at: float
+    ) -> int:
+        """Open a new attempt of ``round``; return its number (1 + the highest ever recorded).
+
+        Raises:
+            ValueError: a round is open, or ``round`` is not the last complete one + 1.
+        """
+        with self._write() as conn:
+            busy = conn.execute("SELECT round, attempt FROM rounds WHERE state = 'open'").fetchone()
+            if busy is not None:
+                raise ValueError(f"cannot open round {round}: round {busy[0]} attempt {busy[1]} is open")
+            if round != _last_complete(conn) + 1:
+                raise ValueError(f"cannot open round {round}: the next round is {_last_complete(conn) + 1}")
+            last = conn.execute("SELECT MAX(attempt) FROM rounds WHERE round = ?", (round,)).fetchone()[0]
+            attempt = 1 if last is None else int(last) + 1
+            conn.execute(
+                "INSERT INTO rounds (round, attempt, state, cohort, min_updates, opened_at, deadline_at) "
+                "VALUES (?, ?, 'open', ?, ?, ?, ?)",
+                (round, attempt, json.dumps(list(cohort)), min_updates, opened_at, deadline_at),
+            )
+        return attempt
+
+    def record_update(
+        self, round: int, attempt: int, device_id: str, *, digest: str, size_bytes: int,
+        num_examples: int, received_at: float, metrics: Mapping[str, float],
+    ) -> None:
+        """Record a received update's digest and size (never its tensors).
+
+        Raises:
+            ValueError: the attempt is not open, or ``device_id`` already sent it an update.
+        """
+        with self._write() as conn:
+            _require_open(conn, round, attempt, "record an update for")
+            row = (round, attempt, device_id, digest, size_bytes, num_examples, received_at, _json(metrics))
+            try:
+                conn.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+            except sqlite3.IntegrityError:
+                raise ValueError(f"device {device_id!r} already sent an update to round {round} "
+                                 f"attempt {attempt}") from None
+
+    def updates(self, round: int, attempt: int) -> list[dict[str, object]]:
+        """The updates recorded for one attempt, in arrival order."""
+        with self._read() as conn:
+            return _dicts(conn.execute("SELECT * FROM updates WHERE round = ? AND attempt = ? "
+                                       "ORDER BY received_at, device_id", (round, attempt)))
+
+    def record_metrics(
+        self, round: int, attempt: int, device_id: str | None, *, kind: str, num_examples: int,
+        metrics: Mapping[str, float], at: float,
+    ) -> None:
+        """Record metrics of ``kind`` ("eval" from a device, "central" with ``device_id`` None)."""
+        self._exec("INSERT INTO metrics VALUES (NULL, ?, ?, ?, ?, ?, ?, ?)",
+                   (round, attempt, device_id, kind, num_examples, _json(metrics), at))
+
+    def metrics(
+        self, round: int, attempt: int | None = None, kind: str | None = None
+    ) -> list[dict[str, object]]:
+        """Metrics rows of ``round`` (optionally of one attempt and one kind), in recording order."""
+        with self._read() as conn:
+            return _dicts(conn.execute(
+                "SELECT round, attempt, device_id, kind, num_examples, metrics, at FROM metrics "
+                "WHERE round = ? AND (? IS NULL OR attempt = ?) AND (? IS NULL OR kind = ?) ORDER BY id",
+                (round, attempt, attempt, kind, kind),
+            ))
+
+    def record_refusal(self, *, code: str, device_id: str | None, round: int | None, at: float) -> None:
+        """Count one refused request (``code`` is a key of :data:`fedge.wire.REFUSALS`)."""
+        self._exec("INSERT INTO refusals VALUES (NULL, ?, ?, ?, ?)", (code, device_id, round, at))
+
+    def refusal_counts(self) -> dict[str, int]:
+        rows = self._query("SELECT code, COUNT(*) FROM refusals GROUP BY code ORDER BY code")
+        return {str(code): int(n) for code, n in rows}
+
+    def abandon_round(
+        self, round: int, attempt: int, *, closed_at: float, reported: Sequence[str], dropped: Sequence[str]
+    ) -> None:
+        """Close an open attempt without a result (too few updates by the deadline).
+
+        Raises:
+            ValueError: the attempt is not open.
+        """
+        with self._write() as conn:
+            _require_open(conn, round, attempt, "abandon")
+            conn.execute(
+                "UPDATE rounds SET state = 'abandoned', closed_at = ?, reported = ?, dropped = ? "
+                "WHERE round = ? AND attempt = ?",
+                (closed_at, json.dumps(list(reported)), json.dumps(list(dropped)), round, attempt),
+            )
+
+    def complete_round(
+        self, round: int, attempt: int, state: ServerState, *, closed_at: float,
+        reported: Sequence[str], dropped: Sequence[str], metrics: Mapping[str, float],
+    ) -> Path:
+        """Write ``state``'s checkpoint durably, then mark the attempt complete; return the file.
+
+        Raises:
+            ValueError: the attempt is not open, ``state.round != round``, or a
+                param or optimizer slot name is reserved or inconsistent.
+            StoreError: the checkpoint cannot be written.
+        """
+        with self._write(durable=True) as conn:
+            _require_open(conn, round, attempt, "complete")
+            if state.round != round:
+                raise ValueError(f"cannot complete round {round} with the state of round {state.round}")
+            data = _encode_checkpoint(state)
+            name = f"{_CHECKPOINTS}/round-{round:06d}.safetensors"
+            path = self.data_dir / name
+            try:  # the file first, then the row that vouches for it (see the module docstring)
+                _write_durably(path, data)
+            except OSError as e:
+                raise StoreError(f"cannot write checkpoint {path}: {e}") from e
+            conn.execute(
+                "UPDATE rounds SET state = 'complete', closed_at = ?, reported = ?, dropped = ?, "
+                "checkpoint = ?, checkpoint_sha256 = ?, metrics = ? WHERE round = ? AND attempt = ?",
+                (closed_at, json.dumps(list(reported)), json.dumps(list(dropped)), name,
+                 hashlib.sha256(data).hexdigest(), _json(metrics), round, attempt),
+            )
+        return path
+
+    def interrupt_open_rounds(self, *, at: float) -> list[tuple[int, int]]:
+        """Mark every open attempt interrupted (call at startup); return their (round, attempt)."""
+        with self._write() as conn:
+            rows = conn.execute("SELECT round, attempt FROM rounds WHERE state = 'open'").fetchall()
+            conn.execute("UPDATE rounds SET state = 'interrupted', closed_at = ? WHERE state = 'open'", (at,))
+        return [(int(r), int(a)) for r, a in rows]
+
+    def last_complete_round(self) -> int:
+        """The highest complete round, 0 if none (a checkpoint file without its row does not count)."""
+        with self._read() as conn:
+            return _last_complete(conn)
+
+    def load_checkpoint(self, round: int) -> ServerState:
+        """The state saved when ``round`` completed, checked against the sha256 recorded then.
+
+        Raises:
+            ValueError: ``round`` has no complete attempt.
+            StoreError: the file is missing, altered or malformed.
+        """
+        rows = self._query("SELECT checkpoint, checkpoint_sha256 FROM rounds "
+                           "WHERE round = ? AND state = 'complete'", (round,))
+        if not rows:
+            raise ValueError(f"round {round} has no complete attempt, so no checkpoint")
+        path = self.data_dir / str(rows[0][0])
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise StoreError(f"checkpoint of round {round} cannot be read: {path}: {e.strerror}") from e
+        if hashlib.sha256(data).hexdigest() != rows[0][1]:
+            raise StoreError(f"checkpoint {path} differs from the one written when round {round} completed")
+        state = _decode_checkpoint(data, path)
+        if state.round != round:
+            raise StoreError(f"checkpoint {path} holds round {state.round}, not {round}")
+        return state
+
+    def rounds(self) -> list[RoundRow]:
+        """Every attempt of every round, by (round, attempt)."""
+        return [_round_row(r) for r in self._query("SELECT * FROM rounds ORDER BY round, attempt")]
+
+    def round_row(self, round: int, attempt: int) -> RoundRow | None:
+        rows = self._query("SELECT * FROM rounds WHERE round = ? AND attempt = ?", (round, attempt))
+        return _round_row(rows[0]) if rows else None
+
+
+def _round_row(r: Sequence[Any]) -> RoundRow:
+    """A ``SELECT *`` row of ``rounds`` (column 11, the checkpoint's sha256, stays private)."""
+    return RoundRow(
+        round=int(r[0]), attempt=int(r[1]), state=str(r[2]), cohort=tuple(json.loads(r[3])),
+        min_updates=int(r[4]), opened_at=float(r[5]), deadline_at=float(r[6]),
+        closed_at=None if r[7] is None else float(r[7]), reported=tuple(json.loads(r[8])),
+        dropped=tuple(json.loads(r[9])), checkpoint=r[10], metrics=json.loads(r[12]),
+    )
+
+
+def _last_complete(conn: sqlite3.Connection) -> int:
+    value = conn.execute("SELECT MAX(round) FROM rounds WHERE state = 'complete'").fetchone()[0]
+    return 0 if value is None else int(value)
+
+
+def _require_open(conn: sqlite3.Connection, round: int, attempt: int, verb: str) -> None:
+    sql = "SELECT state FROM rounds WHERE round = ? AND attempt = ?"
+    row = conn.execute(sql, (round, attempt)).fetchone()
+    if row is None or row[0] != "open":
+        why = "no such attempt" if row is None else f"it is {row[0]}"
+        raise ValueError(f"cannot {verb} round {round} attempt {attempt}: {why}")
+
+
+def _json(metrics: Mapping[str, float]) -> str:
+    return json.dumps({str(k): float(v) for k, v in metrics.items()})
+
+
+def _dicts(cur: sqlite3.Cursor) -> list[dict[str, object]]:
+    names = [d[0] for d in cur.description]
+    rows: list[dict[str, object]] = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    for d in rows:
+        d["metrics"] = json.loads(str(d["metrics"]))
+    return rows
+
+
+def _make_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents, all with mode 0700 (``Path.mkdir(parents=True)``
+    would give the parents the default mode), and sync each new entry into its parent."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    if not missing and not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a directory")
+    for p in reversed(missing):
+        p.mkdir(mode=0o700)
+        _fsync_dir(p.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file, fsync it, rename it to ``path``, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)  # makes the rename itself durable
+
+
+def _encode_checkpoint(state: ServerState) -> bytes:
+    """One plain safetensors file: params by name, optimizer slots as ``__opt__/<slot>/<name>``."""
+    from safetensors.numpy import save
+
+    names = list(state.params)
+    tensors: dict[str, np.ndarray[Any, Any]] = {}
+    for name, x in state.params.items():
+        if name.startswith(_OPT_PREFIX) or name == "__metadata__":
+            raise ValueError(f"param name {name!r} is reserved in checkpoints")
+        tensors[name] = np.asarray(x, order="C")
+    for slot, values in state.opt_state.items():
+        if not slot or "/" in slot:
+            raise ValueError(f"optimizer slot name {slot!r} must be non-empty and hold no '/'")
+        if values.keys() != state.params.keys():
+            raise ValueError(f"optimizer slot {slot!r} does not hold the same tensor names as params")
+        tensors.update({f"{_OPT_PREFIX}{slot}/{k}": np.asarray(values[k], order="C") for k in names})
+    metadata = {"fedge.round": str(state.round), "fedge.params": json.dumps(names),
+                "fedge.opt_slots": json.dumps(list(state.opt_state))}
+    return bytes(save(tensors, metadata=metadata))
+
+
+def _decode_checkpoint(data: bytes, path: Path) -> ServerState:
+    """Inverse of :func:`_encode_checkpoint`, restoring the order of params and slots."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    try:
+        (n,) = struct.unpack_from("<Q", data)
+        metadata = json.loads(data[8 : 8 + n])["__metadata__"]
+        names = [str(k) for k in json.loads(metadata["fedge.params"])]
+        slots = [str(s) for s in json.loads(metadata["fedge.opt_slots"])]
+        tensors = load(data)  # fresh, writable arrays
+        params: Params = {k: tensors.pop(k) for k in names}
+        opt_state = {s: {k: tensors.pop(f"{_OPT_PREFIX}{s}/{k}") for k in names} for s in slots}
+        state = ServerState(params=params, opt_state=opt_state, round=int(metadata["fedge.round"]))
+    except (struct.error, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise StoreError(f"checkpoint {path} is malformed: {e!r}") from e
+    if tensors:
+        raise StoreError(f"checkpoint {path} holds unexpected tensors {sorted(tensors)}")
+    return state
