@@ -120,7 +120,8 @@ def _build_config(args: argparse.Namespace) -> Any:
         )
     flags = {
         k: v for k, v in vars(args).items()
-        if k not in {"config", "out", "no_plot", "quiet", "func", "command", "verbose", "started_at", "log_level"}
+        if k not in {"config", "out", "no_plot", "quiet", "func", "command", "verbose", "started_at",
+                     "log_level"}
     }
     if "strategy_options" in flags:
         merged = dict(values.get("strategy_options", {}))
@@ -288,7 +289,8 @@ def _add_agent(sub: Any) -> None:
 def _cmd_agent(args: argparse.Namespace) -> int:
     from fedge.agent import load_agent_config, run_agent
 
-    overrides = {k: v for k, v in vars(args).items() if k in {"coordinator", "data", "state_dir", "device_id"}}
+    keys = {"coordinator", "data", "state_dir", "device_id"}
+    overrides = {k: v for k, v in vars(args).items() if k in keys}
     config = load_agent_config(getattr(args, "config", None), overrides)
     return run_agent(config)
 
@@ -308,7 +310,8 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--agents", type=int, default=8, help="agent processes to start")
     p.add_argument("--rounds", type=int, default=20, help="rounds to train")
     p.add_argument("--seed", type=int, default=0, help="seed for the data split and the coordinator")
-    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: a new folder under runs/)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="output folder (default: a new folder under runs/)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_cmd_demo)
 
@@ -343,7 +346,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     s = result.summary
     overhead = s["timing"]["protocol_overhead_s_per_round"]
-    print(f"final accuracy {s['accuracy']:.4f} after {s['rounds_complete']} rounds with {s['devices']} agents, "
+    print(f"final accuracy {s['accuracy']:.4f} after {s['rounds_complete']} rounds with "
+          f"{s['devices']} agents, "
           f"{s['wall_s']:.1f} s (protocol overhead {overhead if overhead is not None else '-'} s per round)")
     print(f"model: {result.out_dir}/model.safetensors  metrics: {result.out_dir}/metrics.jsonl  "
           f"summary: {result.out_dir}/summary.json")

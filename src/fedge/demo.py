@@ -77,8 +77,13 @@ class _Children:
         # Own session: a Ctrl-C in the terminal reaches the demo only, which
         # then stops the agents before the coordinator, in order.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedge.cli", *args], stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent,
+            [sys.executable, "-m", "fedge.cli", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - the demo starts no threads
         )
         self.procs[name] = proc
         return proc
@@ -123,15 +128,37 @@ def _write_data(out_dir: Path, agents: int, seed: int) -> tuple[list[Path], Path
 
 
 def _coordinator_toml(*, test: Path, port: int, data_dir: Path, agents: int, rounds: int, seed: int) -> str:
-    return "\n".join([
-        "[task]", 'name = "logreg"', f"eval_data = {json.dumps(str(test))}", "",
-        "[strategy]", 'name = "fedavg"', "",
-        "[rounds]", f"count = {rounds}", f"cohort_size = {agents}", f"min_updates = {max(1, agents // 2)}",
-        "deadline_s = 60.0", "wait_s = 0.5", "",
-        "[train]", "local_epochs = 1", "batch_size = 32", "lr = 0.1", "",
-        "[server]", 'host = "127.0.0.1"', f"port = {port}", f"data_dir = {json.dumps(str(data_dir))}",
-        f"seed = {seed}", "",
-    ])
+    return "\n".join(
+        [
+            "[task]",
+            'name = "logreg"',
+            f"eval_data = {json.dumps(str(test))}",
+            "",
+            "[strategy]",
+            'name = "fedavg"',
+            "",
+            "[rounds]",
+            f"count = {rounds}",
+            f"cohort_size = {agents}",
+            f"min_updates = {max(1, agents // 2)}",
+            # Round 1 waits for every agent; later rounds need half of them.
+            f"min_devices = {agents}",
+            "deadline_s = 60.0",
+            "wait_s = 0.25",
+            "",
+            "[train]",
+            "local_epochs = 1",
+            "batch_size = 32",
+            "lr = 0.1",
+            "",
+            "[server]",
+            'host = "127.0.0.1"',
+            f"port = {port}",
+            f"data_dir = {json.dumps(str(data_dir))}",
+            f"seed = {seed}",
+            "",
+        ]
+    )
 
 
 def _get_status(client: Any, url: str) -> dict[str, Any] | None:
@@ -145,7 +172,12 @@ def _get_status(client: Any, url: str) -> dict[str, Any] | None:
 
 
 def run_demo(
-    *, agents: int = 8, rounds: int = 20, out_dir: Path, seed: int = 0, progress: Any = None,
+    *,
+    agents: int = 8,
+    rounds: int = 20,
+    out_dir: Path,
+    seed: int = 0,
+    progress: Any = None,
 ) -> DemoResult:
     """Run the demo federation to completion; ``progress(status)`` sees each new status.
 
@@ -166,19 +198,32 @@ def run_demo(
     url = f"http://127.0.0.1:{port}"
     config = out_dir / "coordinator.toml"
     store_dir = out_dir / "coordinator"
-    config.write_text(_coordinator_toml(test=test, port=port, data_dir=store_dir, agents=agents,
-                                        rounds=rounds, seed=seed))
+    config.write_text(
+        _coordinator_toml(test=test, port=port, data_dir=store_dir, agents=agents, rounds=rounds, seed=seed)
+    )
     children = _Children(out_dir / "logs")
     statuses: list[dict[str, Any]] = []
     try:
-        coordinator = children.start("coordinator", ["coordinator", "--config", str(config), "--exit-when-done"])
+        coordinator = children.start(
+            "coordinator", ["coordinator", "--config", str(config), "--exit-when-done"]
+        )
         with httpx.Client() as client:
             _wait_healthy(client, url, coordinator, children)
             for i, path in enumerate(data_paths):
-                children.start(f"agent-{i}", [
-                    "agent", "--coordinator", url, "--data", str(path),
-                    "--state-dir", str(out_dir / "agents" / f"agent-{i}"), "--device-id", f"demo-{i}",
-                ])
+                children.start(
+                    f"agent-{i}",
+                    [
+                        "agent",
+                        "--coordinator",
+                        url,
+                        "--data",
+                        str(path),
+                        "--state-dir",
+                        str(out_dir / "agents" / f"agent-{i}"),
+                        "--device-id",
+                        f"demo-{i}",
+                    ],
+                )
             t_train = time.perf_counter()
             last: dict[str, Any] | None = None
             while True:
@@ -190,10 +235,14 @@ def run_demo(
                     if status["state"] == "done":
                         break
                 if coordinator.poll() is not None:
-                    raise FedgeError(f"the coordinator exited with status {coordinator.returncode}:\n"
-                                     f"{children.tail('coordinator')}")
+                    raise FedgeError(
+                        f"the coordinator exited with status {coordinator.returncode}:\n"
+                        f"{children.tail('coordinator')}"
+                    )
                 if all(p.poll() is not None for n, p in children.procs.items() if n != "coordinator"):
-                    raise FedgeError(f"every agent exited before training finished:\n{children.tail('agent-0')}")
+                    raise FedgeError(
+                        f"every agent exited before training finished:\n{children.tail('agent-0')}"
+                    )
                 time.sleep(_POLL_S)
             train_s = time.perf_counter() - t_train
             assert last is not None
@@ -203,8 +252,9 @@ def run_demo(
         children.stop(["coordinator"], timeout_s=15.0)
     finally:
         children.close()
-    summary = _summarize(statuses[-1], store_dir, out_dir, agents=agents, train_s=train_s,
-                         wall_s=time.perf_counter() - t0)
+    summary = _summarize(
+        statuses[-1], store_dir, out_dir, agents=agents, train_s=train_s, wall_s=time.perf_counter() - t0
+    )
     return DemoResult(out_dir, summary)
 
 
@@ -214,8 +264,10 @@ def _wait_healthy(client: Any, url: str, coordinator: subprocess.Popen[bytes], c
     deadline = time.monotonic() + _STARTUP_S
     while time.monotonic() < deadline:
         if coordinator.poll() is not None:
-            raise FedgeError(f"the coordinator exited with status {coordinator.returncode}:\n"
-                             f"{children.tail('coordinator')}")
+            raise FedgeError(
+                f"the coordinator exited with status {coordinator.returncode}:\n"
+                f"{children.tail('coordinator')}"
+            )
         with contextlib.suppress(httpx.HTTPError):
             if client.get(f"{url}/healthz", timeout=1.0).status_code == 200:
                 return
@@ -223,8 +275,9 @@ def _wait_healthy(client: Any, url: str, coordinator: subprocess.Popen[bytes], c
     raise FedgeError(f"the coordinator did not answer within {_STARTUP_S:.0f} s")
 
 
-def _summarize(status: dict[str, Any], store_dir: Path, out_dir: Path, *, agents: int, train_s: float,
-               wall_s: float) -> dict[str, Any]:
+def _summarize(
+    status: dict[str, Any], store_dir: Path, out_dir: Path, *, agents: int, train_s: float, wall_s: float
+) -> dict[str, Any]:
     from safetensors.numpy import save
 
     from fedge.store import Store
@@ -237,11 +290,14 @@ def _summarize(status: dict[str, Any], store_dir: Path, out_dir: Path, *, agents
     with Store(store_dir) as store:
         last = store.last_complete_round()
         state = store.load_checkpoint(last)
-    atomic_write(out_dir / "model.safetensors",
-                 bytes(save({k: np.ascontiguousarray(v) for k, v in state.params.items()})))
+    atomic_write(
+        out_dir / "model.safetensors",
+        bytes(save({k: np.ascontiguousarray(v) for k, v in state.params.items()})),
+    )
     final = complete[-1] if complete else {}
-    overheads = [h["duration_s"] - h["train_s"] for h in complete
-                 if h.get("duration_s") is not None and "train_s" in h]
+    overheads = [
+        h["duration_s"] - h["train_s"] for h in complete if h.get("duration_s") is not None and "train_s" in h
+    ]
     summary = {
         "fedge_version": __version__,
         "accuracy": final.get("accuracy"),
@@ -258,8 +314,13 @@ def _summarize(status: dict[str, Any], store_dir: Path, out_dir: Path, *, agents
             "protocol_overhead_s_per_round": round(sum(overheads) / len(overheads), 4) if overheads else None,
         },
         "refusals": status.get("refusals", {}),
-        "files": {"metrics": "metrics.jsonl", "model": "model.safetensors", "summary": "summary.json",
-                  "store": "coordinator/", "logs": "logs/"},
+        "files": {
+            "metrics": "metrics.jsonl",
+            "model": "model.safetensors",
+            "summary": "summary.json",
+            "store": "coordinator/",
+            "logs": "logs/",
+        },
     }
     atomic_write(out_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary

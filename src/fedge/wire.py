@@ -68,19 +68,19 @@ DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 #: Every refusal code, with the HTTP status the coordinator answers it with.
 REFUSALS: dict[str, int] = {
-    "bad_request": 400,      # a JSON body or header is malformed
-    "bad_version": 400,      # a protocol version this build does not speak
-    "bad_payload": 400,      # not zstd, not safetensors, or metadata missing
-    "unknown_device": 401,   # no device identity, or a malformed one
-    "not_invited": 403,      # the device is not in this round's cohort
-    "unknown_round": 404,    # no such round (or its params are gone)
-    "closed": 409,           # the round (attempt) has ended
-    "late": 409,             # past the round's deadline
-    "duplicate": 409,        # this device already reported to this round
-    "too_large": 413,        # the body exceeds the size limit
-    "shape_mismatch": 422,   # names, shapes or dtypes differ from the round's params
-    "non_finite": 422,       # NaN or infinity in a tensor or a metric
-    "bad_weight": 422,       # the example count is not a positive number
+    "bad_request": 400,  # a JSON body or header is malformed
+    "bad_version": 400,  # a protocol version this build does not speak
+    "bad_payload": 400,  # not zstd, not safetensors, or metadata missing
+    "unknown_device": 401,  # no device identity, or a malformed one
+    "not_invited": 403,  # the device is not in this round's cohort
+    "unknown_round": 404,  # no such round (or its params are gone)
+    "closed": 409,  # the round (attempt) has ended
+    "late": 409,  # past the round's deadline
+    "duplicate": 409,  # this device already reported to this round
+    "too_large": 413,  # the body exceeds the size limit
+    "shape_mismatch": 422,  # names, shapes or dtypes differ from the round's params
+    "non_finite": 422,  # NaN or infinity in a tensor or a metric
+    "bad_weight": 422,  # the example count is not a positive number
 }
 
 _ZSTD_LEVEL = 3
@@ -245,7 +245,11 @@ def encode_params(
 
 
 def encode_update(
-    delta: Mapping[str, Array], *, round: int, attempt: int, num_examples: int,
+    delta: Mapping[str, Array],
+    *,
+    round: int,
+    attempt: int,
+    num_examples: int,
     metrics: Mapping[str, float] | None = None,
 ) -> bytes:
     """Serialize a device's update for round ``round``, attempt ``attempt``."""
@@ -259,9 +263,7 @@ def encode_update(
     return encode_params(delta, meta)
 
 
-def decode_params(
-    body: bytes, *, spec: ParamsSpec | None, max_bytes: int
-) -> tuple[Params, dict[str, str]]:
+def decode_params(body: bytes, *, spec: ParamsSpec | None, max_bytes: int) -> tuple[Params, dict[str, str]]:
     """Decode a payload into params (in ``spec``'s order) and its header metadata.
 
     Args:
@@ -293,7 +295,7 @@ def decode_params(
         entry = header[name]
         dtype = np.dtype(_numpy_dtype(entry["dtype"]))
         start, end = entry["data_offsets"]
-        a = np.frombuffer(view[data_start + start:data_start + end], dtype=dtype).reshape(entry["shape"])
+        a = np.frombuffer(view[data_start + start : data_start + end], dtype=dtype).reshape(entry["shape"])
         if not np.isfinite(a).all():
             raise _refuse("non_finite", f"tensor {name!r} holds NaN or infinite values")
         params[name] = a
@@ -359,7 +361,7 @@ def _read_header(raw: bytes) -> tuple[dict[str, Any], int]:
     if n > _MAX_HEADER or 8 + n > len(raw):
         raise _refuse("bad_payload", f"safetensors header length {n} is invalid")
     try:
-        header = json.loads(raw[8:8 + n])
+        header = json.loads(raw[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _refuse("bad_payload", f"safetensors header is not JSON ({e})") from None
     if not isinstance(header, dict):
@@ -399,6 +401,10 @@ def _check_layout(header: dict[str, Any], spec: ParamsSpec | None, data_len: int
     for name, shape, dt in zip(spec.names, spec.shapes, spec.dtypes, strict=True):
         entry = header[name]
         if tuple(entry["shape"]) != shape:
-            raise _refuse("shape_mismatch", f"tensor {name!r} has shape {tuple(entry['shape'])}, expected {shape}")
+            raise _refuse(
+                "shape_mismatch", f"tensor {name!r} has shape {tuple(entry['shape'])}, expected {shape}"
+            )
         if _numpy_dtype(entry["dtype"]) != np.dtype(dt).newbyteorder("<").str:
-            raise _refuse("shape_mismatch", f"tensor {name!r} has dtype {entry['dtype']}, expected {np.dtype(dt)}")
+            raise _refuse(
+                "shape_mismatch", f"tensor {name!r} has dtype {entry['dtype']}, expected {np.dtype(dt)}"
+            )

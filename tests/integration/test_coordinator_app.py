@@ -41,8 +41,17 @@ def wait_until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
 
 def make_config(tmp_path: Path, **overrides: object) -> CoordinatorConfig:
     values: dict[str, object] = dict(
-        task="logreg", num_features=4, num_classes=3, rounds=2, cohort_size=3, min_updates=2,
-        min_devices=3, deadline_s=30.0, wait_s=0.2, data_dir=str(tmp_path / "store"), seed=0,
+        task="logreg",
+        num_features=4,
+        num_classes=3,
+        rounds=2,
+        cohort_size=3,
+        min_updates=2,
+        min_devices=3,
+        deadline_s=30.0,
+        wait_s=0.2,
+        data_dir=str(tmp_path / "store"),
+        seed=0,
     )
     values.update(overrides)
     return CoordinatorConfig(**values)  # type: ignore[arg-type]
@@ -62,8 +71,11 @@ class Fleet:
         self.clock = clock
 
     def check_in(self, device: str, num_examples: int = 10) -> dict[str, object]:
-        r = self.client.post("/v1/check-in", json={"protocol": 1, "num_examples": num_examples},
-                             headers={DEVICE_HEADER: device})
+        r = self.client.post(
+            "/v1/check-in",
+            json={"protocol": 1, "num_examples": num_examples},
+            headers={DEVICE_HEADER: device},
+        )
         assert r.status_code == 200, r.text
         return r.json()  # type: ignore[no-any-return]
 
@@ -83,8 +95,11 @@ class Fleet:
         return params, r.headers["etag"]
 
     def upload(self, device: str, body: bytes, round_id: int) -> tuple[int, dict[str, str]]:
-        r = self.client.post(f"/v1/rounds/{round_id}/update", content=body,
-                             headers={DEVICE_HEADER: device, "content-type": "application/octet-stream"})
+        r = self.client.post(
+            f"/v1/rounds/{round_id}/update",
+            content=body,
+            headers={DEVICE_HEADER: device, "content-type": "application/octet-stream"},
+        )
         return r.status_code, r.json()
 
 
@@ -111,10 +126,18 @@ def test_a_round_runs_over_http_and_is_checkpointed(fleet: Fleet, tmp_path: Path
     r = fleet.client.get("/v1/rounds/1/params", headers={DEVICE_HEADER: "a", "If-None-Match": etag})
     assert r.status_code == 304
     report = {"protocol": 1, "round": 1, "attempt": 1, "num_examples": 10, "metrics": {"accuracy": 0.5}}
-    assert fleet.client.post("/v1/rounds/1/metrics", json=report, headers={DEVICE_HEADER: "a"}).status_code == 200
+    assert (
+        fleet.client.post("/v1/rounds/1/metrics", json=report, headers={DEVICE_HEADER: "a"}).status_code
+        == 200
+    )
     for i, d in enumerate("abc"):
-        body = encode_update(delta_like(params, 0.1 * (i + 1)), round=1, attempt=1, num_examples=10 * (i + 1),
-                             metrics={"train_loss": 1.0})
+        body = encode_update(
+            delta_like(params, 0.1 * (i + 1)),
+            round=1,
+            attempt=1,
+            num_examples=10 * (i + 1),
+            metrics={"train_loss": 1.0},
+        )
         assert fleet.upload(d, body, 1)[0] == 200
     wait_until(lambda: fleet.coordinator.state.round == 1)
     # The example-weighted mean of 0.1, 0.2, 0.3 with weights 10, 20, 30.
@@ -128,8 +151,9 @@ def test_a_round_runs_over_http_and_is_checkpointed(fleet: Fleet, tmp_path: Path
 
 
 def test_done_after_the_last_round(tmp_path: Path, clock: Clock) -> None:
-    coordinator = Coordinator(make_config(tmp_path, rounds=1, cohort_size=1, min_updates=1, min_devices=1),
-                              clock=clock)
+    coordinator = Coordinator(
+        make_config(tmp_path, rounds=1, cohort_size=1, min_updates=1, min_devices=1), clock=clock
+    )
     with TestClient(create_app(coordinator)) as client:
         fleet = Fleet(client, coordinator, clock)
         plan = fleet.plan("a")
@@ -158,7 +182,9 @@ def test_every_refusal_is_a_4xx_with_a_code_and_the_round_still_completes(fleet:
     _refusal(r.status_code, r.json(), "bad_request", 400)
     r = c.post("/v1/check-in", json={"protocol": 99, "num_examples": 1}, headers={DEVICE_HEADER: "a"})
     _refusal(r.status_code, r.json(), "bad_version", 400)
-    r = c.post("/v1/check-in", json={"protocol": 1, "num_examples": 1, "evil": 1}, headers={DEVICE_HEADER: "a"})
+    r = c.post(
+        "/v1/check-in", json={"protocol": 1, "num_examples": 1, "evil": 1}, headers={DEVICE_HEADER: "a"}
+    )
     _refusal(r.status_code, r.json(), "bad_request", 400)
     r = c.post("/v1/check-in", content=b"x" * 70_000, headers={DEVICE_HEADER: "a"})
     _refusal(r.status_code, r.json(), "too_large", 413)
@@ -179,28 +205,56 @@ def test_every_refusal_is_a_4xx_with_a_code_and_the_round_still_completes(fleet:
 
     _refusal(*fleet.upload(a, b"definitely not zstd", 1), "bad_payload", 400)
     _refusal(*fleet.upload(a, zstandard.ZstdCompressor().compress(b"\x00" * 64), 1), "bad_payload", 400)
-    wrong_shape = {k: np.zeros(v.shape[:-1] + (v.shape[-1] + 1,), v.dtype) for k, v in params.items()}
-    _refusal(*fleet.upload(a, encode_update(wrong_shape, round=1, attempt=1, num_examples=4), 1),
-             "shape_mismatch", 422)
+    wrong_shape = {k: np.zeros((*v.shape[:-1], v.shape[-1] + 1), v.dtype) for k, v in params.items()}
+    _refusal(
+        *fleet.upload(a, encode_update(wrong_shape, round=1, attempt=1, num_examples=4), 1),
+        "shape_mismatch",
+        422,
+    )
     missing = dict(list(params.items())[:1])
-    _refusal(*fleet.upload(a, encode_update(missing, round=1, attempt=1, num_examples=4), 1), "shape_mismatch", 422)
+    _refusal(
+        *fleet.upload(a, encode_update(missing, round=1, attempt=1, num_examples=4), 1), "shape_mismatch", 422
+    )
     wrong_dtype = {k: v.astype(np.float64) for k, v in params.items()}
-    _refusal(*fleet.upload(a, encode_update(wrong_dtype, round=1, attempt=1, num_examples=4), 1),
-             "shape_mismatch", 422)
+    _refusal(
+        *fleet.upload(a, encode_update(wrong_dtype, round=1, attempt=1, num_examples=4), 1),
+        "shape_mismatch",
+        422,
+    )
     nan = {k: np.full_like(v, np.nan) for k, v in params.items()}
     _refusal(*fleet.upload(a, encode_update(nan, round=1, attempt=1, num_examples=4), 1), "non_finite", 422)
-    _refusal(*fleet.upload(a, encode_update(delta_like(params), round=1, attempt=1, num_examples=0), 1),
-             "bad_weight", 422)
-    _refusal(*fleet.upload(a, encode_update(delta_like(params), round=1, attempt=1, num_examples=4,
-                                            metrics={"loss": float("inf")}), 1), "non_finite", 422)
+    _refusal(
+        *fleet.upload(a, encode_update(delta_like(params), round=1, attempt=1, num_examples=0), 1),
+        "bad_weight",
+        422,
+    )
+    _refusal(
+        *fleet.upload(
+            a,
+            encode_update(
+                delta_like(params), round=1, attempt=1, num_examples=4, metrics={"loss": float("inf")}
+            ),
+            1,
+        ),
+        "non_finite",
+        422,
+    )
     _refusal(*fleet.upload(a, encode_params(params), 1), "bad_payload", 400)
     _refusal(*fleet.upload(a, good, 2), "unknown_round", 404)
-    _refusal(*fleet.upload(a, encode_update(delta_like(params), round=2, attempt=1, num_examples=4), 1),
-             "bad_payload", 400)
-    _refusal(*fleet.upload(a, encode_update(delta_like(params), round=1, attempt=9, num_examples=4), 1),
-             "closed", 409)
+    _refusal(
+        *fleet.upload(a, encode_update(delta_like(params), round=2, attempt=1, num_examples=4), 1),
+        "bad_payload",
+        400,
+    )
+    _refusal(
+        *fleet.upload(a, encode_update(delta_like(params), round=1, attempt=9, num_examples=4), 1),
+        "closed",
+        409,
+    )
     _refusal(*fleet.upload(outsider, good, 1), "not_invited", 403)
-    r = c.post("/v1/rounds/1/update", content=good, headers={DEVICE_HEADER: a, "content-length": str(300 << 20)})
+    r = c.post(
+        "/v1/rounds/1/update", content=good, headers={DEVICE_HEADER: a, "content-length": str(300 << 20)}
+    )
     _refusal(r.status_code, r.json(), "too_large", 413)
     # A zstd bomb: small on the wire, far larger than the round's params once inflated.
     bomb = zstandard.ZstdCompressor().compress(b"\x00" * (8 << 20))
@@ -208,9 +262,18 @@ def test_every_refusal_is_a_4xx_with_a_code_and_the_round_still_completes(fleet:
 
     assert fleet.upload(a, good, 1)[0] == 200
     _refusal(*fleet.upload(a, good, 1), "duplicate", 409)
-    report = {"protocol": 1, "round": 1, "attempt": 1, "num_examples": 4, "metrics": {"accuracy": float("nan")}}
-    r = c.post("/v1/rounds/1/metrics", content=json.dumps(report).replace('"accuracy": NaN', '"accuracy": NaN'),
-               headers={DEVICE_HEADER: b})
+    report = {
+        "protocol": 1,
+        "round": 1,
+        "attempt": 1,
+        "num_examples": 4,
+        "metrics": {"accuracy": float("nan")},
+    }
+    r = c.post(
+        "/v1/rounds/1/metrics",
+        content=json.dumps(report).replace('"accuracy": NaN', '"accuracy": NaN'),
+        headers={DEVICE_HEADER: b},
+    )
     _refusal(r.status_code, r.json(), "non_finite", 422)
     # Late: past the deadline, the update is refused even though the round is still open.
     assert fleet.upload(b, good, 1)[0] == 200
@@ -220,8 +283,21 @@ def test_every_refusal_is_a_4xx_with_a_code_and_the_round_still_completes(fleet:
     _refusal(*fleet.upload(last, good, 1), "closed", 409)
 
     counts = fleet.coordinator.store.refusal_counts()
-    for code in ("unknown_device", "bad_request", "bad_version", "too_large", "unknown_round", "bad_payload",
-                 "shape_mismatch", "non_finite", "bad_weight", "closed", "not_invited", "duplicate", "late"):
+    for code in (
+        "unknown_device",
+        "bad_request",
+        "bad_version",
+        "too_large",
+        "unknown_round",
+        "bad_payload",
+        "shape_mismatch",
+        "non_finite",
+        "bad_weight",
+        "closed",
+        "not_invited",
+        "duplicate",
+        "late",
+    ):
         assert counts.get(code, 0) >= 1, code
     metrics = c.get("/metrics/").text
     assert 'fedge_refusals_total{code="shape_mismatch"} 3.0' in metrics
@@ -235,7 +311,10 @@ def test_a_round_short_of_its_minimum_is_abandoned_and_retried_with_a_fresh_coho
     assert first is not None
     a = sorted(first.round.cohort)[0]
     params, _ = fleet.params(1, str(a))
-    assert fleet.upload(str(a), encode_update(delta_like(params), round=1, attempt=1, num_examples=3), 1)[0] == 200
+    assert (
+        fleet.upload(str(a), encode_update(delta_like(params), round=1, attempt=1, num_examples=3), 1)[0]
+        == 200
+    )
     fleet.clock.now += 31  # the deadline passes with 1 of the 2 needed
     for d in "abcdef":  # keep every device available
         fleet.check_in(d)
@@ -255,7 +334,10 @@ def test_a_restarted_coordinator_resumes_after_the_last_complete_round(tmp_path:
         fleet = Fleet(client, coordinator, clock)
         fleet.plan("a")
         params, _ = fleet.params(1, "a")
-        assert fleet.upload("a", encode_update(delta_like(params), round=1, attempt=1, num_examples=3), 1)[0] == 200
+        assert (
+            fleet.upload("a", encode_update(delta_like(params), round=1, attempt=1, num_examples=3), 1)[0]
+            == 200
+        )
         wait_until(lambda: coordinator.state.round == 1)
         fleet.plan("a")  # round 2 is open when the coordinator goes away
         saved = P.copy(coordinator.state.params)
@@ -284,22 +366,30 @@ def test_a_data_dir_of_another_task_is_refused(tmp_path: Path, clock: Clock) -> 
 
 def test_the_openapi_schema_is_served(fleet: Fleet) -> None:
     schema = fleet.client.get("/openapi.json").json()
-    assert {"/v1/check-in", "/v1/rounds/{round}/params", "/v1/rounds/{round}/update",
-            "/v1/rounds/{round}/metrics", "/v1/status"} <= set(schema["paths"])
+    assert {
+        "/v1/check-in",
+        "/v1/rounds/{round}/params",
+        "/v1/rounds/{round}/update",
+        "/v1/rounds/{round}/metrics",
+        "/v1/status",
+    } <= set(schema["paths"])
 
 
-@pytest.mark.parametrize(("text", "match"), [
-    ("[task\nname=1", "not valid TOML"),
-    ("[tasks]\nname='logreg'", "unknown table"),
-    ("[task]\nnam='logreg'", "unknown key task.nam"),
-    ("[task]\nnum_features='x'\nnum_classes=3", "num_features must be int"),
-    ("[task]\nname='logreg'", "num_features and task.num_classes are required"),
-    ("[task]\nnum_features=4\nnum_classes=3\n[rounds]\ncohort_size=2\nmin_updates=3", "cannot exceed"),
-    ("[task]\nnum_features=4\nnum_classes=3\n[rounds]\ndeadline_s=-1", "deadline_s must be a positive"),
-    ("[task]\nnum_features=4\nnum_classes=3\n[rounds]\nover_selection=0.5", "over_selection"),
-    ("[task]\nnum_features=4\nnum_classes=3\n[server]\nport=70000", "port"),
-    ("task = 3", "must be a table"),
-])
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[task\nname=1", "not valid TOML"),
+        ("[tasks]\nname='logreg'", "unknown table"),
+        ("[task]\nnam='logreg'", "unknown key task.nam"),
+        ("[task]\nnum_features='x'\nnum_classes=3", "num_features must be int"),
+        ("[task]\nname='logreg'", "num_features and task.num_classes are required"),
+        ("[task]\nnum_features=4\nnum_classes=3\n[rounds]\ncohort_size=2\nmin_updates=3", "cannot exceed"),
+        ("[task]\nnum_features=4\nnum_classes=3\n[rounds]\ndeadline_s=-1", "deadline_s must be a positive"),
+        ("[task]\nnum_features=4\nnum_classes=3\n[rounds]\nover_selection=0.5", "over_selection"),
+        ("[task]\nnum_features=4\nnum_classes=3\n[server]\nport=70000", "port"),
+        ("task = 3", "must be a table"),
+    ],
+)
 def test_bad_coordinator_configs_are_refused(tmp_path: Path, text: str, match: str) -> None:
     path = tmp_path / "coordinator.toml"
     path.write_text(text)

@@ -324,9 +324,11 @@ class Agent:
             check_finite(delta, what="update")
         except ValueError as e:
             raise TaskError(f"training diverged: {e}") from None
+        # The local training time goes with the update, so the coordinator can
+        # tell training from protocol overhead in a round's duration.
+        metrics = {**_finite_metrics(result.metrics, label, "training"), "train_s": train_s}
         body = encode_update(
-            delta, round=plan.round, attempt=plan.attempt, num_examples=result.num_examples,
-            metrics=_finite_metrics(result.metrics, label, "training"),
+            delta, round=plan.round, attempt=plan.attempt, num_examples=result.num_examples, metrics=metrics,
         )
         elapsed = self._clock() - received_at
         if elapsed > plan.deadline_s:

@@ -34,6 +34,7 @@ from fedge.wire import (
     CheckIn,
     CheckInReply,
     EvalReport,
+    Message,
     UpdateAck,
     parse_message,
 )
@@ -85,8 +86,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _json(message: Message) -> Response:
+    return Response(message.model_dump_json(), media_type="application/json")
+
+
 def _schema(model: type[Any]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
 
 
 def create_app(coordinator: Coordinator, *, on_done: Callable[[], None] | None = None) -> FastAPI:
@@ -104,6 +114,7 @@ def create_app(coordinator: Coordinator, *, on_done: Callable[[], None] | None =
         def crashed(task: asyncio.Task[None]) -> None:
             if not task.cancelled() and task.exception() is not None:
                 logger.error("the round driver failed", exc_info=task.exception())
+
         driver.add_done_callback(crashed)
         yield
         driver.cancel()
@@ -111,9 +122,11 @@ def create_app(coordinator: Coordinator, *, on_done: Callable[[], None] | None =
             await driver
 
     app = FastAPI(
-        title="fedge coordinator", version=__version__, lifespan=lifespan,
+        title="fedge coordinator",
+        version=__version__,
+        lifespan=lifespan,
         description="Pull-based federated learning rounds. Every refusal is a 4xx with "
-                    '{"error": CODE, "detail": TEXT}.',
+        '{"error": CODE, "detail": TEXT}.',
     )
     app.mount("/metrics", make_asgi_app(registry=registry))
 
@@ -139,14 +152,19 @@ def create_app(coordinator: Coordinator, *, on_done: Callable[[], None] | None =
         return JSONResponse({"error": "internal", "detail": type(exc).__name__}, status_code=500)
 
     @app.post("/v1/check-in", response_model=CheckInReply, openapi_extra=_schema(CheckIn))
-    async def check_in(request: Request) -> CheckInReply:
+    async def check_in(request: Request) -> Response:
         """Say the device is alive; the reply says wait, train in a round, or stop."""
         device = device_identity(request)
         msg = parse_message(CheckIn, await read_body(request, _JSON_LIMIT))
-        return coordinator.check_in(device, msg)
+        # Serialized directly: the reply is already a validated model, and
+        # FastAPI's response validation would check it a second time.
+        return _json(coordinator.check_in(device, msg))
 
-    @app.get("/v1/rounds/{round}/params", response_class=Response,
-             responses={200: {"content": {_OCTETS: {}}}, 304: {"description": "Not modified"}})
+    @app.get(
+        "/v1/rounds/{round}/params",
+        response_class=Response,
+        responses={200: {"content": {_OCTETS: {}}}, 304: {"description": "Not modified"}},
+    )
     async def params(request: Request, round: int) -> Response:
         """The open round's params: zstd-compressed safetensors, with a strong ETag."""
         device_identity(request)
@@ -155,20 +173,23 @@ def create_app(coordinator: Coordinator, *, on_done: Callable[[], None] | None =
             return Response(status_code=304, headers={"ETag": etag})
         return Response(payload, media_type=_OCTETS, headers={"ETag": etag})
 
-    @app.post("/v1/rounds/{round}/update", response_model=UpdateAck,
-              openapi_extra={"requestBody": {"required": True, "content": {_OCTETS: {}}}})
-    async def update(request: Request, round: int) -> UpdateAck:
+    @app.post(
+        "/v1/rounds/{round}/update",
+        response_model=UpdateAck,
+        openapi_extra={"requestBody": {"required": True, "content": {_OCTETS: {}}}},
+    )
+    async def update(request: Request, round: int) -> Response:
         """A device's update: zstd-compressed safetensors of its params delta."""
         device = device_identity(request)
         body = await read_body(request, coordinator.config.max_body_bytes)
-        return await coordinator.submit_update(device, round, body)
+        return _json(await coordinator.submit_update(device, round, body))
 
     @app.post("/v1/rounds/{round}/metrics", response_model=UpdateAck, openapi_extra=_schema(EvalReport))
-    async def metrics(request: Request, round: int) -> UpdateAck:
+    async def metrics(request: Request, round: int) -> Response:
         """A device's evaluation of the round's params on its local data."""
         device = device_identity(request)
         report = parse_message(EvalReport, await read_body(request, _JSON_LIMIT))
-        return coordinator.submit_eval(device, round, report)
+        return _json(coordinator.submit_eval(device, round, report))
 
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:

@@ -50,15 +50,31 @@ __all__ = ["CoordinatorConfig", "load_coordinator_config"]
 
 # TOML table -> {key in the table: field name}.
 _TABLES: dict[str, dict[str, str]] = {
-    "task": {"name": "task", "num_features": "num_features", "num_classes": "num_classes",
-             "eval_data": "eval_data"},
+    "task": {
+        "name": "task",
+        "num_features": "num_features",
+        "num_classes": "num_classes",
+        "eval_data": "eval_data",
+    },
     "strategy": {"name": "strategy", "options": "strategy_options", "mu": "mu"},
-    "rounds": {"count": "rounds", "cohort_size": "cohort_size", "min_updates": "min_updates",
-               "over_selection": "over_selection", "deadline_s": "deadline_s", "wait_s": "wait_s",
-               "min_devices": "min_devices", "eval_every": "eval_every"},
+    "rounds": {
+        "count": "rounds",
+        "cohort_size": "cohort_size",
+        "min_updates": "min_updates",
+        "over_selection": "over_selection",
+        "deadline_s": "deadline_s",
+        "wait_s": "wait_s",
+        "min_devices": "min_devices",
+        "eval_every": "eval_every",
+    },
     "train": {"local_epochs": "local_epochs", "batch_size": "batch_size", "lr": "lr"},
-    "server": {"host": "host", "port": "port", "data_dir": "data_dir", "max_body_mb": "max_body_mb",
-               "seed": "seed"},
+    "server": {
+        "host": "host",
+        "port": "port",
+        "data_dir": "data_dir",
+        "max_body_mb": "max_body_mb",
+        "seed": "seed",
+    },
 }
 
 
@@ -185,7 +201,8 @@ def load_coordinator_config(
     fields = coerce_fields(CoordinatorConfig, values, source=source)
     for key in ("data_dir", "eval_data"):
         if isinstance(fields.get(key), str):
-            fields[key] = str((base / fields[key]).resolve()) if not Path(fields[key]).is_absolute() \
-                else fields[key]
+            fields[key] = (
+                str((base / fields[key]).resolve()) if not Path(fields[key]).is_absolute() else fields[key]
+            )
     fields.update(coerce_fields(CoordinatorConfig, dict(overrides or {}), source="command line"))
     return CoordinatorConfig(**fields)

@@ -78,10 +78,17 @@ def serve(config: CoordinatorConfig, *, exit_when_done: bool = False, log_level:
 
     app = create_app(coordinator, on_done=finished)
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(
-        app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
-        limit_concurrency=4096, backlog=2048, server_header=False,
-    ))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level=log_level,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            limit_concurrency=4096,
+            backlog=2048,
+            server_header=False,
+        )
+    )
     logger.info("coordinator listening on http://%s:%d (data in %s)", host, port, config.data_dir)
     try:
         server.run(sockets=[sock])

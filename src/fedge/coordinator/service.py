@@ -20,6 +20,7 @@ complete round (see :mod:`fedge.store`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -63,11 +64,16 @@ logger = logging.getLogger(__name__)
 _INIT, _SELECT = 1, 2
 
 
+_STORE_SEEN_S = 60.0
+
+
 @dataclass
 class _Device:
     last_seen: float
     num_examples: int
     ready: bool
+    profile: dict[str, str | int | float | bool]
+    stored_at: float
 
 
 @dataclass
@@ -101,9 +107,14 @@ class RoundSummary:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "round": self.round, "attempt": self.attempt, "state": self.state,
-            "invited": self.invited, "reported": self.reported, "dropped": list(self.dropped),
-            "duration_s": round(self.duration_s, 4), **self.metrics,
+            "round": self.round,
+            "attempt": self.attempt,
+            "state": self.state,
+            "invited": self.invited,
+            "reported": self.reported,
+            "dropped": list(self.dropped),
+            "duration_s": round(self.duration_s, 4),
+            **self.metrics,
         }
 
 
@@ -148,12 +159,20 @@ class Coordinator:
         self._last_dropped: frozenset[str] = frozenset()
 
     def _resume(self) -> None:
-        fingerprint = json.dumps({"task": self.config.task, "num_features": self.spec.num_features,
-                                  "num_classes": self.spec.num_classes, "strategy": self.config.strategy})
+        fingerprint = json.dumps(
+            {
+                "task": self.config.task,
+                "num_features": self.spec.num_features,
+                "num_classes": self.spec.num_classes,
+                "strategy": self.config.strategy,
+            }
+        )
         self.store.check_meta("run", fingerprint)
         interrupted = self.store.interrupt_open_rounds(at=self._clock())
         for r, a in interrupted:
-            logger.warning("round %d attempt %d was in flight when the coordinator stopped; it restarts", r, a)
+            logger.warning(
+                "round %d attempt %d was in flight when the coordinator stopped; it restarts", r, a
+            )
         done = self.store.last_complete_round()
         if done:
             self.state = self.store.load_checkpoint(done)
@@ -185,7 +204,9 @@ class Coordinator:
         if self.on_refusal is not None:
             self.on_refusal(error.reason)
         try:
-            self.store.record_refusal(code=error.reason, device_id=device_id, round=round_id, at=self._clock())
+            self.store.record_refusal(
+                code=error.reason, device_id=device_id, round=round_id, at=self._clock()
+            )
         except Exception:  # a refusal must never turn into a server error
             logger.exception("could not record a refusal")
         logger.info("refused %s from device %s: %s", error.reason, device_id, error.detail)
@@ -193,22 +214,47 @@ class Coordinator:
     def check_in(self, device_id: str, msg: CheckIn) -> CheckInReply:
         """Note the device as seen, and tell it to wait, train or stop."""
         now = self._clock()
-        known = device_id in self.devices
-        self.devices[device_id] = _Device(now, msg.num_examples, msg.ready and msg.num_examples > 0)
-        self.store.upsert_device(device_id, now=now, num_examples=msg.num_examples, profile=msg.profile)
-        if not known:
+        before = self.devices.get(device_id)
+        self.devices[device_id] = _Device(
+            now,
+            msg.num_examples,
+            msg.ready and msg.num_examples > 0,
+            msg.profile,
+            before.stored_at if before else 0.0,
+        )
+        # The store learns of a device when it is new or changed, and otherwise
+        # at most once a minute: a check-in is the hottest request there is.
+        if (
+            before is None
+            or before.num_examples != msg.num_examples
+            or before.profile != msg.profile
+            or now - before.stored_at >= _STORE_SEEN_S
+        ):
+            self.store.upsert_device(device_id, now=now, num_examples=msg.num_examples, profile=msg.profile)
+            self.devices[device_id].stored_at = now
+        if before is None:
             logger.info("device %s checked in (%d examples)", device_id, msg.num_examples)
             self._wake.set()
         if self.done:
             return CheckInReply(action="done", task=self.task_info)
         rnd = self.open
-        if (rnd is not None and not rnd.closing and device_id in rnd.round.cohort
-                and device_id not in rnd.round.reported and now < rnd.round.deadline):
+        if (
+            rnd is not None
+            and not rnd.closing
+            and device_id in rnd.round.cohort
+            and device_id not in rnd.round.reported
+            and now < rnd.round.deadline
+        ):
             plan = TrainPlan(
-                round=rnd.round.round_id, attempt=rnd.attempt, params_etag=rnd.etag,
+                round=rnd.round.round_id,
+                attempt=rnd.attempt,
+                params_etag=rnd.etag,
                 deadline_s=max(0.0, rnd.round.deadline - now),
-                local_epochs=self.config.local_epochs, batch_size=self.config.batch_size,
-                lr=self.config.lr, mu=self.mu, evaluate=True,
+                local_epochs=self.config.local_epochs,
+                batch_size=self.config.batch_size,
+                lr=self.config.lr,
+                mu=self.mu,
+                evaluate=True,
             )
             return CheckInReply(action="train", task=self.task_info, plan=plan)
         return CheckInReply(action="wait", wait_s=self.config.wait_s, task=self.task_info)
@@ -234,12 +280,15 @@ class Coordinator:
         rnd = self._round_for(device_id, round_id)
         update, digest = await asyncio.to_thread(self._decode, body)
         if update.round != round_id:
-            raise ProtocolError("bad_payload", f"the payload is for round {update.round}, sent to round {round_id}")
+            raise ProtocolError(
+                "bad_payload", f"the payload is for round {update.round}, sent to round {round_id}"
+            )
         # The round may have moved on while the payload was being decoded.
         rnd = self._round_for(device_id, round_id)
         if update.attempt != rnd.attempt:
-            raise ProtocolError("closed", f"round {round_id} attempt {update.attempt} has ended",
-                                REFUSALS["closed"])
+            raise ProtocolError(
+                "closed", f"round {round_id} attempt {update.attempt} has ended", REFUSALS["closed"]
+            )
         now = self._clock()
         try:
             rnd.round.accept(device_id, float(update.num_examples), now)
@@ -253,8 +302,14 @@ class Coordinator:
         if took is not None:
             rnd.train_s = max(took, rnd.train_s or 0.0)
         self.store.record_update(
-            round_id, rnd.attempt, device_id, digest=digest, size_bytes=len(body),
-            num_examples=update.num_examples, received_at=now, metrics=update.metrics,
+            round_id,
+            rnd.attempt,
+            device_id,
+            digest=digest,
+            size_bytes=len(body),
+            num_examples=update.num_examples,
+            received_at=now,
+            metrics=update.metrics,
         )
         if len(rnd.round.reported) >= rnd.target:
             self._wake.set()
@@ -264,16 +319,29 @@ class Coordinator:
         """Record a device's evaluation of the round's params on its own data."""
         rnd = self._round_for(device_id, round_id)
         if report.round != round_id:
-            raise ProtocolError("bad_request", f"the report is for round {report.round}, sent to round {round_id}")
+            raise ProtocolError(
+                "bad_request", f"the report is for round {report.round}, sent to round {round_id}"
+            )
         if report.attempt != rnd.attempt:
-            raise ProtocolError("closed", f"round {round_id} attempt {report.attempt} has ended",
-                                REFUSALS["closed"])
+            raise ProtocolError(
+                "closed", f"round {round_id} attempt {report.attempt} has ended", REFUSALS["closed"]
+            )
         done = self.store.metrics(round_id, rnd.attempt, kind="eval")
         if any(row["device_id"] == device_id for row in done):
-            raise ProtocolError("duplicate", f"device {device_id} already reported metrics to round {round_id}",
-                                REFUSALS["duplicate"])
-        self.store.record_metrics(round_id, rnd.attempt, device_id, kind="eval",
-                                  num_examples=report.num_examples, metrics=report.metrics, at=self._clock())
+            raise ProtocolError(
+                "duplicate",
+                f"device {device_id} already reported metrics to round {round_id}",
+                REFUSALS["duplicate"],
+            )
+        self.store.record_metrics(
+            round_id,
+            rnd.attempt,
+            device_id,
+            kind="eval",
+            num_examples=report.num_examples,
+            metrics=report.metrics,
+            at=self._clock(),
+        )
         return UpdateAck(round=round_id, attempt=rnd.attempt)
 
     def _round_for(self, device_id: str, round_id: int) -> _OpenRound:
@@ -284,8 +352,9 @@ class Coordinator:
         if rnd is None or rnd.round.round_id != round_id:
             raise ProtocolError("unknown_round", f"round {round_id} is not open", REFUSALS["unknown_round"])
         if device_id not in rnd.round.cohort:
-            raise ProtocolError("not_invited", f"device {device_id} is not in round {round_id}",
-                                REFUSALS["not_invited"])
+            raise ProtocolError(
+                "not_invited", f"device {device_id} is not in round {round_id}", REFUSALS["not_invited"]
+            )
         return rnd
 
     def _decode(self, body: bytes) -> tuple[Any, str]:
@@ -309,10 +378,8 @@ class Coordinator:
                 continue
             else:
                 timeout = min(1.0, max(0.0, rnd.round.deadline - now))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
         logger.info("training complete: %d rounds", self.state.round)
         if on_done is not None:
             on_done()
@@ -338,17 +405,27 @@ class Coordinator:
         cohort = [pool[i] for i in picked.tolist()]
         min_updates = min(cfg.effective_min_updates, len(cohort))
         deadline = now + cfg.deadline_s
-        attempt = self.store.open_round(round_id, cohort=cohort, min_updates=min_updates,
-                                        opened_at=now, deadline_at=deadline)
+        attempt = self.store.open_round(
+            round_id, cohort=cohort, min_updates=min_updates, opened_at=now, deadline_at=deadline
+        )
         payload = encode_params(self.state.params, {"fedge.kind": "params", "fedge.round": str(round_id)})
         self.open = _OpenRound(
             round=Round.open(round_id, cohort, min_updates=min_updates, deadline=deadline),
-            attempt=attempt, target=min(cfg.cohort_size, len(cohort)), opened_at=now,
-            accumulator=self.strategy.accumulator(self.state.params), payload=payload,
+            attempt=attempt,
+            target=min(cfg.cohort_size, len(cohort)),
+            opened_at=now,
+            accumulator=self.strategy.accumulator(self.state.params),
+            payload=payload,
             etag=payload_etag(payload),
         )
-        logger.info("round %d attempt %d open: %d devices invited, %d needed, deadline %.0f s",
-                    round_id, attempt, len(cohort), min_updates, cfg.deadline_s)
+        logger.info(
+            "round %d attempt %d open: %d devices invited, %d needed, deadline %.0f s",
+            round_id,
+            attempt,
+            len(cohort),
+            min_updates,
+            cfg.deadline_s,
+        )
         return True
 
     async def _close_round(self, rnd: _OpenRound) -> None:
@@ -373,23 +450,46 @@ class Coordinator:
             if self.eval_data is not None and (r % self.config.eval_every == 0 or r == self.config.rounds):
                 metrics.update(await asyncio.to_thread(self._evaluate, state.params))
             await asyncio.to_thread(
-                self.store.complete_round, r, attempt, state, closed_at=now, reported=reported,
-                dropped=dropped, metrics=metrics,
+                self.store.complete_round,
+                r,
+                attempt,
+                state,
+                closed_at=now,
+                reported=reported,
+                dropped=dropped,
+                metrics=metrics,
             )
             self.state = state
             self._last_dropped = frozenset()
-            logger.info("round %d complete: %d of %d reported%s", r, len(reported), len(rnd.round.cohort),
-                        f", accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else "")
+            logger.info(
+                "round %d complete: %d of %d reported%s",
+                r,
+                len(reported),
+                len(rnd.round.cohort),
+                f", accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else "",
+            )
         else:
             self.store.abandon_round(r, attempt, closed_at=now, reported=reported, dropped=dropped)
             self._last_dropped = frozenset(dropped)
-            logger.warning("round %d attempt %d abandoned: %d of the %d needed reported; retrying with a "
-                           "fresh cohort", r, attempt, len(reported), rnd.round.min_updates)
-        self.history.append(RoundSummary(
-            round=r, attempt=attempt, state=outcome.state.value, invited=len(rnd.round.cohort),
-            reported=len(reported), dropped=tuple(dropped), metrics=metrics,
-            duration_s=self._clock() - rnd.opened_at,
-        ))
+            logger.warning(
+                "round %d attempt %d abandoned: %d of the %d needed reported; retrying with a fresh cohort",
+                r,
+                attempt,
+                len(reported),
+                rnd.round.min_updates,
+            )
+        self.history.append(
+            RoundSummary(
+                round=r,
+                attempt=attempt,
+                state=outcome.state.value,
+                invited=len(rnd.round.cohort),
+                reported=len(reported),
+                dropped=tuple(dropped),
+                metrics=metrics,
+                duration_s=self._clock() - rnd.opened_at,
+            )
+        )
         self.open = None
 
     def _evaluate(self, params: P.Params) -> dict[str, float]:
@@ -408,9 +508,14 @@ class Coordinator:
             "state": "done" if self.done else ("running" if rnd is not None else "waiting"),
             "rounds_complete": self.state.round,
             "rounds": self.config.rounds,
-            "open": None if rnd is None else {
-                "round": rnd.round.round_id, "attempt": rnd.attempt, "invited": len(rnd.round.cohort),
-                "reported": len(rnd.round.reported), "target": rnd.target,
+            "open": None
+            if rnd is None
+            else {
+                "round": rnd.round.round_id,
+                "attempt": rnd.attempt,
+                "invited": len(rnd.round.cohort),
+                "reported": len(rnd.round.reported),
+                "target": rnd.target,
             },
             "devices": len(self.devices),
             "available": len(self.available(self._clock())),
@@ -436,8 +541,12 @@ def _weighted_eval(rows: list[dict[str, object]]) -> dict[str, float]:
 
 def _row_json(row: Any) -> dict[str, Any]:
     return {
-        "round": row.round, "attempt": row.attempt, "state": row.state,
-        "invited": len(row.cohort), "reported": len(row.reported), "dropped": list(row.dropped),
+        "round": row.round,
+        "attempt": row.attempt,
+        "state": row.state,
+        "invited": len(row.cohort),
+        "reported": len(row.reported),
+        "dropped": list(row.dropped),
         "duration_s": None if row.closed_at is None else round(row.closed_at - row.opened_at, 4),
         **row.metrics,
     }
@@ -450,11 +559,14 @@ def _spec_of(config: CoordinatorConfig, eval_data: Dataset | None) -> DataSpec:
     features = int(eval_data.x.shape[1])
     classes = int(eval_data.y.max()) + 1
     if config.num_features is not None and config.num_features != features:
-        raise ConfigError(f"task.num_features is {config.num_features} but {config.eval_data} has {features} features")
+        raise ConfigError(
+            f"task.num_features is {config.num_features} but {config.eval_data} has {features} features"
+        )
     if config.num_classes is not None:
         if classes > config.num_classes:
-            raise ConfigError(f"{config.eval_data} has labels up to {classes - 1}, beyond task.num_classes "
-                              f"{config.num_classes}")
+            raise ConfigError(
+                f"{config.eval_data} has labels up to {classes - 1}, beyond task.num_classes "
+                f"{config.num_classes}"
+            )
         classes = config.num_classes
     return DataSpec(features, max(classes, 2))
-
