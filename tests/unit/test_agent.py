@@ -263,6 +263,7 @@ def test_full_round_reports_evaluation_then_uploads_the_delta(
     for name, start in fake.params.items():
         np.testing.assert_array_equal(update.delta[name], expected.params[name] - start)
     assert any(np.abs(d).max() > 0 for d in update.delta.values())
+    assert update.metrics.pop("train_s") >= 0
     assert update.metrics == pytest.approx(dict(expected.metrics))
     progress = r"round 3 attempt 2: trained 30 examples in \d+\.\d\d s, uploaded \d+\.\d KiB"
     assert any(re.fullmatch(progress, r.message) for r in caplog.records)
