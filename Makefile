@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | $(PY)
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fedge simulate
+	$(VENV)/bin/fedge demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -11,6 +11,8 @@ caller can catch one level of the tree and nothing else::
     ├── RoundError         the round logic refused an event (late, duplicate, not invited)
     ├── ProtocolError      a message or payload from the other side is malformed or refused
     ├── TransportError     the other side cannot be reached or answered with a server error
+    ├── StoreError         the coordinator's store is unreadable, corrupt or of another run
+    ├── CoordinatorError   the coordinator's round driver failed (restart: it resumes from the store)
     └── BackendError       a simulator backend or worker process failed
 
 ``ConfigError`` subclasses ``ValueError`` so that plain Python callers that
@@ -23,10 +25,12 @@ from __future__ import annotations
 __all__ = [
     "BackendError",
     "ConfigError",
+    "CoordinatorError",
     "DataError",
     "FedgeError",
     "ProtocolError",
     "RoundError",
+    "StoreError",
     "TaskError",
     "TransportError",
     "UnknownNameError",
@@ -89,3 +93,11 @@ class ProtocolError(FedgeError):
 
 class TransportError(FedgeError):
     """The coordinator could not be reached, or answered with a server error (retry later)."""
+
+
+class StoreError(FedgeError):
+    """The store cannot be used: corrupt, a checkpoint missing or altered, or another run's data."""
+
+
+class CoordinatorError(FedgeError):
+    """The coordinator's round driver failed; everything up to the last complete round is in the store."""

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from fedge.errors import FedgeError
+from fedge.errors import StoreError
 from fedge.params import Params
 from fedge.strategies.base import ServerState
 
@@ -72,10 +72,6 @@ CREATE TABLE refusals (id INTEGER PRIMARY KEY, code TEXT NOT NULL, device_id TEX
 """
 
 ProfileValue = str | int | float | bool
-
-
-class StoreError(FedgeError):
-    """A corrupt or foreign database, a missing or altered checkpoint, or a changed config."""
 
 
 @dataclass(frozen=True)

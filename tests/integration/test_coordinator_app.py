@@ -407,3 +407,41 @@ def test_relative_paths_in_the_config_are_relative_to_its_folder(tmp_path: Path)
     path.parent.mkdir()
     path.write_text("[task]\nnum_features=4\nnum_classes=3\n[server]\ndata_dir='state'\n")
     assert load_coordinator_config(path).data_dir == str(tmp_path / "conf" / "state")
+
+
+def test_an_aggregate_that_overflows_is_abandoned_not_applied(tmp_path: Path, clock: Clock) -> None:
+    config = make_config(tmp_path, rounds=1, cohort_size=2, min_updates=2, min_devices=2)
+    coordinator = Coordinator(config, clock=clock)
+    with TestClient(create_app(coordinator)) as client:
+        fleet = Fleet(client, coordinator, clock)
+        fleet.check_in("a")
+        fleet.plan("b")
+        params, _ = fleet.params(1, "a")
+        before = P.copy(coordinator.state.params)
+        huge = {k: np.full_like(v, 3e38) for k, v in params.items()}  # finite, but the sum is not
+        for d in "ab":
+            assert fleet.upload(d, encode_update(huge, round=1, attempt=1, num_examples=1), 1)[0] == 200
+        wait_until(lambda: any(r.state == "abandoned" for r in coordinator.store.rounds()))
+        assert coordinator.state.round == 0
+        for name, value in before.items():
+            np.testing.assert_array_equal(coordinator.state.params[name], value)
+    coordinator.close()
+
+
+def test_a_failing_round_driver_is_reported_to_the_server(tmp_path: Path, clock: Clock) -> None:
+    config = make_config(tmp_path, rounds=1, cohort_size=1, min_updates=1, min_devices=1)
+    coordinator = Coordinator(config, clock=clock)
+    crashes: list[BaseException] = []
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    coordinator.store.complete_round = broken  # type: ignore[method-assign]
+    with TestClient(create_app(coordinator, on_crash=crashes.append)) as client:
+        fleet = Fleet(client, coordinator, clock)
+        fleet.plan("a")
+        params, _ = fleet.params(1, "a")
+        assert fleet.upload("a", encode_update(delta_like(params), round=1, attempt=1, num_examples=1), 1)[0] == 200
+        wait_until(lambda: bool(crashes))
+    assert isinstance(crashes[0], OSError)
+    coordinator.close()

@@ -99,8 +99,18 @@ def _schema(model: type[Any]) -> dict[str, Any]:
     }
 
 
-def create_app(coordinator: Coordinator, *, on_done: Callable[[], None] | None = None) -> FastAPI:
-    """The ASGI app serving ``coordinator``; its lifespan runs the round driver."""
+def create_app(
+    coordinator: Coordinator,
+    *,
+    on_done: Callable[[], None] | None = None,
+    on_crash: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """The ASGI app serving ``coordinator``; its lifespan runs the round driver.
+
+    ``on_done`` is called once every round is complete; ``on_crash`` if the
+    driver fails (a store that cannot be written, a strategy that raises):
+    the process should then exit and be restarted, resuming from the store.
+    """
     registry = CollectorRegistry()
     refusals = Counter("fedge_refusals_total", "Requests refused, by error code", ["code"], registry=registry)
     rounds_complete = Gauge("fedge_rounds_complete", "Rounds completed so far", registry=registry)
@@ -112,13 +122,17 @@ def create_app(coordinator: Coordinator, *, on_done: Callable[[], None] | None =
         driver = asyncio.create_task(coordinator.run(on_done))
 
         def crashed(task: asyncio.Task[None]) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                logger.error("the round driver failed", exc_info=task.exception())
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                logger.error("the round driver failed", exc_info=error)
+                if on_crash is not None:
+                    on_crash(error)
 
         driver.add_done_callback(crashed)
         yield
         driver.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        # A failure was reported by ``crashed`` already; shutting down goes on.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await driver
 
     app = FastAPI(

@@ -19,7 +19,7 @@ import uvicorn
 from fedge.coordinator.app import create_app
 from fedge.coordinator.config import CoordinatorConfig
 from fedge.coordinator.service import Coordinator
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, CoordinatorError
 
 __all__ = ["bind", "serve"]
 
@@ -59,6 +59,7 @@ def serve(config: CoordinatorConfig, *, exit_when_done: bool = False, log_level:
 
     Raises:
         ConfigError: a bad setting, or the port is taken.
+        CoordinatorError: the round driver failed (exit status 1 from the CLI).
     """
     sock = bind(config.host, config.port)
     try:
@@ -76,7 +77,14 @@ def serve(config: CoordinatorConfig, *, exit_when_done: bool = False, log_level:
         logger.info("training complete; exiting in %.1f s", grace)
         asyncio.get_running_loop().call_later(grace, setattr, server, "should_exit", True)
 
-    app = create_app(coordinator, on_done=finished)
+    failure: list[BaseException] = []
+
+    def crashed(error: BaseException) -> None:
+        failure.append(error)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(coordinator, on_done=finished, on_crash=crashed)
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(
         uvicorn.Config(
@@ -95,4 +103,8 @@ def serve(config: CoordinatorConfig, *, exit_when_done: bool = False, log_level:
     finally:
         coordinator.close()
         sock.close()
+    if failure:
+        # Everything up to the last complete round is in the store: a restart
+        # (systemd, a supervisor, the operator) resumes from there.
+        raise CoordinatorError(f"the round driver failed: {type(failure[0]).__name__}: {failure[0]}")
     return 0

@@ -56,7 +56,7 @@ from fedge.wire import (
     payload_etag,
 )
 
-__all__ = ["Coordinator", "RoundSummary"]
+__all__ = ["Coordinator"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,32 +90,6 @@ class _OpenRound:
     train_loss: list[tuple[float, float]] = field(default_factory=list)
     train_s: float | None = None  # the slowest reported local training time
     closing: bool = False
-
-
-@dataclass(frozen=True)
-class RoundSummary:
-    """One finished attempt, as ``/v1/status`` and ``summary.json`` show it."""
-
-    round: int
-    attempt: int
-    state: str
-    invited: int
-    reported: int
-    dropped: tuple[str, ...]
-    metrics: dict[str, float]
-    duration_s: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "round": self.round,
-            "attempt": self.attempt,
-            "state": self.state,
-            "invited": self.invited,
-            "reported": self.reported,
-            "dropped": list(self.dropped),
-            "duration_s": round(self.duration_s, 4),
-            **self.metrics,
-        }
 
 
 class Coordinator:
@@ -152,7 +126,6 @@ class Coordinator:
             raise
         self.devices: dict[str, _Device] = {}
         self.open: _OpenRound | None = None
-        self.history: list[RoundSummary] = []
         self.refusals: dict[str, int] = dict.fromkeys(REFUSALS, 0)
         self.on_refusal: Callable[[str], None] | None = None
         self._wake = asyncio.Event()
@@ -294,7 +267,10 @@ class Coordinator:
             rnd.round.accept(device_id, float(update.num_examples), now)
         except RoundError as e:
             raise ProtocolError(e.reason, e.detail, REFUSALS.get(e.reason, 409)) from None
-        rnd.accumulator.add(update.delta, float(update.num_examples))
+        # Finite updates can overflow when summed; the new params are checked
+        # for that when the round closes, so numpy need not warn here.
+        with np.errstate(over="ignore", invalid="ignore"):
+            rnd.accumulator.add(update.delta, float(update.num_examples))
         loss = update.metrics.get("train_loss")
         if loss is not None:
             rnd.train_loss.append((loss, float(update.num_examples)))
@@ -444,9 +420,19 @@ class Coordinator:
             metrics["train_loss"] = sum(v * w for v, w in rnd.train_loss) / total
         if rnd.train_s is not None:
             metrics["train_s"] = rnd.train_s
+        state = None
         if outcome.state is RoundState.COMPLETE:
-            state = self.strategy.apply(self.state, rnd.accumulator.result())
+            with np.errstate(over="ignore", invalid="ignore"):
+                state = self.strategy.apply(self.state, rnd.accumulator.result())
             state = ServerState(params=state.params, opt_state=state.opt_state, round=r)
+            try:
+                # Finite updates can still overflow when summed; a model with
+                # an infinity in it must never become the next round's params.
+                P.check_finite(state.params, what=f"round {r}'s new params")
+            except ValueError as e:
+                logger.error("round %d attempt %d abandoned: %s", r, attempt, e)
+                state = None
+        if state is not None:
             if self.eval_data is not None and (r % self.config.eval_every == 0 or r == self.config.rounds):
                 metrics.update(await asyncio.to_thread(self._evaluate, state.params))
             await asyncio.to_thread(
@@ -471,25 +457,15 @@ class Coordinator:
         else:
             self.store.abandon_round(r, attempt, closed_at=now, reported=reported, dropped=dropped)
             self._last_dropped = frozenset(dropped)
-            logger.warning(
-                "round %d attempt %d abandoned: %d of the %d needed reported; retrying with a fresh cohort",
-                r,
-                attempt,
-                len(reported),
-                rnd.round.min_updates,
-            )
-        self.history.append(
-            RoundSummary(
-                round=r,
-                attempt=attempt,
-                state=outcome.state.value,
-                invited=len(rnd.round.cohort),
-                reported=len(reported),
-                dropped=tuple(dropped),
-                metrics=metrics,
-                duration_s=self._clock() - rnd.opened_at,
-            )
-        )
+            if outcome.state is not RoundState.COMPLETE:
+                logger.warning(
+                    "round %d attempt %d abandoned: %d of the %d needed reported; "
+                    "retrying with a fresh cohort",
+                    r,
+                    attempt,
+                    len(reported),
+                    rnd.round.min_updates,
+                )
         self.open = None
 
     def _evaluate(self, params: P.Params) -> dict[str, float]:
