@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import signal
 import socket
 
 import uvicorn
@@ -98,11 +99,21 @@ def serve(config: CoordinatorConfig, *, exit_when_done: bool = False, log_level:
         )
     )
     logger.info("coordinator listening on http://%s:%d (data in %s)", host, port, config.data_dir)
+    # uvicorn stops gracefully on SIGTERM/SIGINT and then raises the signal
+    # again under the handler it found; these handlers make that a clean
+    # exit (status 0, no KeyboardInterrupt traceback) instead of a kill.
+    stopped_by: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _: stopped_by.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run(sockets=[sock])
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         coordinator.close()
         sock.close()
+    if stopped_by:
+        logger.info("coordinator stopped by %s", signal.Signals(stopped_by[0]).name)
     if failure:
         # Everything up to the last complete round is in the store: a restart
         # (systemd, a supervisor, the operator) resumes from there.
