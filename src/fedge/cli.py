@@ -292,6 +292,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     keys = {"coordinator", "data", "state_dir", "device_id"}
     overrides = {k: v for k, v in vars(args).items() if k in keys}
     config = load_agent_config(getattr(args, "config", None), overrides)
+    if not args.verbose:
+        logging.getLogger().setLevel(config.log_level.upper())
     return run_agent(config)
 
 
@@ -389,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else "fedge: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every request at INFO: noise in a service's log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return int(args.func(args))
     except ConfigError as e:
