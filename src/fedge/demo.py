@@ -32,7 +32,7 @@ import numpy as np
 from fedge import __version__
 from fedge.data import load_federated
 from fedge.errors import ConfigError, FedgeError
-from fedge.sim.report import atomic_write
+from fedge.store import atomic_write
 
 __all__ = ["DemoResult", "run_demo"]
 

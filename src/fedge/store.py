@@ -43,7 +43,7 @@ from fedge.errors import StoreError
 from fedge.params import Params
 from fedge.strategies.base import ServerState
 
-__all__ = ["SCHEMA_VERSION", "DeviceRow", "RoundRow", "Store", "StoreError"]
+__all__ = ["SCHEMA_VERSION", "DeviceRow", "RoundRow", "Store", "StoreError", "atomic_write"]
 
 #: The schema this build writes (``PRAGMA user_version``); a newer one is refused.
 SCHEMA_VERSION = 1
@@ -346,7 +346,7 @@ class Store:
             name = f"{_CHECKPOINTS}/round-{round:06d}.safetensors"
             path = self.data_dir / name
             try:  # the file first, then the row that vouches for it (see the module docstring)
-                _write_durably(path, data)
+                atomic_write(path, data)
             except OSError as e:
                 raise StoreError(f"cannot write checkpoint {path}: {e}") from e
             conn.execute(
@@ -458,8 +458,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file, fsync it, rename it to ``path``, fsync the directory."""
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file, fsync it, rename it to ``path``, fsync the directory.
+
+    A reader (or a restart after a crash) sees the old file or the new one,
+    never a torn one.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as f:
         f.write(data)

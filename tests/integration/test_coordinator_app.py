@@ -441,7 +441,8 @@ def test_a_failing_round_driver_is_reported_to_the_server(tmp_path: Path, clock:
         fleet = Fleet(client, coordinator, clock)
         fleet.plan("a")
         params, _ = fleet.params(1, "a")
-        assert fleet.upload("a", encode_update(delta_like(params), round=1, attempt=1, num_examples=1), 1)[0] == 200
+        body = encode_update(delta_like(params), round=1, attempt=1, num_examples=1)
+        assert fleet.upload("a", body, 1)[0] == 200
         wait_until(lambda: bool(crashes))
     assert isinstance(crashes[0], OSError)
     coordinator.close()

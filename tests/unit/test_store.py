@@ -507,11 +507,11 @@ mode, data_dir = sys.argv[1], sys.argv[2]
 s = Store(data_dir)
 state = ServerState(params={"w": np.arange(4, dtype=np.float32)}, opt_state={}, round=1)
 if mode == "between":  # die after the checkpoint file is in place, before the commit
-    write = fedge.store._write_durably
+    write = fedge.store.atomic_write
     def write_then_die(path, data):
         write(path, data)
         os._exit(1)
-    fedge.store._write_durably = write_then_die
+    fedge.store.atomic_write = write_then_die
 a = s.open_round(1, cohort=["a", "b"], min_updates=1, opened_at=1.0, deadline_at=9.0)
 s.record_update(1, a, "a", digest="x", size_bytes=1, num_examples=3, received_at=2.0, metrics={})
 s.complete_round(1, a, state, closed_at=3.0, reported=["a"], dropped=["b"], metrics={"accuracy": 0.5})
@@ -567,7 +567,7 @@ def test_failed_completion_leaves_the_round_open(store: Store, monkeypatch: pyte
     def no_space(path: Path, data: bytes) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(fedge.store, "_write_durably", no_space)
+    monkeypatch.setattr(fedge.store, "atomic_write", no_space)
     attempt = open_round(store, 1)
     with pytest.raises(StoreError, match=r"cannot write checkpoint .*round-000001\.safetensors"):
         complete(store, 1, attempt)

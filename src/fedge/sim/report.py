@@ -19,6 +19,7 @@ import numpy as np
 from fedge.errors import ConfigError
 from fedge.params import Params
 from fedge.sim.engine import RoundRecord, SimResult
+from fedge.store import atomic_write
 
 __all__ = ["RunWriter", "atomic_write", "default_out_dir", "plot_curves"]
 
@@ -32,16 +33,6 @@ def default_out_dir(base: Path, label: str) -> Path:
         candidate = base / f"{stem}-{i}"
         i += 1
     return candidate
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RunWriter:
