@@ -10,7 +10,7 @@ with ``[rounds] min_devices = 1000`` so that no round ever opens and every
 check-in is answered "wait ``--wait-s``" (default 5.0 s, the coordinator's
 default). Then one real ``fedge agent`` process checks in with it, on a
 digits share (``load_federated("digits", partition="iid", num_devices=8,
-seed=0).devices[0]``, 179 examples) written to an ``.npz``. After
+seed=0).devices[0]``, 180 examples) written to an ``.npz``. After
 ``--settle`` seconds the agent's ``/proc`` entries are sampled every
 ``--interval`` seconds over ``--duration`` seconds:
 
@@ -121,7 +121,7 @@ def wait_until(what: str, check: Any, timeout_s: float, procs: list[subprocess.P
     while time.monotonic() < deadline:
         for p in procs:
             if p.poll() is not None:
-                raise SystemExit(f"{' '.join(map(str, p.args))[:200]} exited with {p.returncode} "
+                raise SystemExit(f"{str(p.args)[:200]} exited with {p.returncode} "
                                  f"while waiting for {what}")
         with contextlib.suppress(OSError, ValueError):
             value = check()
@@ -217,8 +217,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     log = (tmp / "agent.log").read_text(errors="replace")
     modules = [json.loads(line[len(MARK):]) for line in log.splitlines() if line.startswith(MARK)]
     if agent_rc != 0 or not modules:
-        raise SystemExit(f"the agent exited with {agent_rc} (module report {'found' if modules else 'missing'}):"
-                         f"\n{log[-3000:]}")
+        found = "found" if modules else "missing"
+        raise SystemExit(f"the agent exited with {agent_rc} (module report {found}):\n{log[-3000:]}")
     if status["state"] != "waiting" or status["rounds_complete"] != 0:
         raise SystemExit(f"the coordinator was not idle: {status}")
     wall = t1 - t0
@@ -236,6 +236,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "peak_rss_mb": last["VmHWM"] / 1024,
         "cpu_s": cpu1 - cpu0,
         "cpu_pct_one_core": 100.0 * (cpu1 - cpu0) / wall,
+        "cpu_tick_s": 1.0 / os.sysconf("SC_CLK_TCK"),  # /proc's CPU-time resolution
         "heavy_modules": modules[0]["heavy"],
         "modules_count": modules[0]["count"],
         "top_level_modules": modules[0]["top_level"],
@@ -252,7 +253,9 @@ def heavy_summary(modules: list[str]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds sampled (default 60)")
     parser.add_argument("--settle", type=float, default=5.0,
                         help="seconds after the first check-in before sampling (default 5)")
@@ -268,7 +271,8 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     verdict = "ok" if result["peak_rss_mb"] <= TARGET_RSS_MB else "over"
     print(
-        f"idle agent ({args.python}): RSS {result['rss_mb_end']:.1f} MB at end, peak {result['peak_rss_mb']:.1f} MB "
+        f"idle agent ({args.python}): RSS {result['rss_mb_end']:.1f} MB at end, "
+        f"peak {result['peak_rss_mb']:.1f} MB "
         f"(target <= {TARGET_RSS_MB:.0f}: {verdict}); CPU {result['cpu_pct_one_core']:.3f}% of one core "
         f"over {result['duration_s']:.0f} s (target <= {TARGET_CPU_PCT:.0f}%: "
         f"{'ok' if result['cpu_pct_one_core'] <= TARGET_CPU_PCT else 'over'}); heavy modules imported: "
