@@ -43,7 +43,7 @@ import numpy as np
 from _common import FEDGE, machine
 from fedge.wire import DEVICE_HEADER, decode_params, encode_update
 
-FEATURES, CLASSES = 10_000, 10
+FEATURES, CLASSES = int(os.environ.get("FEDGE_BENCH_FEATURES", "10000")), 10
 WAIT_S = 1.0
 
 
