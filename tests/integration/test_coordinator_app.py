@@ -446,3 +446,12 @@ def test_a_failing_round_driver_is_reported_to_the_server(tmp_path: Path, clock:
         wait_until(lambda: bool(crashes))
     assert isinstance(crashes[0], OSError)
     coordinator.close()
+
+
+def test_a_refusal_is_stored_with_its_round(fleet: Fleet) -> None:
+    r = fleet.client.post("/v1/rounds/3/update", content=b"x", headers={DEVICE_HEADER: "a"})
+    assert r.status_code == 404
+    r = fleet.client.post("/v1/rounds/x/update", content=b"x", headers={DEVICE_HEADER: "a"})
+    assert r.status_code == 400
+    rows = fleet.coordinator.store._query("SELECT code, round FROM refusals ORDER BY rowid")
+    assert [tuple(row) for row in rows] == [("unknown_round", 3), ("bad_request", None)]

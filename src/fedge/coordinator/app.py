@@ -147,8 +147,8 @@ def create_app(
     @app.exception_handler(ProtocolError)
     async def protocol_error(request: Request, exc: ProtocolError) -> JSONResponse:
         device = getattr(request.state, "device_id", None)
-        round_id = request.path_params.get("round")
-        coordinator.refuse(exc, device, int(round_id) if isinstance(round_id, int) else None)
+        raw = str(request.path_params.get("round", ""))  # as sent: the path's text
+        coordinator.refuse(exc, device, int(raw) if raw.isdigit() and len(raw) < 10 else None)
         return JSONResponse({"error": exc.reason, "detail": exc.detail}, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
