@@ -118,13 +118,16 @@ class Connection:
 CHECK_IN = json.dumps({"protocol": 1, "num_examples": 100}).encode()
 
 
-async def agent(i: int, port: int, stats: Stats, bodies: dict[tuple[int, int], bytes]) -> None:
+async def agent(
+    i: int, port: int, stats: Stats, bodies: dict[tuple[int, int], bytes], *, lockstep: bool
+) -> None:
     conn = Connection("127.0.0.1", port, f"load-{i}")
     rng = np.random.default_rng(i)
     etag = None
     # Independent devices are not in lockstep: each starts somewhere within
     # one check-in period (a fleet's agents boot at different times).
-    await asyncio.sleep(rng.uniform(0.0, WAIT_S))
+    # --lockstep starts them all at once instead: the worst case.
+    await asyncio.sleep(0.0 if lockstep else rng.uniform(0.0, WAIT_S))
     try:
         while True:
             t0 = time.perf_counter()
@@ -212,7 +215,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             cpu_start = cpu_seconds(proc.pid)
             t0 = time.perf_counter()
             bodies: dict[tuple[int, int], bytes] = {}
-            await asyncio.gather(*(agent(i, port, stats, bodies) for i in range(args.agents)))
+            await asyncio.gather(
+                *(agent(i, port, stats, bodies, lockstep=args.lockstep) for i in range(args.agents))
+            )
             wall = time.perf_counter() - t0
             done.set()
             watcher.join()
@@ -239,6 +244,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     to_disk = {r: seen[r] - stats.last_sent[r] for r in seen if r in stats.last_sent}
     return {
         "agents": args.agents,
+        "lockstep": args.lockstep,
         "rounds": args.rounds,
         "params": FEATURES * CLASSES + CLASSES,
         "check_ins": len(lat),
@@ -260,6 +266,8 @@ def main() -> None:
     )
     parser.add_argument("--agents", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lockstep", action="store_true",
+                        help="start every agent at the same instant (default: spread over one wait_s)")
     args = parser.parse_args()
     import uvloop
 
