@@ -309,7 +309,7 @@ def _summarize(
         "devices": agents,
         "wall_s": round(wall_s, 4),
         "timing": {
-            "train_s": round(train_s, 4),
+            "rounds_s": round(train_s, 4),
             "round_s_mean": round(sum(h["duration_s"] for h in complete) / max(1, len(complete)), 4),
             "protocol_overhead_s_per_round": round(sum(overheads) / len(overheads), 4) if overheads else None,
         },
