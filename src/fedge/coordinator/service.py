@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,6 +132,7 @@ class Coordinator:
         self.on_refusal: Callable[[str], None] | None = None
         self._wake = asyncio.Event()
         self._last_dropped: frozenset[str] = frozenset()
+        self._jitter = random.Random(config.seed)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -242,7 +244,11 @@ class Coordinator:
                 evaluate=True,
             )
             return CheckInReply(action="train", task=self.task_info, plan=plan)
-        return CheckInReply(action="wait", wait_s=self.config.wait_s, task=self.task_info)
+        # Spread the next check-ins over +-25% of wait_s: devices that came
+        # up together (a power cut, a rollout) drift apart instead of
+        # arriving in lockstep every period.
+        wait_s = self.config.wait_s * (0.75 + 0.5 * self._jitter.random())
+        return CheckInReply(action="wait", wait_s=wait_s, task=self.task_info)
 
     def params_payload(self, round_id: int) -> tuple[bytes, str]:
         """The encoded params of the open round ``round_id`` and their ETag.
