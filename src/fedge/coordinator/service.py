@@ -91,6 +91,7 @@ class _OpenRound:
     etag: str
     train_loss: list[tuple[float, float]] = field(default_factory=list)
     train_s: float | None = None  # the slowest reported local training time
+    evaluated: set[str] = field(default_factory=set)
     closing: bool = False
 
 
@@ -320,13 +321,13 @@ class Coordinator:
             raise ProtocolError(
                 "closed", f"round {round_id} attempt {report.attempt} has ended", REFUSALS["closed"]
             )
-        done = self.store.metrics(round_id, rnd.attempt, kind="eval")
-        if any(row["device_id"] == device_id for row in done):
+        if device_id in rnd.evaluated:
             raise ProtocolError(
                 "duplicate",
                 f"device {device_id} already reported metrics to round {round_id}",
                 REFUSALS["duplicate"],
             )
+        rnd.evaluated.add(device_id)
         self.store.record_metrics(
             round_id,
             rnd.attempt,
