@@ -108,6 +108,8 @@ wait_s = {wait_s}
 host = "127.0.0.1"
 port = {port}
 data_dir = {json.dumps(str(data_dir))}
+[security]
+insecure = true
 """
 
 
@@ -191,7 +193,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         t_start = time.monotonic()
         agent = subprocess.Popen(
             [args.python, "-c", WRAPPER, "agent", "--coordinator", url, "--data", str(data),
-             "--state-dir", str(tmp / "agent-state"), "--device-id", "idle-0"],
+             "--state-dir", str(tmp / "agent-state"), "--device-id", "idle-0", "--insecure"],
             stdin=subprocess.DEVNULL, stdout=logs[-1], stderr=subprocess.STDOUT, env=env, cwd=tmp,
         )
         procs.append(agent)

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import statistics
 import subprocess
 import sys
@@ -41,13 +42,16 @@ import httpx
 import numpy as np
 
 from _common import FEDGE, machine
+from fedge import pki
+from fedge.coordinator.identity import create_token, init_ca, issue_server, tls_files
+from fedge.store import Store
 from fedge.wire import DEVICE_HEADER, decode_params, encode_update
 
 FEATURES, CLASSES = int(os.environ.get("FEDGE_BENCH_FEATURES", "10000")), 10
 WAIT_S = 1.0
 
 
-def coordinator_toml(port: int, data_dir: Path, agents: int, rounds: int) -> str:
+def coordinator_toml(port: int, data_dir: Path, agents: int, rounds: int, *, tls: bool) -> str:
     return f"""
 [task]
 name = "logreg"
@@ -63,6 +67,8 @@ wait_s = {WAIT_S}
 [server]
 port = {port}
 data_dir = "{data_dir}"
+[security]
+insecure = {"false" if tls else "true"}
 """
 
 
@@ -82,8 +88,8 @@ class Connection:
     This client does only what the protocol needs (Content-Length bodies).
     """
 
-    def __init__(self, host: str, port: int, device: str) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, device: str, tls: ssl.SSLContext | None = None) -> None:
+        self.host, self.port, self.tls = host, port, tls
         self.head = f"Host: {host}:{port}\r\n{DEVICE_HEADER}: {device}\r\n"
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -92,7 +98,7 @@ class Connection:
         self, method: str, path: str, body: bytes = b"", extra: str = ""
     ) -> tuple[int, dict[str, str], bytes]:
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port, ssl=self.tls)
         assert self.reader is not None
         self.writer.write(
             f"{method} {path} HTTP/1.1\r\n{self.head}{extra}Content-Length: {len(body)}\r\n\r\n".encode()
@@ -119,9 +125,10 @@ CHECK_IN = json.dumps({"protocol": 1, "num_examples": 100}).encode()
 
 
 async def agent(
-    i: int, port: int, stats: Stats, bodies: dict[tuple[int, int], bytes], *, lockstep: bool
+    i: int, port: int, stats: Stats, bodies: dict[tuple[int, int], bytes], *, lockstep: bool,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
-    conn = Connection("127.0.0.1", port, f"load-{i}")
+    conn = Connection("127.0.0.1", port, f"load-{i}", tls)
     rng = np.random.default_rng(i)
     etag = None
     # Independent devices are not in lockstep: each starts somewhere within
@@ -173,6 +180,25 @@ def watch_checkpoints(ckpt_dir: Path, rounds: int, seen: dict[int, float], done:
         time.sleep(0.001)
 
 
+def enrol_all(store: Path, url: str, agents: int, tmp: Path) -> list[ssl.SSLContext | None]:
+    """Enrol every virtual agent for real (token, CSR, POST /v1/enrol); their mutual-TLS contexts."""
+    ca_file = tls_files(store).ca_cert
+    with Store(store) as s:
+        token = create_token(s, expires_s=3600.0, uses=agents, device_id=None, now=time.time()).token
+    contexts: list[ssl.SSLContext | None] = []
+    with httpx.Client(verify=pki.client_ssl_context(ca_file=ca_file)) as client:
+        for i in range(agents):
+            key = pki.new_device_key()
+            csr = pki.make_csr(key, f"load-{i}").decode()
+            r = client.post(f"{url}/v1/enrol", json={"protocol": 1, "token": token, "csr_pem": csr})
+            r.raise_for_status()
+            cert, key_file = tmp / f"load-{i}.crt", tmp / f"load-{i}.key"
+            cert.write_text(r.json()["certificate_pem"])
+            pki.write_private_key(key_file, key)
+            contexts.append(pki.client_ssl_context(ca_file=ca_file, cert_file=cert, key_file=key_file))
+    return contexts
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -189,7 +215,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         port = 18000 + os.getpid() % 1000
         cfg = Path(tmp) / "coordinator.toml"
-        cfg.write_text(coordinator_toml(port, Path(tmp) / "store", args.agents, args.rounds))
+        store = Path(tmp) / "store"
+        cfg.write_text(coordinator_toml(port, store, args.agents, args.rounds, tls=args.tls))
+        if args.tls:
+            init_ca(store)
+            issue_server(store, hosts=["localhost"], ips=["127.0.0.1"])
         prefix = os.environ.get("FEDGE_BENCH_PREFIX", "").split()
         log = (Path(tmp) / "log").open("wb")  # closed with the process below
         proc = subprocess.Popen(
@@ -197,14 +227,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
-        url = f"http://127.0.0.1:{port}"
+        url = f"{'https' if args.tls else 'http'}://127.0.0.1:{port}"
+        verify: ssl.SSLContext | bool = True
+        if args.tls:
+            verify = pki.client_ssl_context(ca_file=tls_files(store).ca_cert)
         try:
             for _ in range(200):
                 try:
-                    httpx.get(f"{url}/healthz", timeout=1.0)
+                    httpx.get(f"{url}/healthz", timeout=1.0, verify=verify)
                     break
                 except httpx.HTTPError:
                     time.sleep(0.1)
+            contexts = enrol_all(store, url, args.agents, Path(tmp)) if args.tls else [None] * args.agents
             stats = Stats()
             seen: dict[int, float] = {}
             done = threading.Event()
@@ -216,7 +250,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             bodies: dict[tuple[int, int], bytes] = {}
             await asyncio.gather(
-                *(agent(i, port, stats, bodies, lockstep=args.lockstep) for i in range(args.agents))
+                *(agent(i, port, stats, bodies, lockstep=args.lockstep, tls=contexts[i])
+                  for i in range(args.agents))
             )
             wall = time.perf_counter() - t0
             done.set()
@@ -245,6 +280,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "agents": args.agents,
         "lockstep": args.lockstep,
+        "tls": args.tls,
         "rounds": args.rounds,
         "params": FEATURES * CLASSES + CLASSES,
         "check_ins": len(lat),
@@ -266,6 +302,8 @@ def main() -> None:
     )
     parser.add_argument("--agents", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tls", action="store_true",
+                        help="mutual TLS: every agent enrols with a token first (the default is plain HTTP)")
     parser.add_argument("--lockstep", action="store_true",
                         help="start every agent at the same instant (default: spread over one wait_s)")
     args = parser.parse_args()

@@ -260,6 +260,10 @@ def _add_coordinator(sub: Any) -> None:
     p.add_argument("--rounds", type=int, help="rounds to complete (default 20)")
     p.add_argument("--exit-when-done", action="store_true",
                    help="exit once every round is complete (after telling the agents)")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve plain HTTP and trust the X-Fedge-Device header (loopback only; warns)")
+    p.add_argument("--insecure-allow-remote", action="store_true",
+                   help="with --insecure, allow a non-loopback listen address")
     p.set_defaults(func=_cmd_coordinator, log_level=logging.INFO)
 
 
@@ -270,11 +274,150 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
     _single_threaded_blas()
     from fedge.coordinator.config import load_coordinator_config
 
-    overrides = {k: v for k, v in vars(args).items() if k in {"host", "port", "data_dir", "rounds"}}
+    overrides = {k: v for k, v in vars(args).items()
+                 if k in {"host", "port", "data_dir", "rounds", "insecure", "insecure_allow_remote"}}
     config = load_coordinator_config(getattr(args, "config", None), overrides)
     from fedge.coordinator.server import serve
 
     return serve(config, exit_when_done="exit_when_done" in args)
+
+
+def _data_dir_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--data-dir", metavar="DIR", help="the coordinator's data directory")
+    g.add_argument("--config", type=Path, metavar="FILE.toml",
+                   help="the coordinator's config (for its data_dir)")
+
+
+def _data_dir(args: argparse.Namespace) -> str:
+    if args.data_dir is not None:
+        return str(args.data_dir)
+    from fedge.coordinator.config import load_coordinator_config
+
+    return load_coordinator_config(args.config).data_dir
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 30m, 24h or 7d, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a duration must be positive, got {text!r}")
+    return value
+
+
+def _add_admin(sub: Any) -> None:
+    ca = sub.add_parser("ca", help="the coordinator's certificate authority",
+                        description="Create the fedge CA, and sign the coordinator's server certificate.")
+    ca_sub = ca.add_subparsers(dest="ca_command", metavar="COMMAND", required=True)
+    p = ca_sub.add_parser("init", help="create the CA and the admin token in the data directory",
+                          description="Create a private CA (ca/ca.key, mode 0600, and ca/ca.crt) and an "
+                          "admin "
+                          "token (printed once; kept in admin.token, mode 0600) in the coordinator's data "
+                          "directory. Prints the CA's SHA-256 fingerprint for agents to pin.")
+    _data_dir_args(p)
+    p.set_defaults(func=_cmd_ca_init)
+    p = ca_sub.add_parser("issue-server", help="sign the coordinator's TLS server certificate",
+                          description="Sign a server certificate (tls/server.crt, key tls/server.key) for "
+                          "the names and addresses agents use to reach the coordinator.")
+    _data_dir_args(p)
+    p.add_argument("--host", action="append", default=[], metavar="NAME", help="a DNS name (repeatable)")
+    p.add_argument("--ip", action="append", default=[], metavar="ADDR", help="an IP address (repeatable)")
+    p.set_defaults(func=_cmd_ca_issue_server)
+
+    tok = sub.add_parser("token", help="enrolment tokens", description="Create one-time enrolment tokens.")
+    tok_sub = tok.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
+    p = tok_sub.add_parser("create", help="create an enrolment token (printed once)",
+                           description="Create an enrolment token; the store keeps only its hash.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _data_dir_args(p)
+    p.add_argument("--expires", type=_duration, default=86400.0, metavar="DURATION",
+                   help="validity, e.g. 30m, 24h, 7d (seconds)")
+    p.add_argument("--uses", type=int, default=1, help="how many enrolments it allows")
+    p.add_argument("--device-id", metavar="ID",
+                   help="bind it to one device id (needed to enrol a revoked or lost device again)")
+    p.set_defaults(func=_cmd_token_create)
+
+    dev = sub.add_parser("device", help="enrolled devices", description="List and revoke devices.")
+    dev_sub = dev.add_subparsers(dest="device_command", metavar="COMMAND", required=True)
+    p = dev_sub.add_parser("list", help="list the devices the coordinator knows")
+    _data_dir_args(p)
+    p.set_defaults(func=_cmd_device_list)
+    p = dev_sub.add_parser("revoke", help="revoke a device: its next request is refused")
+    _data_dir_args(p)
+    p.add_argument("device_id", metavar="ID")
+    p.set_defaults(func=_cmd_device_revoke)
+
+
+def _cmd_ca_init(args: argparse.Namespace) -> int:
+    from fedge.coordinator.identity import init_ca, tls_files
+
+    data_dir = _data_dir(args)
+    ca, token = init_ca(data_dir)
+    files = tls_files(data_dir)
+    print(f"CA created: {files.ca_cert} (key {files.ca_dir / 'ca.key'}, mode 0600)")
+    print(f"CA fingerprint (sha256): {ca.fingerprint}")
+    print(f"admin token (shown once; also in {files.admin_token}, mode 0600): {token}")
+    return EXIT_OK
+
+
+def _cmd_ca_issue_server(args: argparse.Namespace) -> int:
+    from fedge.coordinator.identity import issue_server
+
+    path = issue_server(_data_dir(args), hosts=args.host, ips=args.ip)
+    print(f"server certificate: {path}")
+    return EXIT_OK
+
+
+def _cmd_token_create(args: argparse.Namespace) -> int:
+    from fedge.coordinator.identity import create_token
+    from fedge.store import Store
+
+    if args.uses < 1:
+        raise ConfigError(f"--uses must be at least 1, got {args.uses}")
+    if args.device_id is not None:
+        from fedge.pki import DEVICE_ID_PATTERN
+
+        if not DEVICE_ID_PATTERN.match(args.device_id):
+            raise ConfigError(f"--device-id {args.device_id!r} is not a valid device id")
+    with Store(_data_dir(args)) as store:
+        reply = create_token(store, expires_s=args.expires, uses=args.uses, device_id=args.device_id,
+                             now=time.time())
+    print(reply.token)
+    bound = f" for device {reply.device_id}" if reply.device_id else ""
+    print(f"(valid until {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(reply.expires_at))}, "
+          f"{reply.uses} use(s){bound})", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_device_list(args: argparse.Namespace) -> int:
+    from fedge.store import Store
+
+    def when(t: float | None) -> str:
+        return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+    with Store(_data_dir(args)) as store:
+        rows = store.devices()
+    print(f"{'device':<24} {'enrolled':<17} {'last seen':<17} {'examples':>8}  status")
+    for d in rows:
+        status = "revoked" if d.revoked_at is not None else ("enrolled" if d.enrolled_at is not None else "-")
+        print(f"{d.device_id:<24} {when(d.enrolled_at):<17} {when(d.last_seen or None):<17} "
+              f"{d.num_examples:>8}  {status}")
+    return EXIT_OK
+
+
+def _cmd_device_revoke(args: argparse.Namespace) -> int:
+    from fedge.store import Store
+
+    with Store(_data_dir(args)) as store:
+        try:
+            count = store.revoke_device(args.device_id, now=time.time())
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    print(f"device {args.device_id} revoked ({count} certificate(s)); its next request is refused")
+    return EXIT_OK
 
 
 def _add_agent(sub: Any) -> None:
@@ -294,13 +437,22 @@ def _add_agent(sub: Any) -> None:
     p.add_argument("--data", metavar="FILE", help="local training data (.npz or .csv)")
     p.add_argument("--state-dir", metavar="DIR", help="where the agent keeps its identity and lock")
     p.add_argument("--device-id", metavar="ID", help="this device's id (default: generated once)")
+    p.add_argument("--ca-cert", metavar="FILE", help="the fedge CA certificate to trust")
+    p.add_argument("--ca-fingerprint", metavar="SHA256",
+                   help="instead of --ca-cert: the CA's SHA-256 fingerprint (from `fedge ca init`)")
+    p.add_argument("--token-file", metavar="FILE", help="the one-time enrolment token, in a file")
+    p.add_argument("--token", metavar="TOKEN",
+                   help="the enrolment token itself (visible in process listings: prefer --token-file)")
+    p.add_argument("--insecure", action="store_true",
+                   help="accept a plain http:// coordinator (no TLS, no authentication; warns)")
     p.set_defaults(func=_cmd_agent, log_level=logging.INFO)
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
     from fedge.agent import load_agent_config, run_agent
 
-    keys = {"coordinator", "data", "state_dir", "device_id"}
+    keys = {"coordinator", "data", "state_dir", "device_id", "ca_cert", "ca_fingerprint", "token_file",
+            "token", "insecure"}
     overrides = {k: v for k, v in vars(args).items() if k in keys}
     config = load_agent_config(getattr(args, "config", None), overrides)
     if not args.verbose:
@@ -334,8 +486,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from fedge.sim.report import default_out_dir
 
     out_dir = args.out if args.out is not None else default_out_dir(Path("runs"), "demo")
-    print("fedge demo: plain HTTP on 127.0.0.1 (no TLS yet: every device is identified by a header "
-          "only; do not expose this port)", file=sys.stderr)
+    print("fedge demo: a new CA, a server certificate, a one-time token per agent; every agent enrols "
+          "and then speaks mutual TLS", file=sys.stderr)
     print(f"fedge demo: {args.agents} agents, {args.rounds} rounds; logs in {out_dir}/logs/", file=sys.stderr)
     seen: set[tuple[int, int]] = set()
 
@@ -380,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_coordinator(sub)
     _add_agent(sub)
     _add_demo(sub)
+    _add_admin(sub)
     return parser
 
 

@@ -29,10 +29,11 @@ from typing import IO, Any
 
 import numpy as np
 
-from fedge import __version__
+from fedge import __version__, pki
+from fedge.coordinator.identity import create_token, init_ca, issue_server, tls_files
 from fedge.data import load_federated
 from fedge.errors import ConfigError, FedgeError
-from fedge.store import atomic_write
+from fedge.store import Store, atomic_write
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -195,19 +196,34 @@ def run_demo(
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     data_paths, test = _write_data(out_dir, agents, seed)
     port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://127.0.0.1:{port}"
     config = out_dir / "coordinator.toml"
     store_dir = out_dir / "coordinator"
     config.write_text(
         _coordinator_toml(test=test, port=port, data_dir=store_dir, agents=agents, rounds=rounds, seed=seed)
     )
+    # The whole flow an operator follows: a CA, a server certificate, and a
+    # one-time token per device, bound to its id; each agent makes its own key.
+    _, admin_token = init_ca(store_dir)
+    issue_server(store_dir, hosts=["localhost"], ips=["127.0.0.1"])
+    tokens = []
+    with Store(store_dir) as store:
+        for i in range(agents):
+            reply = create_token(store, expires_s=3600.0, uses=1, device_id=f"demo-{i}", now=time.time())
+            path = out_dir / "agents" / f"agent-{i}.token"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(reply.token + "\n")
+            path.chmod(0o600)
+            tokens.append(path)
+    ca_file = tls_files(store_dir).ca_cert
+    context = pki.client_ssl_context(ca_file=ca_file)
     children = _Children(out_dir / "logs")
     statuses: list[dict[str, Any]] = []
     try:
         coordinator = children.start(
             "coordinator", ["coordinator", "--config", str(config), "--exit-when-done"]
         )
-        with httpx.Client() as client:
+        with httpx.Client(verify=context, headers={"authorization": f"Bearer {admin_token}"}) as client:
             _wait_healthy(client, url, coordinator, children)
             for i, path in enumerate(data_paths):
                 children.start(
@@ -222,6 +238,10 @@ def run_demo(
                         str(out_dir / "agents" / f"agent-{i}"),
                         "--device-id",
                         f"demo-{i}",
+                        "--ca-cert",
+                        str(ca_file),
+                        "--token-file",
+                        str(tokens[i]),
                     ],
                 )
             t_train = time.perf_counter()

@@ -20,6 +20,15 @@ restarts at the last complete round, losing and repeating none:
   the same round number opens again as a new attempt. Attempt numbers only
   grow, so an update sent to a dead attempt is never taken for a live one.
 
+Identity (schema version 2) lives here too: enrolment tokens (their sha256
+only, never the token), the certificates the fedge CA issued, and device
+revocation. Those writes are rare and security-relevant, so they commit with
+``synchronous=FULL``: a revocation or a spent one-time token survives a power
+cut. :meth:`Store.is_revoked` runs on every authenticated request, so it is one
+indexed SELECT on a second, read-only connection: WAL readers never wait for
+the writer, so a long checkpoint write does not stall authentication, and a
+revocation is seen by the first request after its commit.
+
 The store never reads the clock: every timestamp is an argument.
 """
 
@@ -28,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import struct
 import threading
@@ -43,33 +53,70 @@ from fedge.errors import StoreError
 from fedge.params import Params
 from fedge.strategies.base import ServerState
 
-__all__ = ["SCHEMA_VERSION", "DeviceRow", "RoundRow", "Store", "StoreError", "atomic_write"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "TOKEN_REASONS",
+    "CertificateRow",
+    "DeviceRow",
+    "RoundRow",
+    "Store",
+    "StoreError",
+    "TokenError",
+    "TokenRow",
+    "atomic_write",
+]
 
-#: The schema this build writes (``PRAGMA user_version``); a newer one is refused.
-SCHEMA_VERSION = 1
+#: The schema this build writes (``PRAGMA user_version``); older ones are upgraded, a newer one is refused.
+SCHEMA_VERSION = 2
+
+#: The :attr:`TokenError.reason` codes of :meth:`Store.consume_token`.
+TOKEN_REASONS = ("unknown_token", "expired_token", "used_token", "wrong_device")
 
 _CHECKPOINTS = "checkpoints"
 _OPT_PREFIX = "__opt__/"
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE devices (device_id TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
-    num_examples INTEGER NOT NULL, profile TEXT NOT NULL);
-CREATE TABLE rounds (round INTEGER NOT NULL, attempt INTEGER NOT NULL,
+#: ``_MIGRATIONS[v]`` takes a database from version ``v - 1`` to ``v``, statement by statement
+#: (``executescript`` would commit the enclosing transaction). A new file runs them all, so a new
+#: database and an upgraded one have the same schema.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TABLE devices (device_id TEXT PRIMARY KEY, first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL, num_examples INTEGER NOT NULL, profile TEXT NOT NULL)""",
+        """CREATE TABLE rounds (round INTEGER NOT NULL, attempt INTEGER NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('open', 'complete', 'abandoned', 'interrupted')),
     cohort TEXT NOT NULL, min_updates INTEGER NOT NULL, opened_at REAL NOT NULL,
     deadline_at REAL NOT NULL, closed_at REAL, reported TEXT NOT NULL DEFAULT '[]',
     dropped TEXT NOT NULL DEFAULT '[]', checkpoint TEXT, checkpoint_sha256 TEXT,
-    metrics TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (round, attempt));
-CREATE TABLE updates (round INTEGER NOT NULL, attempt INTEGER NOT NULL, device_id TEXT NOT NULL,
+    metrics TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (round, attempt))""",
+        """CREATE TABLE updates (round INTEGER NOT NULL, attempt INTEGER NOT NULL, device_id TEXT NOT NULL,
     digest TEXT NOT NULL, size_bytes INTEGER NOT NULL, num_examples INTEGER NOT NULL,
     received_at REAL NOT NULL, metrics TEXT NOT NULL, PRIMARY KEY (round, attempt, device_id),
-    FOREIGN KEY (round, attempt) REFERENCES rounds (round, attempt));
-CREATE TABLE metrics (id INTEGER PRIMARY KEY, round INTEGER NOT NULL, attempt INTEGER NOT NULL,
+    FOREIGN KEY (round, attempt) REFERENCES rounds (round, attempt))""",
+        """CREATE TABLE metrics (id INTEGER PRIMARY KEY, round INTEGER NOT NULL, attempt INTEGER NOT NULL,
     device_id TEXT, kind TEXT NOT NULL, num_examples INTEGER NOT NULL, metrics TEXT NOT NULL,
-    at REAL NOT NULL);
-CREATE TABLE refusals (id INTEGER PRIMARY KEY, code TEXT NOT NULL, device_id TEXT, round INTEGER,
-    at REAL NOT NULL);
-"""
+    at REAL NOT NULL)""",
+        """CREATE TABLE refusals (id INTEGER PRIMARY KEY, code TEXT NOT NULL, device_id TEXT, round INTEGER,
+    at REAL NOT NULL)""",
+    ),
+    2: (
+        "ALTER TABLE devices ADD COLUMN enrolled_at REAL",
+        "ALTER TABLE devices ADD COLUMN revoked_at REAL",
+        """CREATE TABLE tokens (hash TEXT PRIMARY KEY, created_at REAL NOT NULL, expires_at REAL NOT NULL,
+    uses_left INTEGER NOT NULL CHECK (uses_left >= 0), device_id TEXT, note TEXT)""",
+        """CREATE TABLE certificates (serial TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL REFERENCES devices (device_id), fingerprint TEXT NOT NULL,
+    not_before REAL NOT NULL, not_after REAL NOT NULL, issued_at REAL NOT NULL, revoked_at REAL)""",
+        "CREATE INDEX certificates_by_device ON certificates (device_id)",
+    ),
+}
+_ADMIN_TOKEN_KEY = "admin_token_sha256"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_SERIAL_HEX = re.compile(r"[0-9a-f]{1,64}")
+# True unless the certificate is recorded for this very device and neither it nor the device is
+# revoked; no row (an unknown serial, or one of another device) reads as revoked. Two primary-key lookups.
+_IS_REVOKED_SQL = ("SELECT c.revoked_at IS NOT NULL OR d.revoked_at IS NOT NULL OR d.device_id IS NULL "
+                   "FROM certificates AS c LEFT JOIN devices AS d ON d.device_id = c.device_id "
+                   "WHERE c.serial = ? AND c.device_id = ?")
 
 ProfileValue = str | int | float | bool
 
@@ -94,13 +141,66 @@ class RoundRow:
 
 @dataclass(frozen=True)
 class DeviceRow:
-    """A device the coordinator has heard from, with its latest example count and profile."""
+    """A device the coordinator has heard from, with its latest example count and profile.
+
+    ``first_seen`` and ``last_seen`` count check-ins and enrolment; a device
+    enrolled but never checked in has 0 examples and an empty profile.
+    ``enrolled_at`` is its latest enrolment (None: it predates enrolment, or
+    runs without TLS); ``revoked_at`` is set while it is revoked.
+    """
 
     device_id: str
     first_seen: float
     last_seen: float
     num_examples: int
     profile: dict[str, ProfileValue]
+    enrolled_at: float | None = None
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """An enrolment token as listed: never the token, and only the first 8 hex digits of its hash."""
+
+    hash_prefix: str
+    expires_at: float
+    uses_left: int
+    device_id: str | None  # the only device id it may enrol; None: any
+    expired: bool  # at the ``now`` given to :meth:`Store.tokens`
+    created_at: float
+    note: str | None
+
+
+@dataclass(frozen=True)
+class CertificateRow:
+    """A device certificate the fedge CA issued (``serial`` in lowercase hex)."""
+
+    serial: str
+    device_id: str
+    fingerprint: str
+    not_before: float
+    not_after: float
+    issued_at: float
+    revoked_at: float | None
+
+
+class TokenError(StoreError):
+    """:meth:`Store.consume_token` refused a token; ``reason`` is one of :data:`TOKEN_REASONS`.
+
+    The reason is for the coordinator's log and its own choice of reply; the
+    message holds no part of the token.
+    """
+
+    _TEXT: Mapping[str, str] = {
+        "unknown_token": "no such enrolment token",
+        "expired_token": "the enrolment token has expired",
+        "used_token": "the enrolment token has no uses left",
+        "wrong_device": "the enrolment token is bound to another device id",
+    }
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {self._TEXT.get(reason, 'the enrolment token is refused')}")
 
 
 class Store:
@@ -118,39 +218,74 @@ class Store:
         self.data_dir = Path(data_dir)
         self.db_path = self.data_dir / "fedge.db"
         self._lock = threading.Lock()
+        self._reader_lock = threading.Lock()
         try:
             _make_dirs(self.data_dir / _CHECKPOINTS)
         except OSError as e:
             raise StoreError(f"cannot create the store directory {str(self.data_dir)!r}: {e}") from e
-        try:
-            conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open {self.db_path}: {e}") from e
+        conn = self._connect()
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]  # a foreign file fails here
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.db_path} cannot use WAL journaling (got {mode!r})")
-            conn.executescript("PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON; PRAGMA synchronous=NORMAL")
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"{self.db_path} has schema version {version}, newer than this "
-                                 f"build's {SCHEMA_VERSION}: upgrade fedge")
-            if version == 0:  # a new file; on failure, close() rolls the open transaction back
-                conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT")
+            conn.executescript("PRAGMA foreign_keys=ON; PRAGMA synchronous=NORMAL")
+            if self._version(conn) != SCHEMA_VERSION:
+                self._migrate(conn)
+            reader = self._connect()
         except sqlite3.DatabaseError as e:
             conn.close()
             raise StoreError(f"{self.db_path} is not a usable fedge store: {e}") from e
         except BaseException:
             conn.close()
             raise
+        try:  # the second connection only ever reads (see is_revoked)
+            reader.execute("PRAGMA query_only=ON")
+        except sqlite3.DatabaseError as e:
+            reader.close()
+            conn.close()
+            raise StoreError(f"{self.db_path} is not a usable fedge store: {e}") from e
         self._conn: sqlite3.Connection | None = conn
+        self._reader: sqlite3.Connection | None = reader
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open {self.db_path}: {e}") from e
+        return conn
+
+    def _version(self, conn: sqlite3.Connection) -> int:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.db_path} has schema version {version}, newer than this "
+                             f"build's {SCHEMA_VERSION}: upgrade fedge")
+        return version
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Create or upgrade the schema in one transaction: all of it or, on any failure, none.
+
+        The version is read again under the write lock: another process may
+        have upgraded the file meanwhile.
+        """
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for version in range(self._version(conn) + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[version]:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
 
     def close(self) -> None:
         """Close the database (idempotent); later calls raise :class:`StoreError`."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        with self._lock, self._reader_lock:
+            for conn in (self._conn, self._reader):
+                if conn is not None:
+                    conn.close()
+            self._conn = self._reader = None
 
     def __enter__(self) -> Store:
         return self
@@ -220,11 +355,15 @@ class Store:
     def upsert_device(
         self, device_id: str, *, now: float, num_examples: int, profile: Mapping[str, ProfileValue]
     ) -> None:
-        """Record that ``device_id`` checked in at ``now`` with this example count and profile."""
+        """Record that ``device_id`` checked in at ``now`` with this example count and profile.
+
+        Enrolment and revocation are left as they are.
+        """
         if num_examples < 0:
             raise ValueError(f"num_examples must be >= 0, got {num_examples!r}")
         self._exec(
-            "INSERT INTO devices VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+            "INSERT INTO devices (device_id, first_seen, last_seen, num_examples, profile) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
             "last_seen = excluded.last_seen, num_examples = excluded.num_examples, "
             "profile = excluded.profile",
             (device_id, now, now, num_examples, json.dumps(dict(profile))),
@@ -232,8 +371,191 @@ class Store:
 
     def devices(self) -> list[DeviceRow]:
         """Every device, by id."""
-        rows = self._query("SELECT * FROM devices ORDER BY device_id")
-        return [DeviceRow(str(r[0]), float(r[1]), float(r[2]), int(r[3]), json.loads(r[4])) for r in rows]
+        rows = self._query("SELECT device_id, first_seen, last_seen, num_examples, profile, enrolled_at, "
+                           "revoked_at FROM devices ORDER BY device_id")
+        return [DeviceRow(str(r[0]), float(r[1]), float(r[2]), int(r[3]), json.loads(r[4]),
+                          _opt_float(r[5]), _opt_float(r[6])) for r in rows]
+
+    # ---------------------------------------------------------------- identity: the admin token
+
+    def set_admin_token_hash(self, token_hash: str) -> None:
+        """Keep the sha256 (lowercase hex) of the admin token, replacing any earlier one.
+
+        Raises:
+            ValueError: ``token_hash`` is not 64 lowercase hex digits (say, the token itself).
+        """
+        _check_sha256(token_hash, "token_hash")
+        with self._write(durable=True) as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (_ADMIN_TOKEN_KEY, token_hash))
+
+    def admin_token_hash(self) -> str | None:
+        """The admin token's sha256, None before ``fedge ca init`` set one."""
+        return self.get_meta(_ADMIN_TOKEN_KEY)
+
+    # ---------------------------------------------------------------- identity: enrolment tokens
+
+    def create_token(
+        self, *, token_hash: str, expires_at: float, uses: int, device_id: str | None, now: float,
+        note: str | None = None,
+    ) -> None:
+        """Keep a new enrolment token: its sha256 only, good for ``uses`` enrolments until ``expires_at``.
+
+        A token with ``device_id`` enrols that id only (and may re-enrol it
+        when revoked: see :meth:`enrol_device`).
+
+        Raises:
+            ValueError: ``token_hash`` is not 64 lowercase hex digits or is
+                already known, ``uses < 1``, or ``expires_at <= now``.
+        """
+        _check_sha256(token_hash, "token_hash")
+        if isinstance(uses, bool) or not isinstance(uses, int) or uses < 1:
+            raise ValueError(f"uses must be an integer >= 1, got {uses!r}")
+        if not expires_at > now:  # also refuses NaN
+            raise ValueError(f"expires_at must be after now ({now!r}), got {expires_at!r}")
+        with self._write(durable=True) as conn:
+            try:
+                conn.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
+                             (token_hash, now, expires_at, uses, device_id, note))
+            except sqlite3.IntegrityError:
+                raise ValueError(f"a token with hash {token_hash[:8]}... already exists") from None
+
+    def consume_token(self, *, token_hash: str, device_id: str, now: float) -> None:
+        """Spend one use of a token to enrol ``device_id``, in one write transaction.
+
+        Concurrent calls (threads or processes) with a token of one use left
+        give exactly one success.
+
+        Raises:
+            TokenError: ``unknown_token``, ``expired_token`` (``now >= expires_at``),
+                ``used_token`` (no use left) or ``wrong_device`` (bound to
+                another id); the token is then left unchanged.
+        """
+        with self._write(durable=True) as conn:
+            row = conn.execute("SELECT expires_at, uses_left, device_id FROM tokens WHERE hash = ?",
+                               (token_hash,)).fetchone()
+            if row is None:
+                raise TokenError("unknown_token")
+            expires_at, uses_left, bound = row
+            if not now < expires_at:
+                raise TokenError("expired_token")
+            if uses_left < 1:
+                raise TokenError("used_token")
+            if bound is not None and bound != device_id:
+                raise TokenError("wrong_device")
+            conn.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?", (token_hash,))
+
+    def token_device(self, token_hash: str) -> str | None:
+        """The device id a token is bound to; None if it is unbound or unknown."""
+        rows = self._query("SELECT device_id FROM tokens WHERE hash = ?", (token_hash,))
+        return None if not rows or rows[0][0] is None else str(rows[0][0])
+
+    def tokens(self, now: float) -> list[TokenRow]:
+        """Every token, spent and expired ones included, oldest first."""
+        rows = self._query("SELECT hash, expires_at, uses_left, device_id, created_at, note FROM tokens "
+                           "ORDER BY created_at, hash")
+        return [TokenRow(hash_prefix=str(h)[:8], expires_at=float(e), uses_left=int(u),
+                         device_id=None if d is None else str(d), expired=not now < float(e),
+                         created_at=float(c), note=None if n is None else str(n))
+                for h, e, u, d, c, n in rows]
+
+    # ---------------------------------------------------------------- identity: devices and certificates
+
+    def enrol_device(self, device_id: str, *, now: float, allow_revoked: bool = False) -> None:
+        """Record that ``device_id`` enrolled at ``now`` (a new device, or one enrolling again).
+
+        A new device gets ``first_seen = last_seen = now``, 0 examples and an
+        empty profile until it checks in. ``allow_revoked`` lifts a revocation
+        (re-enrolling a revoked device is an admin's decision: a token bound
+        to its id); the certificates revoked with it stay revoked.
+
+        Raises:
+            ValueError: the device is revoked and ``allow_revoked`` is False.
+        """
+        with self._write(durable=True) as conn:
+            row = conn.execute("SELECT revoked_at FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+            if row is None:
+                conn.execute("INSERT INTO devices (device_id, first_seen, last_seen, num_examples, profile, "
+                             "enrolled_at) VALUES (?, ?, ?, 0, '{}', ?)", (device_id, now, now, now))
+                return
+            if row[0] is not None and not allow_revoked:
+                raise ValueError(f"device {device_id!r} is revoked; enrolling it again needs a token "
+                                 "bound to its id")
+            conn.execute("UPDATE devices SET enrolled_at = ?, revoked_at = NULL, "
+                         "last_seen = MAX(last_seen, ?) WHERE device_id = ?", (now, now, device_id))
+
+    def record_certificate(
+        self, *, serial: str, device_id: str, fingerprint: str, not_before: float, not_after: float,
+        issued_at: float,
+    ) -> None:
+        """Record a certificate issued to an enrolled device (``serial`` in hex, any case).
+
+        A certificate recorded for a device that is revoked meanwhile is
+        recorded as revoked at the same time, so lifting the revocation later
+        cannot bring it to life.
+
+        Raises:
+            ValueError: ``serial`` is not 1 to 64 hex digits or is already
+                recorded, ``not_after <= not_before``, or the device is unknown
+                (call :meth:`enrol_device` first).
+        """
+        serial = serial.lower()
+        if not _SERIAL_HEX.fullmatch(serial):
+            raise ValueError(f"serial must be 1 to 64 hex digits, got {serial!r}")
+        if not not_after > not_before:
+            raise ValueError(f"not_after ({not_after!r}) must be after not_before ({not_before!r})")
+        with self._write(durable=True) as conn:
+            row = conn.execute("SELECT revoked_at FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+            if row is None:
+                raise ValueError(f"unknown device {device_id!r}: enrol it before recording its certificate")
+            try:
+                conn.execute("INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (serial, device_id, fingerprint, not_before, not_after, issued_at, row[0]))
+            except sqlite3.IntegrityError:
+                raise ValueError(f"certificate serial {serial} is already recorded") from None
+
+    def certificates(self, device_id: str | None = None) -> list[CertificateRow]:
+        """Every recorded certificate (or those of ``device_id``), in issue order."""
+        rows = self._query("SELECT serial, device_id, fingerprint, not_before, not_after, issued_at, "
+                           "revoked_at FROM certificates WHERE ? IS NULL OR device_id = ? "
+                           "ORDER BY issued_at, serial", (device_id, device_id))
+        return [CertificateRow(str(r[0]), str(r[1]), str(r[2]), float(r[3]), float(r[4]), float(r[5]),
+                               _opt_float(r[6])) for r in rows]
+
+    def revoke_device(self, device_id: str, *, now: float) -> int:
+        """Revoke a device and every certificate of it not yet revoked; return how many that was.
+
+        Revoking a revoked device again keeps the first revocation time and
+        returns 0 (unless certificates were recorded since).
+
+        Raises:
+            ValueError: the device is unknown.
+        """
+        with self._write(durable=True) as conn:
+            cur = conn.execute("UPDATE devices SET revoked_at = COALESCE(revoked_at, ?) WHERE device_id = ?",
+                               (now, device_id))
+            if cur.rowcount == 0:
+                raise ValueError(f"unknown device {device_id!r}")
+            cur = conn.execute("UPDATE certificates SET revoked_at = ? WHERE device_id = ? "
+                               "AND revoked_at IS NULL", (now, device_id))
+            return int(cur.rowcount)
+
+    def is_revoked(self, device_id: str, serial: str) -> bool:
+        """Whether to refuse a request from ``device_id`` presenting certificate ``serial`` (hex).
+
+        True if the device or the certificate is revoked, or if this store
+        never recorded that serial for that device: a certificate this
+        coordinator did not record is not trusted. One indexed read on a
+        connection of its own, so it never waits for a write in progress
+        and sees every revocation committed before it.
+        """
+        with self._reader_lock:
+            if self._reader is None:
+                raise StoreError(f"the store {self.db_path} is closed")
+            try:
+                row = self._reader.execute(_IS_REVOKED_SQL, (serial.lower(), device_id)).fetchone()
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"{self.db_path}: {e}") from e
+        return row is None or bool(row[0])
 
     # ---------------------------------------------------------------- rounds
 
@@ -409,6 +731,15 @@ def _round_row(r: Sequence[Any]) -> RoundRow:
         closed_at=None if r[7] is None else float(r[7]), reported=tuple(json.loads(r[8])),
         dropped=tuple(json.loads(r[9])), checkpoint=r[10], metrics=json.loads(r[12]),
     )
+
+
+def _opt_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _check_sha256(value: str, name: str) -> None:
+    if not isinstance(value, str) or not _SHA256_HEX.fullmatch(value):
+        raise ValueError(f"{name} must be a sha256 in 64 lowercase hex digits, never the secret itself")
 
 
 def _last_complete(conn: sqlite3.Connection) -> int:

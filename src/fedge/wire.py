@@ -43,10 +43,15 @@ __all__ = [
     "REFUSALS",
     "CheckIn",
     "CheckInReply",
+    "EnrolReply",
+    "EnrolRequest",
     "ErrorBody",
     "EvalReport",
     "Message",
+    "RenewRequest",
     "TaskInfo",
+    "TokenReply",
+    "TokenRequest",
     "TrainPlan",
     "Update",
     "UpdateAck",
@@ -72,6 +77,12 @@ REFUSALS: dict[str, int] = {
     "bad_version": 400,  # a protocol version this build does not speak
     "bad_payload": 400,  # not zstd, not safetensors, or metadata missing
     "unknown_device": 401,  # no device identity, or a malformed one
+    "no_certificate": 401,  # a device endpoint reached without a client certificate
+    "unauthorized": 401,  # an admin endpoint without the admin credential
+    "revoked": 403,  # the device or its certificate has been revoked
+    "bad_token": 403,  # an enrolment token that is unknown, expired, used up or for another device
+    "bad_csr": 400,  # a certificate signing request that is malformed, mis-signed or for another name
+    "device_exists": 409,  # enrolment under an id that an active device already holds
     "not_invited": 403,  # the device is not in this round's cohort
     "unknown_round": 404,  # no such round (or its params are gone)
     "closed": 409,  # the round (attempt) has ended
@@ -180,6 +191,45 @@ class UpdateAck(Message):
 
 
 _M = TypeVar("_M", bound=Message)
+
+
+class EnrolRequest(Message):
+    """A device's first request: its CSR (a PEM, made on the device) and a one-time token."""
+
+    token: Annotated[str, Field(min_length=1, max_length=256)]
+    csr_pem: Annotated[str, Field(min_length=1, max_length=60_000)]  # the CA refuses > 16 KiB
+
+
+class RenewRequest(Message):
+    """An enrolled device asks for a fresh certificate for a (new) key before its own expires."""
+
+    csr_pem: Annotated[str, Field(min_length=1, max_length=60_000)]  # the CA refuses > 16 KiB
+
+
+class EnrolReply(Message):
+    """The signed client certificate, the CA that issued it, and when it expires (Unix time)."""
+
+    device_id: str
+    certificate_pem: str
+    ca_pem: str
+    not_after: float
+
+
+class TokenRequest(Message):
+    """Admin: create an enrolment token."""
+
+    expires_s: Annotated[float, Field(gt=0, le=365 * 86400)] = 86400.0
+    uses: Annotated[int, Field(ge=1, le=100_000)] = 1
+    device_id: Annotated[str | None, Field(pattern=DEVICE_ID_PATTERN)] = None
+
+
+class TokenReply(Message):
+    """Admin: a new enrolment token (shown once; the store keeps only its hash)."""
+
+    token: str
+    expires_at: float
+    uses: int
+    device_id: str | None
 
 
 class ErrorBody(BaseModel):

@@ -174,6 +174,7 @@ class Processes:
             str(self.root / "state" / name),
             "--device-id",
             name,
+            *(() if url.startswith("https://") else ("--insecure",)),
             *extra,
         )
 
@@ -299,6 +300,9 @@ def coordinator_config(
                 },
                 "train": {"local_epochs": 1, "batch_size": 32, "lr": 0.1},
                 "server": server,
+                # These tests exercise the protocol over plain HTTP; mutual TLS
+                # has its own tests (test_tls.py).
+                "security": {"insecure": True},
             }
         )
     )

@@ -203,6 +203,8 @@ def test_agent_only_venv_trains_and_imports_nothing_heavy(agent_venv: Path, tmp_
         'host = "127.0.0.1"\n'
         f"port = {port}\n"
         f"data_dir = {json.dumps(str(store))}\n"
+        "[security]\n"
+        "insecure = true\n"
     )
     coordinator_log, agent_log = tmp_path / "coordinator.log", tmp_path / "agent.log"
     with _processes() as started:
@@ -214,7 +216,7 @@ def test_agent_only_venv_trains_and_imports_nothing_heavy(agent_venv: Path, tmp_
         agent = _start(
             started,
             [str(agent_venv / "python"), "-c", WRAPPER, "agent", "--coordinator", url, "--data", str(data),
-             "--state-dir", str(tmp_path / "agent-state"), "--device-id", "install-0"],
+             "--state-dir", str(tmp_path / "agent-state"), "--device-id", "install-0", "--insecure"],
             agent_log, tmp_path,
         )
         try:

@@ -13,6 +13,7 @@ import json
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -107,8 +108,48 @@ def test_a_port_in_use_is_one_error_line(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_fedge("coordinator", "--config", str(config), "--port", str(port), cwd=tmp_path)
+        result = run_fedge(
+            "coordinator", "--config", str(config), "--port", str(port), "--insecure", cwd=tmp_path
+        )
     assert_refused(result, f"port {port}", "already in use")
+
+
+def test_a_coordinator_without_tls_material_says_how_to_make_it(tmp_path: Path) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text(
+        toml_config(
+            {"task": {"num_features": 64, "num_classes": 10}, "server": {"data_dir": str(tmp_path / "s")}}
+        )
+    )
+    result = run_fedge("coordinator", "--config", str(config), cwd=tmp_path)
+    assert_refused(result, "no TLS material", "fedge ca init", "--insecure")
+
+
+def test_insecure_mode_refuses_a_non_loopback_address(tmp_path: Path) -> None:
+    config = tmp_path / "coordinator.toml"
+    config.write_text(
+        toml_config(
+            {"task": {"num_features": 64, "num_classes": 10}, "server": {"data_dir": str(tmp_path / "s")}}
+        )
+    )
+    result = run_fedge(
+        "coordinator", "--config", str(config), "--insecure", "--host", "0.0.0.0", cwd=tmp_path
+    )
+    assert_refused(result, "loopback only", "--insecure-allow-remote")
+
+
+def test_an_agent_refuses_plain_http_without_insecure(tmp_path: Path) -> None:
+    result = run_fedge(
+        "agent",
+        "--coordinator",
+        "http://127.0.0.1:9",
+        "--data",
+        "d.npz",
+        "--state-dir",
+        "state",
+        cwd=tmp_path,
+    )
+    assert_refused(result, "plain HTTP", "--insecure")
 
 
 # ------------------------------------------------------------------------ agent
@@ -133,7 +174,7 @@ def test_an_agent_whose_data_does_not_fit_the_task_stops_with_one_error_line(
     np.savez(wrong, x=np.zeros((20, 5), np.float32), y=np.arange(20) % 10)
     result = run_fedge(
         "agent", "--coordinator", coordinator.url, "--data", str(wrong), "--state-dir", "state",
-        "--device-id", "misfit", cwd=tmp_path,
+        "--device-id", "misfit", "--insecure", cwd=tmp_path,
     )  # fmt: skip
     assert_refused(result, "five-features.npz", "5 features", "expects 64", log_records_before=True)
     assert coordinator.proc.alive(), procs.logs()
@@ -141,7 +182,7 @@ def test_an_agent_whose_data_does_not_fit_the_task_stops_with_one_error_line(
 
 def test_an_agent_with_a_missing_data_file_stops_with_one_error_line(tmp_path: Path) -> None:
     result = run_fedge(
-        "agent", "--coordinator", f"http://127.0.0.1:{free_port()}", "--data", "nowhere.npz",
+        "agent", "--coordinator", f"http://127.0.0.1:{free_port()}", "--insecure", "--data", "nowhere.npz",
         "--state-dir", "state", cwd=tmp_path,
     )  # fmt: skip
     assert_refused(result, "nowhere.npz", "no such file", log_records_before=True)
@@ -178,6 +219,7 @@ def test_an_agent_retries_an_unreachable_coordinator_with_growing_delays_until_s
         f'coordinator = "http://127.0.0.1:{free_port()}"\n'  # nothing listens there
         f"data = {json.dumps(str(digits(2).devices[0]))}\n"
         'state_dir = "state"\n'
+        "insecure = true\n"
         f"backoff_base_s = {base_s}\nbackoff_cap_s = {cap_s}\n"
     )
     agent = procs.start("agent", "agent", "--config", str(config))
@@ -240,10 +282,19 @@ def test_sigint_stops_the_demo_and_every_process_it_started(
     while status is None or status["devices"] < 3 or status["rounds_complete"] < 1:
         assert demo.alive() and time.monotonic() < deadline, (status, procs.logs())
         time.sleep(0.05)
-        if config.exists() and (port := re.search(r"^port = (\d+)$", config.read_text(), re.M)):
+        token = out / "coordinator" / "admin.token"
+        if (
+            config.exists()
+            and token.exists()
+            and (port := re.search(r"^port = (\d+)$", config.read_text(), re.M))
+        ):
             try:
-                status = http.get(f"http://127.0.0.1:{port.group(1)}/v1/status").json()
-            except httpx.TransportError:
+                status = httpx.get(
+                    f"https://127.0.0.1:{port.group(1)}/v1/status",
+                    verify=_ca_context(out),
+                    headers={"authorization": f"Bearer {token.read_text().strip()}"},
+                ).json()
+            except (httpx.TransportError, OSError):
                 status = None
     children = set(pids_mentioning(str(out))) - {demo.pid}
     assert len(children) >= 4, (children, procs.logs())  # the coordinator and three agents
@@ -253,3 +304,7 @@ def test_sigint_stops_the_demo_and_every_process_it_started(
     assert "fedge: interrupted" in demo.text(), procs.logs()
     assert "Traceback" not in demo.text(), procs.logs()
     assert pids_mentioning(str(out)) == [], procs.logs()
+
+
+def _ca_context(out: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(out / "coordinator" / "ca" / "ca.crt"))

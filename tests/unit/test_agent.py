@@ -199,7 +199,7 @@ def data_file(tmp_path: Path) -> Path:
 def make_config(tmp_path: Path, data_file: Path, **fields: object) -> AgentConfig:
     values: dict[str, object] = {
         "coordinator": "http://coordinator.test", "data": data_file, "state_dir": tmp_path / "state",
-        "backoff_base_s": 0.5, "backoff_cap_s": 3.0,
+        "backoff_base_s": 0.5, "backoff_cap_s": 3.0, "insecure": True,
     }
     values.update(fields)
     return AgentConfig(**values)  # type: ignore[arg-type]
@@ -645,6 +645,7 @@ def test_config_file_with_every_key(tmp_path: Path) -> None:
 def test_defaults_and_overrides(tmp_path: Path) -> None:
     path = write_toml(tmp_path, """
         coordinator = "http://10.0.0.2:8080"
+        insecure = true
         data = "d.csv"
         state_dir = "state"
         backoff_cap_s = 5.0
@@ -742,7 +743,7 @@ def test_run_agent_retries_an_unreachable_coordinator_and_stops_on_sigterm(
         from fedge.agent import load_agent_config, run_agent
         config = load_agent_config(None, {{
             "coordinator": "http://127.0.0.1:{port}", "data": {str(data_file)!r},
-            "state_dir": {str(tmp_path / "state")!r}, "backoff_base_s": 20.0,
+            "state_dir": {str(tmp_path / "state")!r}, "backoff_base_s": 20.0, "insecure": True,
         }})
         status = run_agent(config)
         # rich is left out: httpx's __init__ imports its optional CLI when rich is installed.
@@ -785,3 +786,31 @@ def test_run_agent_retries_an_unreachable_coordinator_and_stops_on_sigterm(
     assert re.search(r"retrying in \d+\.\d s", unreachable)
     assert any("plain HTTP" in line for line in seen)
     assert any(line.startswith("INFO stopping") for line in seen)
+
+
+def test_plain_http_needs_insecure_and_https_refuses_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="plain HTTP: pass --insecure"):
+        load_agent_config(None, {"coordinator": "http://c", "data": "d.npz", "state_dir": "s"})
+    with pytest.raises(ConfigError, match="http:// coordinators only"):
+        load_agent_config(
+            None, {"coordinator": "https://c", "data": "d.npz", "state_dir": "s", "insecure": True}
+        )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("ca_fingerprint", "abc", "64 hex digits"),
+        ("token", "", "non-empty"),
+        ("insecure", "yes", "true or false"),
+    ],
+)
+def test_bad_tls_settings_are_refused(key: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_agent_config(None, {"coordinator": "https://c", "data": "d.npz", "state_dir": "s", key: value})
+
+
+def test_token_and_token_file_exclude_each_other() -> None:
+    with pytest.raises(ConfigError, match="not both"):
+        load_agent_config(None, {"coordinator": "https://c", "data": "d.npz", "state_dir": "s", "token": "t",
+                                 "token_file": "t.txt"})

@@ -11,6 +11,9 @@ A config file is flat TOML::
     # request_timeout_s = 60.0
     # max_payload_bytes = 268435456
     # log_level = "info"
+    ca_cert = "ca.crt"               # the fedge CA; or ca_fingerprint = "sha256 hex"
+    token_file = "enrol.token"       # or token = "..."; only until the device is enrolled
+    # insecure = false               # true accepts a plain http:// coordinator
 
 Precedence is defaults < file < overrides (command-line flags). Relative
 paths in the file are resolved against the file's directory, so a config
@@ -44,7 +47,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 _DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
 _REQUIRED = ("coordinator", "data", "state_dir")
-_PATH_KEYS = ("data", "state_dir")
+_PATH_KEYS = ("data", "state_dir", "ca_cert", "token_file")
 
 
 class _InvalidError(Exception):
@@ -71,6 +74,17 @@ class AgentConfig:
             of one request.
         max_payload_bytes: the largest params payload accepted, compressed or not.
         log_level: one of :data:`LOG_LEVELS`.
+        ca_cert: the fedge CA certificate the operator gave the device; the
+            coordinator's TLS certificate must chain to it.
+        ca_fingerprint: instead of ``ca_cert``, the CA certificate's SHA-256
+            fingerprint (``fedge ca init`` prints it): the CA is fetched from
+            the coordinator and kept only if it matches.
+        token: the one-time enrolment token (``fedge token create``); needed
+            until the device holds a certificate.
+        token_file: a file holding the token instead (keeps it out of
+            process listings and shell history).
+        insecure: accept a plain ``http://`` coordinator (no TLS, no device
+            authentication; loopback testing only).
 
     Raises:
         ConfigError: a value has the wrong type or is out of range, naming the field.
@@ -85,6 +99,11 @@ class AgentConfig:
     request_timeout_s: float = 60.0
     max_payload_bytes: int = _DEFAULT_MAX_PAYLOAD_BYTES
     log_level: str = "info"
+    ca_cert: Path | None = None
+    ca_fingerprint: str | None = None
+    token: str | None = None
+    token_file: Path | None = None
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -98,6 +117,16 @@ class AgentConfig:
                 f"AgentConfig.backoff_cap_s ({self.backoff_cap_s}) must be at least "
                 f"backoff_base_s ({self.backoff_base_s})"
             )
+        plain = self.coordinator.lower().startswith("http://")
+        if plain and not self.insecure:
+            raise ConfigError(
+                f"coordinator {self.coordinator} is plain HTTP: pass --insecure (insecure = true) to accept "
+                "an unauthenticated, unencrypted link, or use the coordinator's https:// URL"
+            )
+        if not plain and self.insecure:
+            raise ConfigError("insecure applies to http:// coordinators only; this one is https://")
+        if self.token is not None and self.token_file is not None:
+            raise ConfigError("give the enrolment token as token or token_file, not both")
 
 
 def load_agent_config(path: str | Path | None, overrides: Mapping[str, object]) -> AgentConfig:
@@ -229,6 +258,33 @@ def _log_level(value: object) -> str:
     return value.lower()
 
 
+def _optional_path(value: object) -> Path | None:
+    return None if value is None else _path(value)
+
+
+def _fingerprint(value: object) -> str | None:
+    if value is None:
+        return None
+    text = value.replace(":", "").lower() if isinstance(value, str) else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise _InvalidError("must be a SHA-256 fingerprint: 64 hex digits (colons allowed)")
+    return text
+
+
+def _secret(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > 256:
+        raise _InvalidError("must be a non-empty string of at most 256 characters")  # never echo a secret
+    return value.strip()
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _InvalidError(f"must be true or false, got {value!r}")
+    return value
+
+
 _CHECKS: dict[str, Callable[[object], object]] = {
     "coordinator": _url,
     "data": _path,
@@ -239,6 +295,11 @@ _CHECKS: dict[str, Callable[[object], object]] = {
     "request_timeout_s": _positive_seconds,
     "max_payload_bytes": _positive_int,
     "log_level": _log_level,
+    "ca_cert": _optional_path,
+    "ca_fingerprint": _fingerprint,
+    "token": _secret,
+    "token_file": _optional_path,
+    "insecure": _flag,
 }
 
 

@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import TypeVar
 
@@ -514,14 +515,10 @@ def run_agent(config: AgentConfig, *, transport: Transport | None = None) -> int
     """
     owned = None
     if transport is None:
-        from fedge.transport.http import HttpTransport
-
-        transport = owned = HttpTransport(
-            config.coordinator, max_body_bytes=config.max_payload_bytes + _BODY_SLACK
-        )
+        transport = owned = _transport_for(config)
     if config.coordinator.lower().startswith("http://"):
         logger.warning(
-            "coordinator %s is plain HTTP: updates travel unencrypted and unauthenticated",
+            "INSECURE: coordinator %s is plain HTTP: updates travel unencrypted and unauthenticated",
             config.coordinator,
         )
     agent = Agent(config, transport=transport)
@@ -530,8 +527,40 @@ def run_agent(config: AgentConfig, *, transport: Transport | None = None) -> int
         return agent.run()
     finally:
         restore()
-        if owned is not None:
-            owned.close()
+        close = getattr(owned, "close", None)
+        if callable(close):
+            close()
+
+
+def _transport_for(config: AgentConfig) -> Transport:
+    """Plain HTTP (``insecure``), or mutual TLS with this device's enrolled identity."""
+    from fedge.transport.http import HttpTransport
+
+    max_body = config.max_payload_bytes + _BODY_SLACK
+    if config.coordinator.lower().startswith("http://"):
+        return HttpTransport(config.coordinator, max_body_bytes=max_body)
+    from fedge import pki
+    from fedge.agent.identity import DeviceIdentity, MutualTlsTransport
+
+    state = config.state_dir
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    identity = DeviceIdentity(state, resolve_device_id(state, config.device_id))
+    identity.ensure_key()
+    if config.ca_cert is None and config.ca_fingerprint is None and not identity.ca_file.exists():
+        raise ConfigError("an https:// coordinator needs the CA to trust: give --ca-cert FILE or "
+                          "--ca-fingerprint SHA256 (printed by `fedge ca init`)")
+    token = config.token
+    if token is None and config.token_file is not None and identity.certificate_not_after() is None:
+        try:
+            token = config.token_file.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(f"token_file {config.token_file}: cannot read ({e.strerror})") from None
+
+    def make(ca_file: Path, cert_file: Path | None, key_file: Path | None) -> Transport:
+        context = pki.client_ssl_context(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+        return HttpTransport(config.coordinator, verify=context, max_body_bytes=max_body)
+
+    return MutualTlsTransport(identity, make, config=config, token=token)
 
 
 def _install_signal_handlers(agent: Agent) -> Callable[[], None]:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedge import __version__
+from fedge.coordinator.identity import Identity
 from fedge.coordinator.service import Coordinator
 from fedge.errors import ProtocolError
 from fedge.wire import (
@@ -33,13 +36,18 @@ from fedge.wire import (
     REFUSALS,
     CheckIn,
     CheckInReply,
+    EnrolReply,
+    EnrolRequest,
     EvalReport,
     Message,
+    RenewRequest,
+    TokenReply,
+    TokenRequest,
     UpdateAck,
     parse_message,
 )
 
-__all__ = ["create_app"]
+__all__ = ["TLS_IDENTITY", "create_app", "device_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +60,31 @@ def _refusal(reason: str, detail: str) -> ProtocolError:
     return ProtocolError(reason, detail, REFUSALS[reason])
 
 
-def device_identity(request: Request) -> str:
+#: Where the TLS server protocol puts the verified client certificate's
+#: (device id, serial) in the ASGI scope, next to the ASGI TLS extension.
+TLS_IDENTITY = "fedge.identity"
+
+
+def device_identity(request: Request, identity: Identity | None) -> str:
     """The sending device's id.
 
-    Until mutual TLS supplies the certificate's subject, it is the
-    ``X-Fedge-Device`` header; this function is the one place to change.
+    With mutual TLS (``identity`` given) it is the subject of the verified
+    client certificate, checked against the store's revocations; the
+    ``X-Fedge-Device`` header is ignored. Only a coordinator started with
+    ``--insecure`` (plain HTTP) reads that header instead.
 
     Raises:
-        ProtocolError: ``unknown_device`` when it is missing or malformed.
+        ProtocolError: ``no_certificate``, ``revoked``, or ``unknown_device``
+            (insecure mode: the header is missing or malformed).
     """
-    value = request.headers.get(DEVICE_HEADER)
-    if value is None or not _DEVICE_ID.match(value):
-        raise _refusal("unknown_device", f"the {DEVICE_HEADER} header is missing or malformed")
+    if identity is not None:
+        tls = request.scope.get("extensions", {}).get("tls", {})
+        value = identity.authenticate(tls.get(TLS_IDENTITY))
+    else:
+        header = request.headers.get(DEVICE_HEADER)
+        if header is None or not _DEVICE_ID.match(header):
+            raise _refusal("unknown_device", f"the {DEVICE_HEADER} header is missing or malformed")
+        value = header
     request.state.device_id = value
     return value
 
@@ -102,6 +123,7 @@ def _schema(model: type[Any]) -> dict[str, Any]:
 def create_app(
     coordinator: Coordinator,
     *,
+    identity: Identity | None = None,
     on_done: Callable[[], None] | None = None,
     on_crash: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
@@ -168,7 +190,7 @@ def create_app(
     @app.post("/v1/check-in", response_model=CheckInReply, openapi_extra=_schema(CheckIn))
     async def check_in(request: Request) -> Response:
         """Say the device is alive; the reply says wait, train in a round, or stop."""
-        device = device_identity(request)
+        device = device_identity(request, identity)
         msg = parse_message(CheckIn, await read_body(request, _JSON_LIMIT))
         # Serialized directly: the reply is already a validated model, and
         # FastAPI's response validation would check it a second time.
@@ -181,7 +203,7 @@ def create_app(
     )
     async def params(request: Request, round: int) -> Response:
         """The open round's params: zstd-compressed safetensors, with a strong ETag."""
-        device_identity(request)
+        device_identity(request, identity)
         payload, etag = coordinator.params_payload(round)
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"ETag": etag})
@@ -194,24 +216,79 @@ def create_app(
     )
     async def update(request: Request, round: int) -> Response:
         """A device's update: zstd-compressed safetensors of its params delta."""
-        device = device_identity(request)
+        device = device_identity(request, identity)
         body = await read_body(request, coordinator.config.max_body_bytes)
         return _json(await coordinator.submit_update(device, round, body))
 
     @app.post("/v1/rounds/{round}/metrics", response_model=UpdateAck, openapi_extra=_schema(EvalReport))
     async def metrics(request: Request, round: int) -> Response:
         """A device's evaluation of the round's params on its local data."""
-        device = device_identity(request)
+        device = device_identity(request, identity)
         report = parse_message(EvalReport, await read_body(request, _JSON_LIMIT))
         return _json(coordinator.submit_eval(device, round, report))
 
+    def admin(request: Request) -> None:
+        # Without TLS (--insecure, loopback only) there is no admin credential.
+        if identity is not None:
+            identity.check_admin(request.headers.get("authorization"))
+
     @app.get("/v1/status")
-    async def status() -> dict[str, Any]:
-        """Progress: rounds complete, the open round, devices, history, refusals."""
+    async def status(request: Request) -> dict[str, Any]:
+        """Progress: rounds complete, the open round, devices, history, refusals (admin)."""
+        admin(request)
         return coordinator.status()
+
+    if identity is not None:
+        _add_identity_routes(app, identity, admin)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     return app
+
+
+def _add_identity_routes(app: FastAPI, identity: Identity, admin: Callable[[Request], None]) -> None:
+    """Enrolment, renewal, the CA certificate, and the admin endpoints (TLS mode only)."""
+
+    @app.get("/v1/ca.pem", response_class=Response)
+    async def ca_pem() -> Response:
+        """The CA certificate (public): what an agent pins by its SHA-256 fingerprint."""
+        return Response(identity.ca_pem, media_type="application/x-pem-file")
+
+    @app.post("/v1/enrol", response_model=EnrolReply, openapi_extra=_schema(EnrolRequest))
+    async def enrol(request: Request) -> Response:
+        """A device's CSR and one-time token; the answer is its client certificate."""
+        req = parse_message(EnrolRequest, await read_body(request, _JSON_LIMIT))
+        return _json(identity.enrol(req))
+
+    @app.post("/v1/renew", response_model=EnrolReply, openapi_extra=_schema(RenewRequest))
+    async def renew(request: Request) -> Response:
+        """An enrolled device's CSR for a fresh certificate (mutual TLS)."""
+        device = device_identity(request, identity)
+        req = parse_message(RenewRequest, await read_body(request, _JSON_LIMIT))
+        return _json(identity.renew(device, req))
+
+    @app.post("/v1/admin/tokens", response_model=TokenReply, openapi_extra=_schema(TokenRequest))
+    async def create_token(request: Request) -> Response:
+        """Admin: a new enrolment token (shown once)."""
+        admin(request)
+        req = parse_message(TokenRequest, await read_body(request, _JSON_LIMIT))
+        return _json(identity.create_token(req))
+
+    @app.get("/v1/admin/devices")
+    async def devices(request: Request) -> list[dict[str, Any]]:
+        """Admin: every device the store knows, with its enrolment and revocation times."""
+        admin(request)
+        return [dataclasses.asdict(row) for row in identity.store.devices()]
+
+    @app.post("/v1/admin/devices/{device_id}/revoke")
+    async def revoke(request: Request, device_id: str) -> dict[str, Any]:
+        """Admin: revoke a device; its next request is refused."""
+        admin(request)
+        try:
+            count = identity.store.revoke_device(device_id, now=time.time())
+        except ValueError as e:
+            raise _refusal("bad_request", str(e)) from None
+        logger.warning("device %s revoked (%d certificates)", device_id, count)
+        return {"device_id": device_id, "revoked_certificates": count}

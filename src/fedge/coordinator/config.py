@@ -28,8 +28,13 @@ The file has five tables; every key is optional except the task's shape
     [server]
     host = "127.0.0.1"
     port = 8080
-    data_dir = "fedge-data"
+    data_dir = "fedge-data"    # the store, the CA (ca/), the server certificate (tls/)
     max_body_mb = 256
+
+    [security]
+    cert_days = 30             # validity of the client certificates issued at enrolment
+    insecure = false           # plain HTTP, devices named by a header: loopback only...
+    insecure_allow_remote = false  # ...unless this is also set
 
 Relative paths are resolved against the config file's folder.
 """
@@ -75,6 +80,11 @@ _TABLES: dict[str, dict[str, str]] = {
         "max_body_mb": "max_body_mb",
         "seed": "seed",
     },
+    "security": {
+        "insecure": "insecure",
+        "insecure_allow_remote": "insecure_allow_remote",
+        "cert_days": "cert_days",
+    },
 }
 
 
@@ -109,6 +119,9 @@ class CoordinatorConfig:
     data_dir: str = "fedge-data"
     max_body_mb: float = 256.0
     seed: int = 0
+    insecure: bool = False
+    insecure_allow_remote: bool = False
+    cert_days: int = 30
 
     def __post_init__(self) -> None:
         for name in ("rounds", "cohort_size", "eval_every", "local_epochs", "batch_size"):
@@ -119,6 +132,11 @@ class CoordinatorConfig:
         if self.num_classes is not None:
             _at_least("num_classes", self.num_classes, 2)
         _at_least("seed", self.seed, 0)
+        _at_least("cert_days", self.cert_days, 1)
+        if self.insecure_allow_remote and not self.insecure:
+            raise ConfigError(
+                "security.insecure_allow_remote only applies with security.insecure (plain HTTP)"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"server.port must be between 0 and 65535, got {self.port}")
         if self.min_updates is not None and self.min_updates > self.cohort_size:

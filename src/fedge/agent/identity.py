@@ -1,0 +1,256 @@
+"""The device's identity: its key, its certificate from the fedge CA, enrolment and renewal.
+
+The key is generated here, on the device, and written with mode 0600 to
+``state_dir/device.key``; it never leaves the device. The first time, the
+agent sends a CSR (subject ``CN=<device id>``) with the one-time enrolment
+token over TLS, trusting only the CA the operator gave it (``ca_cert``) or
+the CA whose SHA-256 fingerprint it was given (``ca_fingerprint``, checked
+against the CA certificate the coordinator serves). The certificate comes
+back and is kept in ``state_dir/device.crt``; from then on every request is
+mutual TLS with it. Once two thirds of its validity have passed, the next
+request first renews it (a CSR for the same key over mutual TLS) and
+reconnects with the new one: a device that runs keeps a valid certificate
+by itself.
+
+:class:`MutualTlsTransport` wraps all of this behind the one-method
+:class:`~fedge.transport.base.Transport`, so the agent loop is the same with
+and without TLS. No key, token or certificate body is ever logged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from fedge import pki
+from fedge.agent.config import AgentConfig
+from fedge.errors import ConfigError, ProtocolError
+from fedge.transport.base import Response, Transport
+from fedge.wire import PROTOCOL_VERSION, EnrolReply, EnrolRequest, RenewRequest, parse_message
+
+__all__ = ["DeviceIdentity", "MutualTlsTransport"]
+
+logger = logging.getLogger(__name__)
+
+# A failed renewal is retried at most this often (the current certificate still works).
+_RENEW_RETRY_S = 60.0
+
+
+class DeviceIdentity:
+    """The files of one device's identity under ``state_dir``."""
+
+    def __init__(self, state_dir: Path, device_id: str) -> None:
+        self.device_id = device_id
+        self.key_file = state_dir / "device.key"
+        self.cert_file = state_dir / "device.crt"
+        self.ca_file = state_dir / "ca.crt"
+
+    def ensure_key(self) -> None:
+        """Generate the device key (mode 0600) unless it exists."""
+        if not self.key_file.exists():
+            pki.write_private_key(self.key_file, pki.new_device_key())
+            logger.info("generated this device's private key in %s (mode 0600)", self.key_file)
+
+    def ensure_ca(self, config: AgentConfig) -> None:
+        """Put the trusted CA certificate in place: given, kept from before, or fetched by its pin.
+
+        Raises:
+            ConfigError: no CA given and none kept; an unreadable CA file; a
+                CA fetched by pin that does not match it.
+        """
+        if config.ca_cert is not None:
+            try:
+                data = config.ca_cert.read_bytes()
+                pki.load_cert_pem(data)
+            except OSError as e:
+                raise ConfigError(f"ca_cert {config.ca_cert}: cannot read ({e.strerror})") from None
+            except pki.PKIError as e:
+                raise ConfigError(f"ca_cert {config.ca_cert}: {e}") from None
+            if not self.ca_file.exists() or self.ca_file.read_bytes() != data:
+                pki.write_pem(self.ca_file, data)
+            return
+        if self.ca_file.exists():
+            return  # given before, or fetched by its pin and checked then
+        if config.ca_fingerprint is None:
+            raise ConfigError(
+                "an https:// coordinator needs the CA to trust: give --ca-cert FILE or "
+                "--ca-fingerprint SHA256 (printed by `fedge ca init`)"
+            )
+        parts = urlsplit(config.coordinator)
+        try:
+            data = pki.fetch_pinned_ca(
+                parts.hostname or "",
+                parts.port or 443,
+                pin_sha256=config.ca_fingerprint,
+                timeout_s=config.request_timeout_s,
+            )
+        except pki.PKIError as e:
+            if e.reason == "pin_mismatch":
+                raise ConfigError(f"the coordinator's CA does not match ca_fingerprint: {e}") from None
+            raise
+        pki.write_pem(self.ca_file, data)
+        logger.info("fetched the coordinator's CA, matching the pinned fingerprint")
+
+    def certificate_not_after(self) -> dt.datetime | None:
+        """When the kept certificate expires (``None``: none kept, or not for this device)."""
+        if not self.cert_file.exists():
+            return None
+        try:
+            cert = pki.load_cert_pem(self.cert_file.read_bytes())
+        except (OSError, pki.PKIError):
+            return None
+        if pki.device_id_of(cert) != self.device_id:
+            return None
+        return cert.not_valid_after_utc
+
+    def needs_renewal(self, now: dt.datetime) -> bool:
+        try:
+            cert = pki.load_cert_pem(self.cert_file.read_bytes())
+        except (OSError, pki.PKIError):
+            return True
+        return pki.should_renew(cert, now=now)
+
+    def csr(self) -> str:
+        from cryptography.hazmat.primitives import serialization
+
+        key = serialization.load_pem_private_key(self.key_file.read_bytes(), password=None)
+        return pki.make_csr(key, self.device_id).decode()
+
+    def save(self, reply: EnrolReply) -> None:
+        if reply.device_id != self.device_id:
+            raise ProtocolError(
+                "bad_payload",
+                f"the coordinator issued a certificate for {reply.device_id!r}, not {self.device_id!r}",
+            )
+        cert = pki.load_cert_pem(reply.certificate_pem.encode())
+        pki.write_pem(self.cert_file, pki.cert_pem(cert))
+
+
+class MutualTlsTransport:
+    """An HTTPS transport that enrols the device first and renews its certificate in time.
+
+    Args:
+        identity: the device's files.
+        make_transport: builds the underlying transport from ``(ca_file,
+            cert_file, key_file)``; ``cert_file``/``key_file`` are ``None``
+            before enrolment.
+        config: the agent's settings (where its CA comes from).
+        token: the enrolment token (needed only while not enrolled).
+        clock: wall-clock seconds (for renewal).
+    """
+
+    def __init__(
+        self,
+        identity: DeviceIdentity,
+        make_transport: Callable[[Path, Path | None, Path | None], Transport],
+        *,
+        config: AgentConfig,
+        token: str | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.identity = identity
+        self._make = make_transport
+        self._config = config
+        self._token = token
+        self._clock = clock
+        self._inner: Transport | None = None
+        self._next_renewal_try = 0.0
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: Mapping[str, str],
+        content: bytes | None = None,
+        timeout_s: float,
+    ) -> Response:
+        now = self._clock()
+        # The first request fetches a pinned CA and enrols: both may meet an
+        # unreachable coordinator, and then retry with the agent's backoff.
+        self.identity.ensure_ca(self._config)
+        if self.identity.certificate_not_after() is None:
+            self._enrol(timeout_s)
+        elif now >= self._next_renewal_try and self.identity.needs_renewal(
+            dt.datetime.fromtimestamp(now, dt.UTC)
+        ):
+            self._renew(timeout_s)
+        return self._connected().request(method, path, headers=headers, content=content, timeout_s=timeout_s)
+
+    def close(self) -> None:
+        if self._inner is not None:
+            _close(self._inner)
+            self._inner = None
+
+    def _connected(self) -> Transport:
+        if self._inner is None:
+            i = self.identity
+            self._inner = self._make(i.ca_file, i.cert_file, i.key_file)
+        return self._inner
+
+    def _enrol(self, timeout_s: float) -> None:
+        if self._token is None:
+            raise ConfigError(
+                "this device is not enrolled yet: give an enrolment token (--token or token_file; "
+                "`fedge token create` makes one)"
+            )
+        body = EnrolRequest(token=self._token, csr_pem=self.identity.csr()).model_dump_json().encode()
+        enrolment = self._make(self.identity.ca_file, None, None)
+        try:
+            response = enrolment.request(
+                "POST", "/v1/enrol", headers=_JSON, content=body, timeout_s=timeout_s
+            )
+        finally:
+            _close(enrolment)
+        if response.status != 200:
+            error = _error_of(response)
+            # A refused enrolment will not succeed by retrying: the operator must act.
+            raise ConfigError(f"enrolment refused ({error}); create a new token with `fedge token create`")
+        self.identity.save(parse_message(EnrolReply, response.body))
+        self._token = None  # used up: never kept in memory longer than needed
+        self.close()
+        logger.info(
+            "enrolled as device %s; certificate in %s", self.identity.device_id, self.identity.cert_file
+        )
+
+    def _renew(self, timeout_s: float) -> None:
+        self._next_renewal_try = self._clock() + _RENEW_RETRY_S
+        body = RenewRequest(csr_pem=self.identity.csr()).model_dump_json().encode()
+        try:
+            response = self._connected().request(
+                "POST", "/v1/renew", headers=_JSON, content=body, timeout_s=timeout_s
+            )
+        except Exception as e:  # the current certificate still works; try again later
+            logger.warning("certificate renewal failed (%s); retrying in %.0f s", e, _RENEW_RETRY_S)
+            return
+        if response.status != 200:
+            logger.warning(
+                "certificate renewal refused (%s); retrying in %.0f s", _error_of(response), _RENEW_RETRY_S
+            )
+            return
+        self.identity.save(parse_message(EnrolReply, response.body))
+        self.close()  # reconnect with the new certificate
+        logger.info("renewed this device's certificate")
+
+
+_JSON = {"content-type": "application/json", "x-fedge-protocol": str(PROTOCOL_VERSION)}
+
+
+def _error_of(response: Response) -> str:
+    import json
+
+    try:
+        body = json.loads(response.body)
+        return f"{body['error']}: {body['detail']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status}"
+
+
+def _close(transport: Transport) -> None:
+    close = getattr(transport, "close", None)
+    if callable(close):
+        close()
