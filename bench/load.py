@@ -204,6 +204,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -239,6 +246,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 except httpx.HTTPError:
                     time.sleep(0.1)
             contexts = enrol_all(store, url, args.agents, Path(tmp)) if args.tls else [None] * args.agents
+            rss_before = rss_mb(proc.pid)
             stats = Stats()
             seen: dict[int, float] = {}
             done = threading.Event()
@@ -290,6 +298,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "uploads_per_round": stats.uploads,
         "last_upload_to_checkpoint_s": to_disk,
         "coordinator_peak_rss_mb": rss,
+        "coordinator_rss_before_rounds_mb": rss_before,
         "coordinator_cpu_s_during_load": cpu_s,
         "load_generator_cpu_s": time.process_time(),
         "wall_s": wall,

@@ -22,7 +22,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 _JSON_LIMIT = 64 * 1024
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 _OCTETS = "application/octet-stream"
+_CHUNK = 64 * 1024
 
 
 def _refusal(reason: str, detail: str) -> ProtocolError:
@@ -207,7 +208,14 @@ def create_app(
         payload, etag = coordinator.params_payload(round)
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"ETag": etag})
-        return Response(payload, media_type=_OCTETS, headers={"ETag": etag})
+        # Streamed in chunks: each waits for the connection to drain, so a
+        # cohort downloading at once holds ~one chunk per connection in memory
+        # rather than a whole (TLS-encrypted) copy each.
+        view = memoryview(payload)
+        chunks = (bytes(view[i : i + _CHUNK]) for i in range(0, len(view), _CHUNK))
+        return StreamingResponse(
+            chunks, media_type=_OCTETS, headers={"ETag": etag, "Content-Length": str(len(payload))}
+        )
 
     @app.post(
         "/v1/rounds/{round}/update",
