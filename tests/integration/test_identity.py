@@ -151,10 +151,10 @@ class FakeCoordinator:
         return Response(200, {}, reply.model_dump_json().encode())
 
 
-def test_the_agent_transport_enrols_then_renews_in_time(
-    world: tuple[Identity, Store, Clock], tmp_path: Path
-) -> None:
-    identity, store, clock = world
+def agent_transport(
+    world: tuple[Identity, Store, Clock], tmp_path: Path, token: str | None
+) -> tuple[MutualTlsTransport, DeviceIdentity, FakeCoordinator]:
+    identity, _, clock = world
     state = tmp_path / "state"
     state.mkdir()
     config = AgentConfig(
@@ -166,9 +166,14 @@ def test_the_agent_transport_enrols_then_renews_in_time(
     device = DeviceIdentity(state, "dev-1")
     device.ensure_key()
     fake = FakeCoordinator(identity)
-    transport = MutualTlsTransport(
-        device, fake.make, config=config, token=new_token(store, clock), clock=clock
-    )
+    return MutualTlsTransport(device, fake.make, config=config, token=token, clock=clock), device, fake
+
+
+def test_the_agent_transport_enrols_then_renews_in_time(
+    world: tuple[Identity, Store, Clock], tmp_path: Path
+) -> None:
+    _, store, clock = world
+    transport, device, fake = agent_transport(world, tmp_path, new_token(store, clock))
     transport.request("POST", "/v1/check-in", headers={}, content=b"{}", timeout_s=5)
     assert fake.paths == ["/v1/enrol", "/v1/check-in"]
     assert device.certificate_not_after() is not None
@@ -185,19 +190,6 @@ def test_the_agent_transport_enrols_then_renews_in_time(
 def test_an_agent_without_a_token_is_told_to_get_one(
     world: tuple[Identity, Store, Clock], tmp_path: Path
 ) -> None:
-    identity, _, clock = world
-    state = tmp_path / "state"
-    state.mkdir()
-    config = AgentConfig(
-        coordinator="https://127.0.0.1:1",
-        data=tmp_path / "d.npz",
-        state_dir=state,
-        ca_cert=tmp_path / "data" / "ca" / "ca.crt",
-    )
-    device = DeviceIdentity(state, "dev-1")
-    device.ensure_key()
-    transport = MutualTlsTransport(
-        device, FakeCoordinator(identity).make, config=config, token=None, clock=clock
-    )
+    transport, _, _ = agent_transport(world, tmp_path, None)
     with pytest.raises(ConfigError, match="not enrolled"):
         transport.request("POST", "/v1/check-in", headers={}, content=b"{}", timeout_s=5)
