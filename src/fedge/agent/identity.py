@@ -20,13 +20,13 @@ and without TLS. No key, token or certificate body is ever logged.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fedge import pki
 from fedge.agent.config import AgentConfig
 from fedge.errors import ConfigError, ProtocolError
 from fedge.transport.base import Response, Transport
@@ -41,18 +41,24 @@ _RENEW_RETRY_S = 60.0
 
 
 class DeviceIdentity:
-    """The files of one device's identity under ``state_dir``."""
+    """The files of one device's identity under ``state_dir``.
+
+    ``device.crt.json`` keeps the certificate's id and validity next to it,
+    so that deciding when to renew needs no certificate parsing (and no
+    ``cryptography``) in the long-running agent.
+    """
 
     def __init__(self, state_dir: Path, device_id: str) -> None:
         self.device_id = device_id
         self.key_file = state_dir / "device.key"
         self.cert_file = state_dir / "device.crt"
+        self.info_file = state_dir / "device.crt.json"
         self.ca_file = state_dir / "ca.crt"
 
     def ensure_key(self) -> None:
         """Generate the device key (mode 0600) unless it exists."""
         if not self.key_file.exists():
-            pki.write_private_key(self.key_file, pki.new_device_key())
+            self.csr()  # the keytool makes the key with its first CSR
             logger.info("generated this device's private key in %s (mode 0600)", self.key_file)
 
     def ensure_ca(self, config: AgentConfig) -> None:
@@ -61,17 +67,17 @@ class DeviceIdentity:
         Raises:
             ConfigError: no CA given and none kept; an unreadable CA file; a
                 CA fetched by pin that does not match it.
+            TransportError: the coordinator could not be reached to fetch it.
         """
         if config.ca_cert is not None:
             try:
                 data = config.ca_cert.read_bytes()
-                pki.load_cert_pem(data)
             except OSError as e:
                 raise ConfigError(f"ca_cert {config.ca_cert}: cannot read ({e.strerror})") from None
-            except pki.PKIError as e:
-                raise ConfigError(f"ca_cert {config.ca_cert}: {e}") from None
+            if b"-----BEGIN CERTIFICATE-----" not in data:
+                raise ConfigError(f"ca_cert {config.ca_cert}: not a PEM certificate")
             if not self.ca_file.exists() or self.ca_file.read_bytes() != data:
-                pki.write_pem(self.ca_file, data)
+                _write_atomic(self.ca_file, data)
             return
         if self.ca_file.exists():
             return  # given before, or fetched by its pin and checked then
@@ -81,44 +87,52 @@ class DeviceIdentity:
                 "--ca-fingerprint SHA256 (printed by `fedge ca init`)"
             )
         parts = urlsplit(config.coordinator)
-        try:
-            data = pki.fetch_pinned_ca(
-                parts.hostname or "",
-                parts.port or 443,
-                pin_sha256=config.ca_fingerprint,
-                timeout_s=config.request_timeout_s,
-            )
-        except pki.PKIError as e:
-            if e.reason == "pin_mismatch":
-                raise ConfigError(f"the coordinator's CA does not match ca_fingerprint: {e}") from None
-            raise
-        pki.write_pem(self.ca_file, data)
+        pem = _keytool(
+            "fetch-ca",
+            "--host",
+            parts.hostname or "",
+            "--port",
+            str(parts.port or 443),
+            "--pin",
+            config.ca_fingerprint,
+            "--timeout",
+            str(config.request_timeout_s),
+            refused="the coordinator's CA does not match ca_fingerprint",
+        )
+        _write_atomic(self.ca_file, pem.encode())
         logger.info("fetched the coordinator's CA, matching the pinned fingerprint")
+
+    def _info(self) -> dict[str, float | str] | None:
+        try:
+            info = json.loads(self.info_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            if not self.cert_file.exists():
+                return None
+            # A certificate without its note (written by an older agent): read it once.
+            info = json.loads(_keytool("inspect", "--cert", str(self.cert_file), refused="device.crt"))
+            _write_atomic(self.info_file, json.dumps(info).encode())
+        return info if isinstance(info, dict) and info.get("device_id") == self.device_id else None
 
     def certificate_not_after(self) -> dt.datetime | None:
         """When the kept certificate expires (``None``: none kept, or not for this device)."""
-        if not self.cert_file.exists():
+        info = self._info()
+        if info is None or not self.cert_file.exists():
             return None
-        try:
-            cert = pki.load_cert_pem(self.cert_file.read_bytes())
-        except (OSError, pki.PKIError):
-            return None
-        if pki.device_id_of(cert) != self.device_id:
-            return None
-        return cert.not_valid_after_utc
+        return dt.datetime.fromtimestamp(float(info["not_after"]), dt.UTC)
 
-    def needs_renewal(self, now: dt.datetime) -> bool:
-        try:
-            cert = pki.load_cert_pem(self.cert_file.read_bytes())
-        except (OSError, pki.PKIError):
+    def needs_renewal(self, now: dt.datetime, fraction: float = 2 / 3) -> bool:
+        """True once ``fraction`` of the certificate's validity has passed (or it is unreadable)."""
+        info = self._info()
+        if info is None:
             return True
-        return pki.should_renew(cert, now=now)
+        start, end = float(info["not_before"]), float(info["not_after"])
+        return now.timestamp() >= start + fraction * (end - start)
 
     def csr(self) -> str:
-        from cryptography.hazmat.primitives import serialization
-
-        key = serialization.load_pem_private_key(self.key_file.read_bytes(), password=None)
-        return pki.make_csr(key, self.device_id).decode()
+        """A CSR for this device's key (made on the first call, mode 0600)."""
+        return _keytool(
+            "csr", "--key", str(self.key_file), "--device-id", self.device_id, refused="device key"
+        )
 
     def save(self, reply: EnrolReply) -> None:
         if reply.device_id != self.device_id:
@@ -126,8 +140,51 @@ class DeviceIdentity:
                 "bad_payload",
                 f"the coordinator issued a certificate for {reply.device_id!r}, not {self.device_id!r}",
             )
-        cert = pki.load_cert_pem(reply.certificate_pem.encode())
-        pki.write_pem(self.cert_file, pki.cert_pem(cert))
+        pending = self.cert_file.with_name(".device.crt.new")
+        _write_atomic(pending, reply.certificate_pem.encode())
+        try:
+            info = json.loads(_keytool("inspect", "--cert", str(pending), refused="the issued certificate"))
+        except ConfigError as e:
+            raise ProtocolError("bad_payload", str(e)) from None
+        if info.get("device_id") != self.device_id:
+            raise ProtocolError("bad_payload", "the issued certificate names another device")
+        pending.replace(self.cert_file)
+        _write_atomic(self.info_file, json.dumps(info).encode())
+
+
+def _keytool(*args: str, refused: str) -> str:
+    """Run ``python -m fedge.agent.keytool ARGS`` and return its output.
+
+    Raises:
+        ConfigError: it refused (a pin that does not match, an unreadable file).
+        TransportError: it could not reach the coordinator.
+    """
+    import subprocess
+    import sys
+
+    from fedge.errors import TransportError
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedge.agent.keytool", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    if proc.returncode == 0:
+        return proc.stdout
+    message = (
+        proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
+    )
+    if proc.returncode == 4:
+        raise TransportError(message)
+    raise ConfigError(f"{refused}: {message}")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 class MutualTlsTransport:

@@ -38,6 +38,7 @@ import logging
 import math
 import random
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -539,8 +540,8 @@ def _transport_for(config: AgentConfig) -> Transport:
     max_body = config.max_payload_bytes + _BODY_SLACK
     if config.coordinator.lower().startswith("http://"):
         return HttpTransport(config.coordinator, max_body_bytes=max_body)
-    from fedge import pki
     from fedge.agent.identity import DeviceIdentity, MutualTlsTransport
+    from fedge.transport.tls import client_ssl_context
 
     state = config.state_dir
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -557,7 +558,10 @@ def _transport_for(config: AgentConfig) -> Transport:
             raise ConfigError(f"token_file {config.token_file}: cannot read ({e.strerror})") from None
 
     def make(ca_file: Path, cert_file: Path | None, key_file: Path | None) -> Transport:
-        context = pki.client_ssl_context(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+        try:
+            context = client_ssl_context(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"TLS files in {state} cannot be used: {e}") from None
         return HttpTransport(config.coordinator, verify=context, max_body_bytes=max_body)
 
     return MutualTlsTransport(identity, make, config=config, token=token)
