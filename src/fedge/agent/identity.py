@@ -22,13 +22,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from fedge.agent.config import AgentConfig
-from fedge.errors import ConfigError, ProtocolError
+from fedge.errors import ConfigError, ProtocolError, TransportError
 from fedge.transport.base import Response, Transport
 from fedge.wire import PROTOCOL_VERSION, EnrolReply, EnrolRequest, RenewRequest, parse_message
 
@@ -159,11 +161,6 @@ def _keytool(*args: str, refused: str) -> str:
         ConfigError: it refused (a pin that does not match, an unreadable file).
         TransportError: it could not reach the coordinator.
     """
-    import subprocess
-    import sys
-
-    from fedge.errors import TransportError
-
     proc = subprocess.run(
         [sys.executable, "-m", "fedge.agent.keytool", *args],
         capture_output=True,
@@ -298,8 +295,6 @@ _JSON = {"content-type": "application/json", "x-fedge-protocol": str(PROTOCOL_VE
 
 
 def _error_of(response: Response) -> str:
-    import json
-
     try:
         body = json.loads(response.body)
         return f"{body['error']}: {body['detail']}"
