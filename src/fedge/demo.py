@@ -193,6 +193,9 @@ def run_demo(
     if rounds < 1:
         raise ConfigError(f"--rounds must be at least 1, got {rounds}")
     t0 = time.perf_counter()
+    # Absolute from here on: the coordinator resolves relative paths in its
+    # config against the config file's folder, not this working directory.
+    out_dir = out_dir.resolve()
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     data_paths, test = _write_data(out_dir, agents, seed)
     port = _free_port()

@@ -256,10 +256,11 @@ def test_an_agent_retries_an_unreachable_coordinator_with_growing_delays_until_s
 
 
 def test_the_demo_trains_and_writes_its_outputs(tmp_path: Path, procs: Processes) -> None:
-    out = tmp_path / "demo"
-    demo = procs.start("demo", "demo", "--agents", "3", "--rounds", "2", "--out", str(out), "--quiet")
+    # As `make demo` runs it: no --out, so a relative runs/DATE-demo folder.
+    demo = procs.start("demo", "demo", "--agents", "3", "--rounds", "2", "--quiet", cwd=tmp_path)
     assert demo.wait(120) == 0, procs.logs()
     assert "Traceback" not in demo.text()
+    (out,) = (tmp_path / "runs").glob("*-demo")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_complete"] == 2 and summary["devices"] == 3, summary
     assert summary["accuracy"] > 0.5, summary
