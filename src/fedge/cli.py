@@ -380,7 +380,7 @@ def _cmd_token_create(args: argparse.Namespace) -> int:
     if args.device_id is not None:
         from fedge.pki import DEVICE_ID_PATTERN
 
-        if not DEVICE_ID_PATTERN.match(args.device_id):
+        if not DEVICE_ID_PATTERN.fullmatch(args.device_id):
             raise ConfigError(f"--device-id {args.device_id!r} is not a valid device id")
     with Store(_data_dir(args)) as store:
         reply = create_token(store, expires_s=args.expires, uses=args.uses, device_id=args.device_id,

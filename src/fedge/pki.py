@@ -90,6 +90,7 @@ __all__ = [
     "write_private_key",
 ]
 
+# Always used with fullmatch: "$" alone would also accept a trailing newline.
 # The same literal as fedge.wire.DEVICE_ID_PATTERN, copied rather than imported:
 # wire imports numpy and pydantic, and this module must stay light for devices.
 DEVICE_ID_PATTERN: re.Pattern[str] = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -152,7 +153,7 @@ def _validity(days: float, name: str) -> dt.timedelta:
 
 
 def _check_device_id(device_id: object) -> str:
-    if not isinstance(device_id, str) or not DEVICE_ID_PATTERN.match(device_id):
+    if not isinstance(device_id, str) or not DEVICE_ID_PATTERN.fullmatch(device_id):
         raise PKIError("bad_request", f"device id {device_id!r} is not 1-64 letters, digits, '.', '_', '-' "
                                       "starting with a letter or digit")
     return device_id
@@ -443,7 +444,7 @@ def _check_host(host: object) -> str:
     else:
         raise PKIError("bad_request", f"{host!r} is an IP address: give it as an ip, not a host")
     labels = host.removesuffix(".").split(".")
-    if not 0 < len(host) <= 253 or not all(_HOST_LABEL.match(label) for label in labels):
+    if not 0 < len(host) <= 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
         raise PKIError("bad_request", f"{host!r} is not a DNS host name (letters, digits, '-', '_' and dots)")
     return host.removesuffix(".")
 
@@ -584,7 +585,7 @@ def device_id_of(cert: x509.Certificate) -> str:
         PKIError: ``bad_certificate`` when the CN is missing, repeated or not a device id.
     """
     value = _common_name(cert.subject)
-    if value is None or not DEVICE_ID_PATTERN.match(value):
+    if value is None or not DEVICE_ID_PATTERN.fullmatch(value):
         raise PKIError("bad_certificate", "the certificate's subject is not a single CN=<device id>")
     return value
 

@@ -449,6 +449,26 @@ class Store:
         rows = self._query("SELECT device_id FROM tokens WHERE hash = ?", (token_hash,))
         return None if not rows or rows[0][0] is None else str(rows[0][0])
 
+    def token_refusal(self, *, token_hash: str, device_id: str, now: float) -> str | None:
+        """Why ``consume_token`` would refuse this token now (a reason code), or None; changes nothing.
+
+        Lets a caller refuse a bad token before it reveals anything else, and
+        check other conditions before spending a use.
+        """
+        rows = self._query(
+            "SELECT expires_at, uses_left, device_id FROM tokens WHERE hash = ?", (token_hash,)
+        )
+        if not rows:
+            return "unknown_token"
+        expires_at, uses_left, bound = rows[0]
+        if now >= expires_at:
+            return "expired_token"
+        if uses_left < 1:
+            return "used_token"
+        if bound is not None and bound != device_id:
+            return "wrong_device"
+        return None
+
     def tokens(self, now: float) -> list[TokenRow]:
         """Every token, spent and expired ones included, oldest first."""
         rows = self._query("SELECT hash, expires_at, uses_left, device_id, created_at, note FROM tokens "

@@ -8,6 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 
 from fedge import pki
 from fedge.agent.config import AgentConfig
@@ -193,3 +196,44 @@ def test_an_agent_without_a_token_is_told_to_get_one(
     transport, _, _ = agent_transport(world, tmp_path, None)
     with pytest.raises(ConfigError, match="not enrolled"):
         transport.request("POST", "/v1/check-in", headers={}, content=b"{}", timeout_s=5)
+
+
+@pytest.mark.parametrize("device_id", ["gw-1\n", "gw-1\r\n", "gw-1 ", "\ngw-1"])
+def test_a_look_alike_id_with_a_newline_is_refused(
+    world: tuple[Identity, Store, Clock], device_id: str
+) -> None:
+    identity, store, clock = world
+    enrol(identity, new_token(store, clock), "gw-1")
+    key = pki.new_device_key()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    with pytest.raises(ProtocolError) as refused:
+        identity.enrol(EnrolRequest(token=new_token(store, clock), csr_pem=csr.decode()))
+    assert refused.value.reason == "bad_csr"
+    assert [d.device_id for d in store.devices()] == ["gw-1"]
+
+
+def test_without_a_valid_token_nothing_is_said_about_enrolled_ids(
+    world: tuple[Identity, Store, Clock],
+) -> None:
+    identity, store, clock = world
+    enrol(identity, new_token(store, clock), "gw-1")
+    store.revoke_device("gw-1", now=clock())
+    enrol(identity, new_token(store, clock), "gw-2")
+    for device_id in ("gw-1", "gw-2", "gw-3"):
+        with pytest.raises(ProtocolError) as refused:
+            enrol(identity, "not-a-token", device_id)
+        assert refused.value.reason == "bad_token"
+    used = new_token(store, clock)
+    enrol(identity, used, "gw-4")
+    assert (
+        store.token_refusal(token_hash=pki.hash_secret(used), device_id="gw-5", now=clock()) == "used_token"
+    )
+    assert (
+        store.token_refusal(token_hash=pki.hash_secret("nope"), device_id="gw-5", now=clock())
+        == "unknown_token"
+    )

@@ -932,3 +932,10 @@ def test_this_module_stays_light_for_devices() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONWARNINGS": "error"})
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("device_id", ["gw-1\n", "gw\n1"])
+def test_a_device_id_with_a_newline_is_refused(device_id: str) -> None:
+    with pytest.raises(pki.PKIError):
+        pki.make_csr(pki.new_device_key(), device_id)
+    assert not pki.DEVICE_ID_PATTERN.fullmatch(device_id)

@@ -83,7 +83,7 @@ def device_identity(request: Request, identity: Identity | None) -> str:
         value = identity.authenticate(tls.get(TLS_IDENTITY))
     else:
         header = request.headers.get(DEVICE_HEADER)
-        if header is None or not _DEVICE_ID.match(header):
+        if header is None or not _DEVICE_ID.fullmatch(header):
             raise _refusal("unknown_device", f"the {DEVICE_HEADER} header is missing or malformed")
         value = header
     request.state.device_id = value

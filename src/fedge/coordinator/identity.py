@@ -195,6 +195,10 @@ class Identity:
         now = self._clock()
         device_id = _csr_device_id(request.csr_pem.encode())
         token_hash = pki.hash_secret(request.token)
+        # The token first: without a valid one, nothing is said about which ids exist.
+        reason = self.store.token_refusal(token_hash=token_hash, device_id=device_id, now=now)
+        if reason is not None:
+            raise _refusal("bad_token", _TOKEN_DETAIL.get(reason, "the token is not valid"))
         bound = self.store.token_device(token_hash)
         if bound != device_id and self._has_active_certificate(device_id, now):
             # Taking over an enrolled id needs a token bound to that id: an
@@ -292,6 +296,6 @@ def _csr_device_id(csr_pem: bytes) -> str:
     except ValueError as e:
         raise _refusal("bad_csr", f"not a PEM certificate signing request ({e})") from None
     value = names[0].value if names else None
-    if not isinstance(value, str) or not pki.DEVICE_ID_PATTERN.match(value):
+    if not isinstance(value, str) or not pki.DEVICE_ID_PATTERN.fullmatch(value):
         raise _refusal("bad_csr", "the CSR's subject must be CN=<device id> (letters, digits, '.', '_', '-')")
     return value
