@@ -56,6 +56,7 @@ class DeviceIdentity:
         self.cert_file = state_dir / "device.crt"
         self.info_file = state_dir / "device.crt.json"
         self.ca_file = state_dir / "ca.crt"
+        self._cached_info: dict[str, float | str] | None = None
 
     def ensure_key(self) -> None:
         """Generate the device key (mode 0600) unless it exists."""
@@ -105,6 +106,12 @@ class DeviceIdentity:
         logger.info("fetched the coordinator's CA, matching the pinned fingerprint")
 
     def _info(self) -> dict[str, float | str] | None:
+        # Read once and kept: this is asked on every request, and only save() changes it.
+        if self._cached_info is None:
+            self._cached_info = self._read_info()
+        return self._cached_info
+
+    def _read_info(self) -> dict[str, float | str] | None:
         try:
             info = json.loads(self.info_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -152,6 +159,7 @@ class DeviceIdentity:
             raise ProtocolError("bad_payload", "the issued certificate names another device")
         pending.replace(self.cert_file)
         _write_atomic(self.info_file, json.dumps(info).encode())
+        self._cached_info = info
 
 
 def _keytool(*args: str, refused: str) -> str:
@@ -212,6 +220,7 @@ class MutualTlsTransport:
         self._token = token
         self._clock = clock
         self._inner: Transport | None = None
+        self._ca_ready = False
         self._next_renewal_try = 0.0
 
     def request(
@@ -226,7 +235,9 @@ class MutualTlsTransport:
         now = self._clock()
         # The first request fetches a pinned CA and enrols: both may meet an
         # unreachable coordinator, and then retry with the agent's backoff.
-        self.identity.ensure_ca(self._config)
+        if not self._ca_ready:
+            self.identity.ensure_ca(self._config)
+            self._ca_ready = True
         if self.identity.certificate_not_after() is None:
             self._enrol(timeout_s)
         elif now >= self._next_renewal_try and self.identity.needs_renewal(
