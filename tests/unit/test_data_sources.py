@@ -258,6 +258,26 @@ def test_federated_synthetic_accepts_explicit_thirty_devices() -> None:
     assert len(fd.devices) == 30
 
 
+@pytest.mark.parametrize("name", ["synthetic:0.5,0.5,7", "synthetic:iid,7", "synthetic:0.5, 0.5, 7"])
+def test_federated_synthetic_device_count(name: str) -> None:
+    fd = load_federated(name, partition=None, num_devices=None, seed=0)
+    assert len(fd.devices) == 7
+    assert len(load_federated(name, partition=None, num_devices=7, seed=0).devices) == 7
+
+
+def test_federated_synthetic_thirty_is_the_default_count() -> None:
+    a = load_federated("synthetic:1,1", partition=None, num_devices=None, seed=3)
+    b = load_federated("synthetic:1,1,30", partition=None, num_devices=None, seed=3)
+    assert len(a.devices) == len(b.devices) == 30
+    assert all(np.array_equal(x.x, y.x) and np.array_equal(x.y, y.y)
+               for x, y in zip(a.devices, b.devices, strict=True))
+
+
+def test_federated_synthetic_refuses_devices_other_than_its_count() -> None:
+    with pytest.raises(ConfigError, match="comes partitioned into its 12 devices.*--devices 10"):
+        load_federated("synthetic:1,1,12", partition=None, num_devices=10, seed=0)
+
+
 @pytest.mark.parametrize(
     ("partition", "num_devices", "given"),
     [("iid", None, "--partition iid"), (None, 10, "--devices 10"), ("iid", 30, "--partition iid")],
@@ -282,7 +302,15 @@ def test_federated_synthetic_refuses_partition_and_devices(
         ("synthetic:0,-2", "beta must be a finite number >= 0, got -2.0"),
         ("synthetic:nan,0", "alpha must be a finite number >= 0, got nan"),
         ("synthetic:1", "expected synthetic:ALPHA,BETA"),
-        ("synthetic:1,2,3", "expected synthetic:ALPHA,BETA"),
+        ("synthetic:1,2,3,4", "expected synthetic:ALPHA,BETA"),
+        ("synthetic:iid,3,4", "expected synthetic:ALPHA,BETA"),
+        ("synthetic:1,1,0", "DEVICES must be an integer between 1 and 1,000,000, got '0'"),
+        ("synthetic:1,1,-5", "DEVICES must be an integer between 1 and 1,000,000, got '-5'"),
+        ("synthetic:1,1,2.5", "DEVICES must be an integer between 1 and 1,000,000, got '2.5'"),
+        ("synthetic:1,1,ten", "DEVICES must be an integer between 1 and 1,000,000, got 'ten'"),
+        ("synthetic:1,1,", "DEVICES must be an integer between 1 and 1,000,000, got ''"),
+        ("synthetic:1,1,1000001", "got '1000001'"),
+        ("synthetic:iid,0", "DEVICES must be an integer between 1 and 1,000,000, got '0'"),
         ("synthetic:", "expected synthetic:ALPHA,BETA"),
         ("synthetic", "expected synthetic:ALPHA,BETA"),
     ],

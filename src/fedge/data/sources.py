@@ -44,7 +44,9 @@ __all__ = [
 DATA_NAMES: tuple[str, ...] = (
     "digits",
     "synthetic:ALPHA,BETA",
+    "synthetic:ALPHA,BETA,DEVICES",
     "synthetic:iid",
+    "synthetic:iid,DEVICES",
     "PATH.npz",
     "PATH.csv",
 )
@@ -52,6 +54,9 @@ DATA_NAMES: tuple[str, ...] = (
 DEFAULT_NUM_DEVICES = 20
 DEFAULT_PARTITION = "dirichlet:0.5"
 SYNTHETIC_NUM_DEVICES = 30
+# A bound on ``synthetic:...,DEVICES``: a device has about 450 examples on
+# average, so a million devices is already ~100 GB of features.
+SYNTHETIC_MAX_DEVICES = 1_000_000
 SYNTHETIC_NUM_FEATURES = 60
 SYNTHETIC_NUM_CLASSES = 10
 
@@ -220,15 +225,18 @@ def load_federated(
     rest is partitioned over ``num_devices`` devices (default 20) by
     ``partition`` (default ``dirichlet:0.5``). ``synthetic:ALPHA,BETA`` and
     ``synthetic:iid``: FedProx synthetic data, which comes split over its own
-    30 devices; the central test set is the union of the devices' test splits.
+    30 devices (``synthetic:ALPHA,BETA,DEVICES`` and ``synthetic:iid,DEVICES``
+    set another count); the central test set is the union of the devices'
+    test splits.
 
     Args:
-        data: ``digits``, ``synthetic:ALPHA,BETA``, ``synthetic:iid``, or the
+        data: ``digits``, ``synthetic:ALPHA,BETA[,DEVICES]``, ``synthetic:iid[,DEVICES]``, or the
             path of a ``.npz`` or ``.csv`` file (see :mod:`fedge.data.files`).
         partition: a partitioner spec (:func:`parse_partitioner`), or ``None``
             for the default; must be ``None`` for synthetic data.
         num_devices: number of devices, or ``None`` for the default; must be
-            ``None`` or 30 for synthetic data.
+            ``None`` or the generator's count (30 unless ``data`` names
+            another) for synthetic data.
         seed: an integer ``>= 0``; the test split, the partition and the
             synthetic draw use independent streams derived from it.
         test_fraction: share of examples held out, ``0 < test_fraction < 1``;
@@ -367,9 +375,8 @@ def _stratified_split(
 def _load_synthetic(
     data: str, *, partition: str | None, num_devices: int | None, seed: int
 ) -> FederatedData:
-    if partition is not None or (
-        num_devices is not None and num_devices != SYNTHETIC_NUM_DEVICES
-    ):
+    alpha, beta, iid, count = _parse_synthetic(data)
+    if partition is not None or (num_devices is not None and num_devices != count):
         given = ", ".join(
             f"{flag} {value}"
             for flag, value in (("--partition", partition), ("--devices", num_devices))
@@ -377,28 +384,15 @@ def _load_synthetic(
         )
         raise ConfigError(
             f"data {data!r}: synthetic data comes partitioned into its "
-            f"{SYNTHETIC_NUM_DEVICES} devices, so --partition/--devices do not apply "
-            f"(got {given})"
+            f"{count} devices, so --partition/--devices do not apply (got {given}); "
+            "set the count in the name instead: synthetic:ALPHA,BETA,DEVICES"
         )
-    rest = data.partition(":")[2].strip()
-    if rest.lower() == "iid":
-        alpha, beta, iid = 0.0, 0.0, True
-    else:
-        fields = rest.split(",")
-        if len(fields) != 2:
-            raise ConfigError(
-                f"data {data!r}: expected synthetic:ALPHA,BETA (e.g. synthetic:0.5,0.5) "
-                f"or synthetic:iid"
-            )
-        alpha = _parse_non_negative(data, "alpha", fields[0])
-        beta = _parse_non_negative(data, "beta", fields[1])
-        iid = False
     pairs = synthetic_fedprox(
         alpha,
         beta,
         iid=iid,
         rng=np.random.default_rng([seed, _STREAM_SYNTHETIC]),
-        num_devices=SYNTHETIC_NUM_DEVICES,
+        num_devices=count,
     )
     test = Dataset(
         x=np.concatenate([t.x for _, t in pairs]), y=np.concatenate([t.y for _, t in pairs])
@@ -410,6 +404,31 @@ def _load_synthetic(
         test=test,
         spec=DataSpec(num_features=SYNTHETIC_NUM_FEATURES, num_classes=top + 1),
     )
+
+
+def _parse_synthetic(data: str) -> tuple[float, float, bool, int]:
+    """``synthetic:ALPHA,BETA[,DEVICES]`` or ``synthetic:iid[,DEVICES]`` -> (alpha, beta, iid, devices)."""
+    fields = [f.strip() for f in data.partition(":")[2].split(",")]
+    if fields[0].lower() == "iid" and len(fields) <= 2:
+        alpha, beta, iid, rest = 0.0, 0.0, True, fields[1:]
+    elif len(fields) in (2, 3) and fields[0].lower() != "iid":
+        alpha = _parse_non_negative(data, "alpha", fields[0])
+        beta = _parse_non_negative(data, "beta", fields[1])
+        iid, rest = False, fields[2:]
+    else:
+        raise ConfigError(
+            f"data {data!r}: expected synthetic:ALPHA,BETA[,DEVICES] (e.g. synthetic:0.5,0.5 or "
+            f"synthetic:0.5,0.5,10000) or synthetic:iid[,DEVICES]"
+        )
+    if not rest:
+        return alpha, beta, iid, SYNTHETIC_NUM_DEVICES
+    text = rest[0]
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= SYNTHETIC_MAX_DEVICES:
+        raise ConfigError(
+            f"data {data!r}: DEVICES must be an integer between 1 and {SYNTHETIC_MAX_DEVICES:,}, "
+            f"got {text!r}"
+        )
+    return alpha, beta, iid, int(text)
 
 
 def _parse_non_negative(data: str, name: str, text: str) -> float:
