@@ -95,11 +95,20 @@ def _add_simulate(sub: Any) -> None:
                    metavar="KEY=VALUE", help="a strategy hyperparameter, e.g. momentum=0.9, "
                    "beta1=0.9, beta2=0.99, tau=0.001 (repeatable)")
     g = p.add_argument_group("run")
-    g.add_argument("--backend", choices=["inline", "processes"],
-                   help="inline: one process, bit-for-bit reproducible; processes: every core "
-                   "(default inline)")
+    g.add_argument("--backend", choices=["inline", "processes", "ray", "auto"],
+                   help="inline: one process, bit-for-bit reproducible; processes: every core; "
+                   "ray: a Ray cluster (pip install 'fedge[ray]'); auto: inline or processes by "
+                   "the run's estimated cost, ray with --ray-address (default inline)")
     g.add_argument("--workers", type=int, help="worker processes for --backend processes "
                    "(default: one per core)")
+    g.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                   help="join this Ray cluster ('auto': the one started on this machine); "
+                   "default: start a local Ray instance")
+    g.add_argument("--ray-cpus-per-device", type=_fraction, metavar="F",
+                   help="CPUs each Ray worker reserves (default 1); cluster CPUs / F workers")
+    g.add_argument("--ray-on-failure", choices=["retry", "dropout"],
+                   help="a Ray worker lost mid-round: retry its devices (default) or count them "
+                   "as dropped out")
     g.add_argument("--seed", type=int, help="seed for data split, selection and training (default 0)")
     g.add_argument("--config", type=Path, metavar="FILE.toml",
                    help="TOML file of settings (keys as the long flags, - or _)")

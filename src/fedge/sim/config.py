@@ -21,9 +21,10 @@ import numpy as np
 
 from fedge.errors import ConfigError
 
-__all__ = ["BACKENDS", "SimConfig", "coerce_fields", "load_toml"]
+__all__ = ["BACKENDS", "RAY_ON_FAILURE", "SimConfig", "coerce_fields", "load_toml"]
 
-BACKENDS = ("inline", "processes")
+BACKENDS = ("inline", "processes", "ray", "auto")
+RAY_ON_FAILURE = ("retry", "dropout")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class SimConfig:
     drop_stragglers: bool = False
     backend: str = "inline"
     workers: int | None = None
+    ray_address: str | None = None
+    ray_cpus_per_device: float = 1.0
+    ray_on_failure: str = "retry"
     eval_every: int = 1
     seed: int = 0
 
@@ -93,6 +97,24 @@ class SimConfig:
             )
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
+        self._check_ray()
+
+    def _check_ray(self) -> None:
+        if self.ray_address is not None and self.backend not in ("ray", "auto"):
+            raise ConfigError(
+                f"--ray-address needs --backend ray (or auto), not --backend {self.backend}"
+            )
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ConfigError("--ray-address must be 'auto' or HOST:PORT, got an empty string")
+        if not (math.isfinite(self.ray_cpus_per_device) and 0 < self.ray_cpus_per_device <= 1024):
+            raise ConfigError(
+                f"--ray-cpus-per-device must be a number in (0, 1024], got {self.ray_cpus_per_device}"
+            )
+        if self.ray_on_failure not in RAY_ON_FAILURE:
+            raise ConfigError(
+                f"--ray-on-failure must be one of {', '.join(RAY_ON_FAILURE)}, "
+                f"got {self.ray_on_failure!r}"
+            )
 
     def replace(self, **changes: Any) -> SimConfig:
         return dataclasses.replace(self, **changes)

@@ -25,6 +25,7 @@ from fedge.data.dataset import FederatedData
 from fedge.errors import ConfigError, TaskError
 from fedge.params import Params
 from fedge.rounds import Round, RoundState, choose_stragglers, select_cohort
+from fedge.sim.backend_choice import choose_backend
 from fedge.sim.backends import Backend, build_backend
 from fedge.sim.config import SimConfig
 from fedge.sim.devices import DeviceJob
@@ -87,6 +88,8 @@ class SimResult:
     num_devices: int
     num_examples: int
     timing: dict[str, float] = field(default_factory=dict)
+    backend: str = "inline"
+    backend_info: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """What ``summary.json`` holds."""
@@ -104,6 +107,7 @@ class SimResult:
             "examples": self.num_examples,
             "params": P.num_values(self.params),
             "wall_s": round(self.timing.get("wall_s", 0.0), 4),
+            "backend": {"name": self.backend, **self.backend_info},
             "timing": {k: round(v, 4) for k, v in self.timing.items()},
             "config": self.config.to_dict(),
         }
@@ -131,6 +135,12 @@ class Simulation:
         self.train_config = TrainConfig(
             local_epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr, mu=mu
         )
+        self.backend_choice = choose_backend(config, self.data, self.task, self.train_config)
+        if self.backend_choice.backend == "ray":
+            from fedge.sim.ray_backend import import_ray
+
+            import_ray()  # Without Ray installed, fail before any training.
+        self._data_given = data is not None
         self.setup_s = time.perf_counter() - t0
 
     def run(self, on_round: Callable[[RoundRecord], None] | None = None) -> SimResult:
@@ -139,11 +149,9 @@ class Simulation:
         t_start = time.perf_counter()
         state = self.strategy.init(self._init_params())
         population = np.arange(len(self.data.devices), dtype=np.int64)
-        backend = build_backend(
-            cfg.backend, task=self.task, task_name=cfg.task, spec=self.data.spec,
-            strategy=self.strategy, datasets=self.data.devices, base_config=self.train_config,
-            seed=cfg.seed, workers=cfg.workers,
-        )
+        t_backend = time.perf_counter()
+        backend = self._build_backend()
+        backend_s = time.perf_counter() - t_backend
         history: list[RoundRecord] = []
         train_s = eval_s = 0.0
         metrics: dict[str, float] = {}
@@ -173,9 +181,10 @@ class Simulation:
             "train_s": train_s,
             "eval_s": eval_s,
             "device_rounds": float(device_rounds),
+            "backend_start_s": backend_s,
             "wall_s": self.setup_s + (time.perf_counter() - t_start),
         }
-        if cfg.backend == "inline" and device_rounds:
+        if self.backend_choice.backend == "inline" and device_rounds:
             # In one process, everything that is not the task's own train or
             # evaluate call is the framework's overhead.
             timing["overhead_ms_per_device_round"] = (
@@ -184,7 +193,30 @@ class Simulation:
         return SimResult(
             config=cfg, params=state.params, metrics=metrics, history=history,
             num_devices=len(self.data.devices), num_examples=self.data.num_examples,
-            timing=timing,
+            timing=timing, backend=self.backend_choice.backend,
+            backend_info=dict(getattr(backend, "describe", dict)()),
+        )
+
+    def _build_backend(self) -> Backend:
+        cfg, name = self.config, self.backend_choice.backend
+        if name == "ray":
+            from fedge.sim.ray_backend import DataRecipe, RayBackend
+
+            # Workers rebuild the data themselves from the same settings, unless
+            # the caller handed the data over as values.
+            recipe = None if self._data_given else DataRecipe(
+                cfg.data, cfg.partition, cfg.devices, cfg.seed
+            )
+            return RayBackend(
+                task_name=cfg.task, spec=self.data.spec, strategy=self.strategy,
+                datasets=self.data.devices, recipe=recipe, base_config=self.train_config,
+                seed=cfg.seed, address=cfg.ray_address, cpus_per_device=cfg.ray_cpus_per_device,
+                workers=cfg.workers, on_failure=cfg.ray_on_failure,
+            )
+        return build_backend(
+            name, task=self.task, task_name=cfg.task, spec=self.data.spec,
+            strategy=self.strategy, datasets=self.data.devices, base_config=self.train_config,
+            seed=cfg.seed, workers=cfg.workers,
         )
 
     def _round(

@@ -1,0 +1,417 @@
+"""The ``ray`` simulator backend: devices on long-lived Ray actors, partial sums reduced on the cluster.
+
+The same work as every other backend (:class:`~fedge.sim.devices.DeviceRunner`),
+placed on a Ray cluster (Moritz et al., "Ray: A Distributed Framework for
+Emerging AI Applications", OSDI 2018), which may be a local instance, a
+multi-node cluster, or a KubeRay cluster on Kubernetes:
+
+- **Actors own devices.** ``W`` long-lived actors (cluster CPUs divided by
+  ``--ray-cpus-per-device``, or ``--workers``) each hold the devices
+  ``d % W == index``. An actor loads or generates its devices' data itself,
+  once, from the run's data settings (every source is deterministic for a
+  seed), so no data leaves the driver; data handed to the Python API as
+  values is put in the object store once, one shard per actor.
+- **Params once per round.** The round's params go into the object store
+  with one ``ray.put``; every actor reads the same object.
+- **Reduced on the cluster.** Each actor returns one partial accumulator
+  (:class:`~fedge.sim.devices.PartialRound`); zero-CPU merge tasks join them
+  in a tree of fan-in :data:`FAN_IN`, always through
+  :func:`~fedge.sim.backends.merge_partials`, and the driver fetches only the
+  root: O(model) memory at the driver whatever the cohort size. A strategy
+  whose accumulator keeps every update (``needs_every_update``) gets its
+  partials collected at the driver instead, with a warning about memory.
+- **Failures.** A worker process lost mid-round (killed, out of memory, its
+  node gone) is restarted by Ray with its data reloaded. With
+  ``on_failure="retry"`` Ray re-runs its batch; training is keyed by (seed,
+  round, device), so the retried batch is the same batch and the round is the
+  same round. With ``"dropout"`` the batch's devices count as dropped out of
+  that round, as a coordinator would count devices that never reported.
+  Either way a worker that keeps dying stops the run with a
+  :class:`~fedge.errors.BackendError` rather than a hung or wrong round.
+
+Bit-identity with ``inline`` is lost in one place only: the order in which
+partial sums are added (per actor, then the merge tree), so the model agrees
+to floating-point rounding; cohorts, stragglers and every device's training
+are identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from fedge.data.dataset import Dataset, DataSpec
+from fedge.errors import BackendError, ConfigError, DataError, FedgeError, TaskError
+from fedge.params import Params
+from fedge.sim.backends import _WORKER_ENV, _usable_cores, merge_partials
+from fedge.sim.devices import DeviceJob, DeviceRunner, PartialRound
+from fedge.strategies.base import Strategy
+from fedge.tasks import load_task
+from fedge.tasks.base import TrainConfig
+
+__all__ = ["FAN_IN", "INSTALL_HINT", "DataRecipe", "RayBackend", "import_ray"]
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "--backend ray needs Ray, which is not installed: pip install 'fedge[ray]'"
+#: Partials joined per merge task: a tree of depth log4(W) over W actors.
+FAN_IN = 4
+#: How often one actor may be lost before the run stops.
+MAX_RESTARTS = 3
+#: How long actors may take to start and load their data.
+READY_TIMEOUT_S = 600.0
+
+# A worker's error, by class name, becomes the same class on the driver, so a
+# bad task name is still a configuration error (exit 2) when a worker finds it.
+_ERRORS: dict[str, type[FedgeError]] = {
+    "ConfigError": ConfigError,
+    "UnknownNameError": ConfigError,
+    "DataError": DataError,
+    "TaskError": TaskError,
+    "BackendError": BackendError,
+}
+
+
+def import_ray() -> ModuleType:
+    """Import Ray, or fail with one line that says how to install it.
+
+    Raises:
+        ConfigError: Ray is not installed (or its import fails).
+    """
+    try:
+        import ray
+    except ImportError as e:
+        detail = "" if getattr(e, "name", None) == "ray" else f" ({type(e).__name__}: {e})"
+        raise ConfigError(INSTALL_HINT + detail) from None
+    return ray
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    """How a worker rebuilds the run's data itself: the ``--data`` settings and seed."""
+
+    data: str
+    partition: str | None
+    devices: int | None
+    seed: int
+
+    def shard(self, index: int, count: int) -> dict[int, Dataset]:
+        """The devices ``d % count == index`` of the run's data."""
+        from fedge.data import load_federated
+
+        fed = load_federated(self.data, partition=self.partition, num_devices=self.devices,
+                             seed=self.seed)
+        return {d: ds for d, ds in enumerate(fed.devices) if d % count == index}
+
+
+class _DeviceActor:
+    """One Ray worker: the devices it owns, their data, and a runner for rounds."""
+
+    def __init__(
+        self,
+        task_name: str,
+        spec: DataSpec,
+        strategy: Strategy,
+        base_config: TrainConfig,
+        seed: int,
+        source: DataRecipe | Mapping[int, Dataset],
+        index: int,
+        count: int,
+    ) -> None:
+        datasets = source.shard(index, count) if isinstance(source, DataRecipe) else dict(source)
+        self._runner = DeviceRunner(
+            task=load_task(task_name, spec), strategy=strategy, datasets=datasets,
+            base_config=base_config, seed=seed,
+        )
+        self._devices = len(datasets)
+
+    def ready(self) -> tuple[int, str, int]:
+        """(process id, node id, devices held): for placement checks and tests."""
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id(), self._devices
+
+    def run(self, round_id: int, params: Params, jobs: Sequence[DeviceJob]) -> PartialRound:
+        # The object store hands out read-only views; a private copy per actor
+        # and round gives the task the same writable params as other backends.
+        own = {k: np.array(v) for k, v in params.items()}
+        return self._runner.run(round_id, own, jobs)
+
+
+@dataclass
+class _Merged:
+    """A merge task's result: the joined partial (None if every input was lost) and lost actors."""
+
+    part: PartialRound | None
+    lost: list[int] = field(default_factory=list)
+
+
+def _combine(items: Sequence[tuple[int, Any]], *, tolerate: bool, get: Callable[[Any], Any]) -> _Merged:
+    """Join leaf partials and earlier merges, in the order given.
+
+    ``items`` are (actor index, ref): a leaf ref resolves to a PartialRound,
+    an inner one to a :class:`_Merged`. With ``tolerate``, an actor that died
+    is recorded as lost instead of failing the merge.
+    """
+    from ray.exceptions import RayActorError
+
+    parts: list[PartialRound] = []
+    lost: list[int] = []
+    for index, ref in items:
+        try:
+            got = get(ref)
+        except RayActorError:
+            if not tolerate:
+                raise
+            lost.append(index)
+            continue
+        if isinstance(got, _Merged):
+            lost.extend(got.lost)
+            if got.part is not None:
+                parts.append(got.part)
+        else:
+            parts.append(got)
+    if not parts:
+        return _Merged(None, lost)
+    # Objects from the store are read-only views; the partial that the others
+    # are added into gets a private copy first (one model's worth of memory).
+    parts[0] = copy.deepcopy(parts[0])
+    return _Merged(merge_partials(parts), lost)
+
+
+def _merge_task(wrapped: list[tuple[int, list[Any]]], tolerate: bool) -> _Merged:
+    """Body of the remote merge task; refs arrive wrapped in lists so Ray does not resolve them."""
+    import ray
+
+    return _combine([(i, refs[0]) for i, refs in wrapped], tolerate=tolerate, get=ray.get)
+
+
+class RayBackend:
+    """Devices on Ray actors; see the module docstring for the design."""
+
+    def __init__(
+        self,
+        *,
+        task_name: str,
+        spec: DataSpec,
+        strategy: Strategy,
+        datasets: Sequence[Dataset],
+        recipe: DataRecipe | None,
+        base_config: TrainConfig,
+        seed: int,
+        address: str | None,
+        cpus_per_device: float,
+        workers: int | None,
+        on_failure: str,
+    ) -> None:
+        ray = import_ray()
+        self._ray = ray
+        if on_failure not in ("retry", "dropout"):
+            raise ConfigError(f"on_failure must be 'retry' or 'dropout', got {on_failure!r}")
+        self._tolerate = on_failure == "dropout"
+        self._strategy = strategy
+        self._collect = bool(getattr(strategy, "needs_every_update", False))
+        if self._collect:
+            logger.warning(
+                "strategy %s needs every update: the ray backend collects every worker's "
+                "updates at the driver, so its memory grows with the cohort size",
+                type(strategy).__name__,
+            )
+        self._owns_ray = False
+        self._actors: list[Any] = []
+        self._failures: list[int] = []
+        t0 = time.perf_counter()
+        try:
+            self._connect(address, cpus_per_device, workers)
+            cpus = float(ray.cluster_resources().get("CPU", 0.0))
+            count = workers if workers is not None else max(1, int(cpus // cpus_per_device))
+            count = max(1, min(count, len(datasets)))
+            if count * cpus_per_device > cpus + 1e-9:
+                raise ConfigError(
+                    f"{count} Ray workers at --ray-cpus-per-device {cpus_per_device:g} need "
+                    f"{count * cpus_per_device:g} CPUs; the cluster has {cpus:g}"
+                )
+            self.workers = count
+            self._start_actors(task_name, spec, strategy, datasets, recipe, base_config, seed,
+                               cpus_per_device, on_failure)
+        except BaseException:
+            self.close()
+            raise
+        self.start_s = time.perf_counter() - t0
+        self._merge = ray.remote(num_cpus=0)(_merge_task)
+
+    # Start-up ------------------------------------------------------------------
+
+    def _connect(self, address: str | None, cpus_per_device: float, workers: int | None) -> None:
+        ray = self._ray
+        if ray.is_initialized():
+            return  # The caller's own Ray session: use it, leave it running.
+        env = dict(_WORKER_ENV)
+        options: dict[str, Any] = {
+            "include_dashboard": False,
+            "logging_level": logging.WARNING,
+            "log_to_driver": False,
+        }
+        if address is None:
+            # A local instance sees the driver's modules, as spawned worker
+            # processes do (a user task given as module:attr, a src checkout).
+            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+            cores = _usable_cores()
+            if workers is not None:
+                cores = max(cores, int(np.ceil(workers * cpus_per_device)))
+            options["num_cpus"] = cores
+        else:
+            options["address"] = address
+        try:
+            ray.init(runtime_env={"env_vars": env}, **options)
+        except ConnectionError as e:
+            raise BackendError(f"cannot join the Ray cluster at {address!r}: {e}") from None
+        self._owns_ray = True
+
+    def _start_actors(
+        self,
+        task_name: str,
+        spec: DataSpec,
+        strategy: Strategy,
+        datasets: Sequence[Dataset],
+        recipe: DataRecipe | None,
+        base_config: TrainConfig,
+        seed: int,
+        cpus_per_device: float,
+        on_failure: str,
+    ) -> None:
+        ray = self._ray
+        count = self.workers
+        actor_cls = ray.remote(_DeviceActor).options(
+            num_cpus=cpus_per_device,
+            max_restarts=MAX_RESTARTS,
+            max_task_retries=MAX_RESTARTS if on_failure == "retry" else 0,
+            scheduling_strategy="SPREAD",
+        )
+        for index in range(count):
+            source: DataRecipe | Any = recipe
+            if recipe is None:
+                source = ray.put({d: ds for d, ds in enumerate(datasets) if d % count == index})
+            self._actors.append(actor_cls.remote(
+                task_name, spec, strategy, base_config, seed, source, index, count
+            ))
+        self._failures = [0] * count
+        pending = [a.ready.remote() for a in self._actors]
+        done, waiting = ray.wait(pending, num_returns=len(pending), timeout=READY_TIMEOUT_S)
+        if waiting:
+            raise BackendError(
+                f"{len(waiting)} of {count} Ray workers did not start within "
+                f"{READY_TIMEOUT_S:.0f} s (does the cluster have "
+                f"{count * cpus_per_device:g} free CPUs?)"
+            )
+        info = self._get(done)
+        by_ref = dict(zip(done, info, strict=True))
+        placed = [by_ref[r] for r in pending]
+        self.pids = [p[0] for p in placed]
+        self.nodes = sorted({p[1] for p in placed})
+
+    # Rounds --------------------------------------------------------------------
+
+    def run_round(self, round_id: int, params: Params, jobs: Sequence[DeviceJob]) -> PartialRound:
+        ray = self._ray
+        per_actor: list[list[DeviceJob]] = [[] for _ in range(self.workers)]
+        for job in jobs:
+            per_actor[job.device_id % self.workers].append(job)
+        params_ref = ray.put(params)
+        leaves = [
+            (i, self._actors[i].run.remote(round_id, params_ref, per_actor[i]))
+            for i in range(self.workers) if per_actor[i]
+        ]
+        if self._collect:
+            merged = self._get_one(
+                lambda: _combine(leaves, tolerate=self._tolerate, get=ray.get)
+            )
+        else:
+            level: list[tuple[int, Any]] = leaves
+            while True:
+                groups = [level[k:k + FAN_IN] for k in range(0, len(level), FAN_IN)]
+                level = [
+                    (g[0][0], self._merge.remote([(i, [ref]) for i, ref in g], self._tolerate))
+                    for g in groups
+                ]
+                if len(level) == 1:
+                    break
+            merged = self._get_one(lambda: ray.get(level[0][1]))
+        for index in merged.lost:
+            self._failures[index] += 1
+            if self._failures[index] > MAX_RESTARTS:
+                raise BackendError(
+                    f"Ray worker {index} was lost {self._failures[index]} times; giving up"
+                )
+            logger.warning(
+                "round %d: Ray worker %d was lost; its %d devices count as dropped out",
+                round_id, index, len(per_actor[index]),
+            )
+        if merged.part is None:
+            # Every worker was lost: an empty partial, so every device is a dropout.
+            return PartialRound(accumulator=self._strategy.accumulator(params))
+        return merged.part
+
+    def _get_one(self, fetch: Callable[[], _Merged]) -> _Merged:
+        try:
+            return fetch()
+        except Exception as e:
+            raise self._translate(e) from None
+
+    def _get(self, refs: Sequence[Any]) -> list[Any]:
+        try:
+            return list(self._ray.get(list(refs)))
+        except Exception as e:
+            raise self._translate(e) from None
+
+    def _translate(self, e: BaseException) -> BaseException:
+        """A Ray error as the fedge error it stands for, on one line."""
+        from ray.exceptions import RayActorError, RayError, RayTaskError
+
+        cause: BaseException | None = e
+        while isinstance(cause, RayTaskError):
+            cause = cause.cause
+        if isinstance(cause, FedgeError):
+            kind = _ERRORS.get(type(cause).__name__)
+            if kind is None:
+                kind = next((k for k in _ERRORS.values() if isinstance(cause, k)), BackendError)
+            message = str(cause.args[0]) if len(cause.args) == 1 else str(cause)
+            return kind(f"Ray worker: {_one_line(message)}")
+        if isinstance(cause, RayActorError):
+            return BackendError(
+                f"a Ray worker died and was not recovered ({type(cause).__name__}); "
+                "see Ray's logs under the session's logs/ folder"
+            )
+        if isinstance(cause, RayError | Exception) and cause is not None:
+            return BackendError(f"Ray worker: {type(cause).__name__}: {_one_line(str(cause))}")
+        return e
+
+    def close(self) -> None:
+        ray = self._ray
+        for actor in self._actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - closing: a dead actor is what we want.
+                logger.debug("Ray actor already gone at close")
+        self._actors.clear()
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+
+    def describe(self) -> dict[str, Any]:
+        """What summary.json records about the backend."""
+        return {"workers": self.workers, "nodes": len(self.nodes), "start_s": round(self.start_s, 4)}
+
+
+def _one_line(text: str) -> str:
+    first = text.strip().splitlines()
+    return first[0] if first else text
