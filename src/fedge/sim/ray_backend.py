@@ -127,20 +127,32 @@ class _DeviceActor:
         index: int,
         count: int,
     ) -> None:
-        datasets = source.shard(index, count) if isinstance(source, DataRecipe) else dict(source)
-        self._runner = DeviceRunner(
-            task=load_task(task_name, spec), strategy=strategy, datasets=datasets,
-            base_config=base_config, seed=seed,
-        )
-        self._devices = len(datasets)
+        # An exception out of __init__ reaches the driver as a bare message
+        # (Ray keeps no cause for a dead actor); kept and raised by ready(),
+        # it arrives as itself, so a bad task name stays a ConfigError.
+        self._error: Exception | None = None
+        self._devices = 0
+        try:
+            datasets = source.shard(index, count) if isinstance(source, DataRecipe) else dict(source)
+            self._runner = DeviceRunner(
+                task=load_task(task_name, spec), strategy=strategy, datasets=datasets,
+                base_config=base_config, seed=seed,
+            )
+            self._devices = len(datasets)
+        except Exception as e:  # noqa: BLE001 - re-raised by ready() and run().
+            self._error = e
 
     def ready(self) -> tuple[int, str, int]:
         """(process id, node id, devices held): for placement checks and tests."""
         import ray
 
+        if self._error is not None:
+            raise self._error
         return os.getpid(), ray.get_runtime_context().get_node_id(), self._devices
 
     def run(self, round_id: int, params: Params, jobs: Sequence[DeviceJob]) -> PartialRound:
+        if self._error is not None:
+            raise self._error
         # The object store hands out read-only views; a private copy per actor
         # and round gives the task the same writable params as other backends.
         own = {k: np.array(v) for k, v in params.items()}
@@ -356,10 +368,21 @@ class RayBackend:
                 "round %d: Ray worker %d was lost; its %d devices count as dropped out",
                 round_id, index, len(per_actor[index]),
             )
+            self._await_restart(index)
         if merged.part is None:
             # Every worker was lost: an empty partial, so every device is a dropout.
             return PartialRound(accumulator=self._strategy.accumulator(params))
         return merged.part
+
+    def _await_restart(self, index: int) -> None:
+        """Wait until Ray has restarted lost worker ``index`` (its data reloaded) for the next round."""
+        probe = self._actors[index].ready.options(max_task_retries=MAX_RESTARTS).remote()
+        try:
+            self._ray.get(probe, timeout=READY_TIMEOUT_S)
+        except Exception as e:
+            raise BackendError(
+                f"Ray worker {index} was lost and did not come back: {type(e).__name__}"
+            ) from None
 
     def _get_one(self, fetch: Callable[[], _Merged]) -> _Merged:
         try:
