@@ -104,8 +104,8 @@ class SimConfig:
             raise ConfigError(
                 f"--ray-address needs --backend ray (or auto), not --backend {self.backend}"
             )
-        if self.ray_address is not None and not self.ray_address.strip():
-            raise ConfigError("--ray-address must be 'auto' or HOST:PORT, got an empty string")
+        if self.ray_address is not None and not _is_ray_address(self.ray_address):
+            raise ConfigError(f"--ray-address must be 'auto' or HOST:PORT, got {self.ray_address!r}")
         if not (math.isfinite(self.ray_cpus_per_device) and 0 < self.ray_cpus_per_device <= 1024):
             raise ConfigError(
                 f"--ray-cpus-per-device must be a number in (0, 1024], got {self.ray_cpus_per_device}"
@@ -132,6 +132,14 @@ class SimConfig:
             ConfigError: an unknown key or a value of the wrong type, naming ``source``.
         """
         return cls(**coerce_fields(cls, values, source=source))
+
+
+def _is_ray_address(text: str) -> bool:
+    if text == "auto":
+        return True
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host.strip("[]") and port.isascii() and port.isdigit()
+                and 1 <= int(port) <= 65535 and not any(c.isspace() or c == "/" for c in host))
 
 
 def _check_int(name: str, value: object, *, low: int, high: int | None = None) -> None:

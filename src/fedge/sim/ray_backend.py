@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -67,6 +68,8 @@ INSTALL_HINT = "--backend ray needs Ray, which is not installed: pip install 'fe
 FAN_IN = 4
 #: How often one actor may be lost before the run stops.
 MAX_RESTARTS = 3
+#: How long the driver tries to reach a cluster's head before giving up.
+CONNECT_TIMEOUT_S = 5.0
 #: How long actors may take to start and load their data.
 READY_TIMEOUT_S = 600.0
 
@@ -282,6 +285,7 @@ class RayBackend:
                 cores = max(cores, int(np.ceil(workers * cpus_per_device)))
             options["num_cpus"] = cores
         else:
+            _check_reachable(address)
             options["address"] = address
         try:
             ray.init(runtime_env={"env_vars": env}, **options)
@@ -433,6 +437,20 @@ class RayBackend:
     def describe(self) -> dict[str, Any]:
         """What summary.json records about the backend."""
         return {"workers": self.workers, "nodes": len(self.nodes), "start_s": round(self.start_s, 4)}
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast when nothing listens at HOST:PORT (Ray itself would retry for minutes)."""
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise BackendError(
+            f"cannot join the Ray cluster at {address}: {e.strerror or e} "
+            "(is its head node running? start one with: ray start --head)"
+        ) from None
 
 
 def _one_line(text: str) -> str:

@@ -1,0 +1,161 @@
+"""Scale-out: the inline, processes and ray backends at 10,000 devices, Ray's start-up, parallel efficiency.
+
+Every run is ``fedge simulate ... --no-plot --quiet --out TMP`` in a fresh
+child process, as a user runs it. While it runs, the script samples every
+0.25 s, from /proc via psutil:
+
+- the driver's peak RSS (the kernel's high-water mark, VmHWM, of the
+  ``fedge`` process itself);
+- the whole process tree's memory: the sum of PSS (proportional set size:
+  shared pages, such as Ray's object store in /dev/shm, counted once in
+  total, not once per process that maps them) over the driver and every
+  descendant (worker processes; with a local Ray instance also its GCS,
+  raylet and actors). A sampled peak can miss a short spike.
+
+Workloads (``--only NAME`` runs one; default all):
+
+- ``10k``: synthetic:0.5,0.5,10000 (10,000 devices), cohort 1,000, 30 rounds
+  of logreg, for inline, processes and ray (2 workers each).
+- ``1k``: synthetic:0.5,0.5,1000, every device every round, 30 rounds of
+  logreg on ray, wall time including Ray's start-up (target <= 30 s), and the
+  driver's peak RSS at cohorts 100 and 1,000 of the same 1,000 devices (the
+  driver should not grow with the cohort).
+- ``mlp``: an MLP of 64*13000 + 13000 + 13000*10 + 10 = 975,010 parameters
+  on digits, 20 devices, 5 rounds, ray with 1 and with 2 workers: parallel
+  efficiency from the rounds' time (start-up excluded; target >= 1.6x).
+- ``startup``: a 1-round, 2-device run on each backend: ``backend_start_s``
+  from summary.json is the fixed cost of starting its workers.
+
+    .venv/bin/python bench/scale.py [--only 10k|1k|mlp|startup] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from _common import FEDGE, machine
+
+SAMPLE_S = 0.25
+
+
+def _tree_pss_mb(root: psutil.Process) -> float:
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return total / 2**20
+
+
+def _hwm_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run(args: list[str]) -> dict[str, Any]:
+    """One ``fedge simulate`` run: wall time, driver peak RSS, tree peak PSS, summary.json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [FEDGE, "simulate", *args, "--no-plot", "--quiet", "--out", tmp]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        root = psutil.Process(proc.pid)
+        driver_mb = tree_mb = 0.0
+        while proc.poll() is None:
+            driver_mb = max(driver_mb, _hwm_mb(proc.pid))
+            try:
+                tree_mb = max(tree_mb, _tree_pss_mb(root))
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(SAMPLE_S)
+        _, err = proc.communicate()
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{err}")
+        summary = json.loads((Path(tmp) / "summary.json").read_text())
+    return {
+        "args": " ".join(args),
+        "wall_s": round(wall, 2),
+        "rounds_s": round(summary["timing"]["rounds_s"], 2),
+        "backend_start_s": round(summary["timing"].get("backend_start_s", 0.0), 2),
+        "driver_peak_mb": round(driver_mb),
+        "tree_peak_pss_mb": round(tree_mb),
+        "accuracy": summary["accuracy"],
+        "backend": summary.get("backend"),
+    }
+
+
+def _show(row: dict[str, Any]) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def bench_10k() -> list[dict[str, Any]]:
+    base = ["--data", "synthetic:0.5,0.5,10000", "--cohort", "1000", "--rounds", "30",
+            "--task", "logreg", "--workers", "2"]
+    rows = []
+    for backend in ("inline", "processes", "ray"):
+        rows.append(run([*base, "--backend", backend]))
+        _show(rows[-1])
+    return rows
+
+
+def bench_1k() -> list[dict[str, Any]]:
+    rows = []
+    for cohort in ("1000", "100"):
+        rows.append(run(["--data", "synthetic:0.5,0.5,1000", "--cohort", cohort, "--rounds", "30",
+                         "--task", "logreg", "--backend", "ray", "--workers", "2"]))
+        _show(rows[-1])
+    return rows
+
+
+def bench_mlp() -> list[dict[str, Any]]:
+    rows = []
+    for workers in ("1", "2"):
+        rows.append(run(["--task", "mlp:13000", "--devices", "20", "--rounds", "5",
+                         "--backend", "ray", "--workers", workers]))
+        _show(rows[-1])
+    speedup = rows[0]["rounds_s"] / rows[1]["rounds_s"]
+    print(f"parallel speed-up, 2 workers over 1: {speedup:.2f}x", flush=True)
+    return rows
+
+
+def bench_startup() -> list[dict[str, Any]]:
+    rows = []
+    for backend in ("inline", "processes", "ray"):
+        rows.append(run(["--devices", "2", "--rounds", "1", "--backend", backend, "--workers", "2"]))
+        _show(rows[-1])
+    return rows
+
+
+BENCHES = {"startup": bench_startup, "1k": bench_1k, "mlp": bench_mlp, "10k": bench_10k}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--only", choices=sorted(BENCHES))
+    parser.add_argument("--json", type=Path, help="also write every row here")
+    opts = parser.parse_args()
+    print(f"machine: {machine()}", flush=True)
+    results = {}
+    for name, fn in BENCHES.items():
+        if opts.only in (None, name):
+            print(f"== {name}", flush=True)
+            results[name] = fn()
+    if opts.json:
+        opts.json.write_text(json.dumps({"machine": machine(), **results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
