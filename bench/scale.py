@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
 from _common import FEDGE, machine
 
 SAMPLE_S = 0.25

@@ -12,6 +12,7 @@ plain ``ray stop`` would stop every one).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -83,14 +84,10 @@ def ray_cluster() -> Iterator[str]:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p in reversed(procs):
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)  # whatever the graceful stop left
-            except ProcessLookupError:
-                pass
             p.wait()
         for log in logs:
             log.close()
@@ -124,7 +121,9 @@ def _wait_for_nodes(address: str, count: int, env: dict[str, str], timeout_s: fl
     pytest.fail(f"the Ray cluster at {address} did not reach {count} nodes")
 
 
-def _simulate(args: list[str], out: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _simulate(
+    args: list[str], out: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [FEDGE, "simulate", *args, "--no-plot", "--quiet", "--out", str(out)],
         capture_output=True, text=True, env=env or child_env(), check=False, timeout=600,

@@ -274,7 +274,7 @@ def test_federated_synthetic_thirty_is_the_default_count() -> None:
 
 
 def test_federated_synthetic_refuses_devices_other_than_its_count() -> None:
-    with pytest.raises(ConfigError, match="comes partitioned into its 12 devices.*--devices 10"):
+    with pytest.raises(ConfigError, match=r"comes partitioned into its 12 devices.*--devices 10"):
         load_federated("synthetic:1,1,12", partition=None, num_devices=10, seed=0)
 
 

@@ -70,7 +70,7 @@ def choose_backend(
         return BackendChoice("inline", f"{cores} usable core(s), {workers} worker(s)")
     try:
         estimate = _estimate_inline_train_s(config, data, task, train_config)
-    except Exception as e:  # noqa: BLE001 - the run itself reports the task's error properly.
+    except Exception as e:
         return BackendChoice("inline", f"the probe training call failed ({type(e).__name__})")
     shipped = sum(d.x.nbytes + d.y.nbytes for d in data.devices)
     cost = PROCESS_START_S + config.rounds * PROCESS_ROUND_S + shipped / PROCESS_SHIP_BYTES_PER_S

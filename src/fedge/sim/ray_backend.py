@@ -142,7 +142,7 @@ class _DeviceActor:
                 base_config=base_config, seed=seed,
             )
             self._devices = len(datasets)
-        except Exception as e:  # noqa: BLE001 - re-raised by ready() and run().
+        except Exception as e:
             self._error = e
 
     def ready(self) -> tuple[int, str, int]:
@@ -427,7 +427,7 @@ class RayBackend:
         for actor in self._actors:
             try:
                 ray.kill(actor)
-            except Exception:  # noqa: BLE001 - closing: a dead actor is what we want.
+            except Exception:
                 logger.debug("Ray actor already gone at close")
         self._actors.clear()
         if self._owns_ray:
