@@ -21,7 +21,7 @@ Workloads (``--only NAME`` runs one; default all):
   driver's peak RSS at cohorts 100 and 1,000 of the same 1,000 devices (the
   driver should not grow with the cohort).
 - ``mlp``: an MLP of 64*13000 + 13000 + 13000*10 + 10 = 975,010 parameters
-  on digits, 20 devices, 5 rounds, ray with 1 and with 2 workers: parallel
+  on digits, 20 devices, 10 rounds of 2 local epochs, ray with 1 and with 2 workers: parallel
   efficiency from the rounds' time (start-up excluded; target >= 1.6x).
 - ``startup``: a 1-round, 2-device run on each backend: ``backend_start_s``
   from summary.json is the fixed cost of starting its workers.
@@ -124,7 +124,7 @@ def bench_1k() -> list[dict[str, Any]]:
 def bench_mlp() -> list[dict[str, Any]]:
     rows = []
     for workers in ("1", "2"):
-        rows.append(run(["--task", "mlp:13000", "--devices", "20", "--rounds", "5",
+        rows.append(run(["--task", "mlp:13000", "--devices", "20", "--rounds", "10", "--local-epochs", "2",
                          "--backend", "ray", "--workers", workers]))
         _show(rows[-1])
     speedup = rows[0]["rounds_s"] / rows[1]["rounds_s"]

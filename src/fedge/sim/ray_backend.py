@@ -258,11 +258,14 @@ class RayBackend:
             self.workers = count
             self._start_actors(task_name, spec, strategy, datasets, recipe, base_config, seed,
                                cpus_per_device, on_failure)
+            self._merge = ray.remote(num_cpus=0)(_merge_task)
+            # Start the merge tasks' worker process now, so its start-up is
+            # counted once here rather than in the first round.
+            self._get_one(lambda: ray.get(self._merge.remote([], self._tolerate)))
         except BaseException:
             self.close()
             raise
         self.start_s = time.perf_counter() - t0
-        self._merge = ray.remote(num_cpus=0)(_merge_task)
 
     # Start-up ------------------------------------------------------------------
 

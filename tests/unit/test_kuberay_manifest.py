@@ -1,0 +1,105 @@
+"""deploy/kuberay/raycluster.yaml: valid against its JSON Schema, and the checks KubeRay itself makes.
+
+The schema (deploy/kuberay/raycluster.schema.json) covers the RayCluster
+fields fedge's manifest uses and refuses unknown ones; it is validated with
+``jsonschema`` (PyPI). No Kubernetes cluster is involved: what was not run
+is listed in docs/scale.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+jsonschema = pytest.importorskip("jsonschema")
+yaml = pytest.importorskip("yaml")
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kuberay"
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((DEPLOY / "raycluster.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(loaded)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def manifest() -> dict[str, Any]:
+    docs = list(yaml.safe_load_all((DEPLOY / "raycluster.yaml").read_text()))
+    assert len(docs) == 1
+    loaded: dict[str, Any] = docs[0]
+    return loaded
+
+
+def _errors(schema: dict[str, Any], doc: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft202012Validator(schema)
+    return [e.message for e in validator.iter_errors(doc)]
+
+
+def test_manifest_is_valid(schema: dict[str, Any], manifest: dict[str, Any]) -> None:
+    assert _errors(schema, manifest) == []
+
+
+def test_manifest_fits_how_fedge_runs_on_it(manifest: dict[str, Any]) -> None:
+    spec = manifest["spec"]
+    head = spec["headGroupSpec"]
+    # The head runs the driver only: no actor may land there.
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    images = {c["image"] for c in head["template"]["spec"]["containers"]}
+    for group in spec["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        containers = group["template"]["spec"]["containers"]
+        images |= {c["image"] for c in containers}
+        # Ray's CPU count and the pod's CPU limit agree, so actors are not oversubscribed.
+        assert group["rayStartParams"]["num-cpus"] == str(containers[0]["resources"]["limits"]["cpu"])
+    assert len(images) == 1  # one fedge version on every pod
+
+
+def _set(doc: dict[str, Any], path: list[Any], value: object) -> dict[str, Any]:
+    out = copy.deepcopy(doc)
+    node: Any = out
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "fragment"),
+    [
+        (["apiVersion"], "ray.io/v1alpha1", "'ray.io/v1' was expected"),
+        (["kind"], "RayJob", "'RayCluster' was expected"),
+        (["metadata", "name"], "Fedge_Sim", "does not match"),
+        (["spec", "workerGroupSpecs", 0, "replicas"], -1, "less than the minimum"),
+        (["spec", "workerGroupSpecs", 0, "replicas"], "4", "is not of type 'integer'"),
+        # KubeRay takes ray start parameters as strings only.
+        (["spec", "headGroupSpec", "rayStartParams", "num-cpus"], 0, "is not of type 'string'"),
+        (["spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "imagePullPolicy"],
+         "Sometimes", "is not one of"),
+        (["spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "resources", "limits",
+          "memory"], "8 gigs", "is not valid"),
+        (["spec", "headGroupSpec", "template", "spec", "containers", 0, "ports", 0, "containerPort"],
+         70000, "greater than the maximum"),
+        (["spec", "workerGroupSpec"], [], "Additional properties are not allowed"),
+        (["spec", "rayVersion"], "latest", "does not match"),
+    ],
+)
+def test_schema_refuses_broken_manifests(
+    schema: dict[str, Any], manifest: dict[str, Any], path: list[Any], value: object, fragment: str
+) -> None:
+    errors = _errors(schema, _set(manifest, path, value))
+    assert errors and any(fragment in e for e in errors), errors
+
+
+def test_schema_requires_a_head_and_images(schema: dict[str, Any], manifest: dict[str, Any]) -> None:
+    no_head = copy.deepcopy(manifest)
+    del no_head["spec"]["headGroupSpec"]
+    assert any("'headGroupSpec' is a required property" in e for e in _errors(schema, no_head))
+    no_image = copy.deepcopy(manifest)
+    del no_image["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["image"]
+    assert any("'image' is a required property" in e for e in _errors(schema, no_image))
