@@ -201,6 +201,7 @@ def test_ray_with_data_given_as_values(ray_session: None) -> None:
     assert _close(inline.params, on_ray.params) < ATOL
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_retried_and_the_round_is_the_same(ray_session: None, tasks_dir: Path) -> None:
     def arm(record: object) -> None:
         (tasks_dir / "armed-retry").touch()
@@ -215,6 +216,7 @@ def test_a_killed_worker_is_retried_and_the_round_is_the_same(ray_session: None,
     assert _close(plain.params, killed.params) == 0.0
 
 
+@pytest.mark.slow
 def test_a_killed_worker_counts_as_dropout(ray_session: None, tasks_dir: Path) -> None:
     def arm(record: object) -> None:
         (tasks_dir / "armed-dropout").touch()
@@ -230,6 +232,7 @@ def test_a_killed_worker_counts_as_dropout(ray_session: None, tasks_dir: Path) -
     assert (third.reported, third.dropped) == (20, 0)  # restarted, data reloaded
 
 
+@pytest.mark.slow
 def test_a_worker_that_keeps_dying_stops_the_run(ray_session: None, tasks_dir: Path) -> None:
     (tasks_dir / "armed-always").touch()
 

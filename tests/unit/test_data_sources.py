@@ -391,3 +391,17 @@ def test_federated_bad_partition_is_refused() -> None:
         load_federated("digits", partition="dirichlet:0", num_devices=None, seed=0)
     with pytest.raises(ConfigError, match="classes_per_device must be <= the number of classes"):
         load_federated("digits", partition="shards:11", num_devices=None, seed=0)
+
+
+@pytest.mark.parametrize("name", ["synthetic:0.5,0.5,9", "synthetic:iid,9"])
+def test_synthetic_shard_equals_the_full_draws_devices(name: str) -> None:
+    full = load_federated(name, partition=None, num_devices=None, seed=5)
+    shard = sources.synthetic_shard(name, seed=5, keep=lambda k: k % 3 == 1)
+    assert sorted(shard) == [1, 4, 7]
+    for k, d in shard.items():
+        assert np.array_equal(d.x, full.devices[k].x) and np.array_equal(d.y, full.devices[k].y)
+
+
+def test_synthetic_shard_refuses_bad_names() -> None:
+    with pytest.raises(ConfigError, match="DEVICES must be"):
+        sources.synthetic_shard("synthetic:1,1,0", seed=0, keep=lambda k: True)

@@ -22,6 +22,7 @@ does not change which examples are held out for testing.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def synthetic_fedprox(
     iid: bool,
     rng: np.random.Generator,
     num_devices: int = SYNTHETIC_NUM_DEVICES,
+    keep: Callable[[int], bool] | None = None,
 ) -> list[tuple[Dataset, Dataset]]:
     """Generate FedProx's Synthetic(alpha, beta) data: one (train, test) pair per device.
 
@@ -148,9 +150,13 @@ def synthetic_fedprox(
         iid: draw the iid variant (shared model, shared input mean).
         rng: the generator every random choice is drawn from.
         num_devices: number of devices (the paper uses 30).
+        keep: if given, only devices ``k`` with ``keep(k)`` are returned (in
+            order); the others are still drawn, so the kept ones are
+            identical to the full draw's. A worker that owns some devices
+            builds just those, without holding everyone's data at once.
 
     Returns:
-        ``(train, test)`` per device; features float32, labels int64 in 0..9.
+        ``(train, test)`` per (kept) device; features float32, labels int64 in 0..9.
 
     Raises:
         ConfigError: alpha or beta is not a finite number ``>= 0``, or
@@ -186,6 +192,9 @@ def synthetic_fedprox(
         x = input_mean[k] + rng.standard_normal((n, dim)) * input_scale
         y = np.argmax(x @ w + bias, axis=1)
         perm = rng.permutation(n)
+        if keep is not None and not keep(k):
+            # Drawn all the same, so the devices kept are those of the full draw.
+            continue
         x, y = x[perm], y[perm]
         train_len = int(0.9 * n)
         out.append((_values(x[:train_len], y[:train_len]), _values(x[train_len:], y[train_len:])))
@@ -404,6 +413,23 @@ def _load_synthetic(
         test=test,
         spec=DataSpec(num_features=SYNTHETIC_NUM_FEATURES, num_classes=top + 1),
     )
+
+
+def synthetic_shard(data: str, *, seed: int, keep: Callable[[int], bool]) -> dict[int, Dataset]:
+    """The training sets of the devices ``k`` with ``keep(k)`` of ``load_federated(data, ...)``.
+
+    For a worker that owns some of a synthetic federation's devices: the same
+    examples ``load_federated`` gives those devices, without building the
+    others' data or the central test set.
+
+    Raises:
+        ConfigError: ``data`` is not a valid ``synthetic:...`` name.
+    """
+    alpha, beta, iid, count = _parse_synthetic(data)
+    pairs = synthetic_fedprox(alpha, beta, iid=iid, rng=np.random.default_rng([seed, _STREAM_SYNTHETIC]),
+                              num_devices=count, keep=keep)
+    mine = [k for k in range(count) if keep(k)]
+    return {k: train for k, (train, _) in zip(mine, pairs, strict=True)}
 
 
 def _parse_synthetic(data: str) -> tuple[float, float, bool, int]:

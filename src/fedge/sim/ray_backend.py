@@ -110,10 +110,18 @@ class DataRecipe:
     def shard(self, index: int, count: int) -> dict[int, Dataset]:
         """The devices ``d % count == index`` of the run's data."""
         from fedge.data import load_federated
+        from fedge.data.sources import synthetic_shard
 
+        def mine(d: int) -> bool:
+            return d % count == index
+
+        if self.data.startswith("synthetic:"):
+            # Generated device by device, keeping only this worker's: the
+            # worker never holds the whole federation's data.
+            return synthetic_shard(self.data, seed=self.seed, keep=mine)
         fed = load_federated(self.data, partition=self.partition, num_devices=self.devices,
                              seed=self.seed)
-        return {d: ds for d, ds in enumerate(fed.devices) if d % count == index}
+        return {d: ds for d, ds in enumerate(fed.devices) if mine(d)}
 
 
 class _DeviceActor:
