@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,9 +23,10 @@ from fedge import params as P  # noqa: E402
 from fedge.data import load_federated  # noqa: E402
 from fedge.errors import BackendError, ConfigError, TaskError  # noqa: E402
 from fedge.sim.config import SimConfig  # noqa: E402
-from fedge.sim.devices import DeviceJob, DeviceRunner  # noqa: E402
+from fedge.sim.devices import DeviceJob, DeviceRunner, PartialRound  # noqa: E402
 from fedge.sim.engine import Simulation, simulate  # noqa: E402
 from fedge.sim.ray_backend import FAN_IN, RayBackend  # noqa: E402
+from fedge.strategies import build_strategy  # noqa: E402
 from fedge.tasks import LogReg  # noqa: E402
 from fedge.tasks.base import TrainConfig  # noqa: E402
 
@@ -76,6 +78,15 @@ TASKS = textwrap.dedent('''
 
     def kill_always(spec):
         return KillOnce(spec, "always")
+
+
+    class SlowTask(LogReg):
+        """LogReg that takes a while per device, so a round can be interrupted from outside."""
+
+        def train(self, params, data, config, rng):
+            import time
+            time.sleep(0.25)
+            return super().train(params, data, config, rng)
 
 
     class RaisingTask(LogReg):
@@ -214,6 +225,48 @@ def test_a_killed_worker_is_retried_and_the_round_is_the_same(ray_session: None,
     assert all(r.reported == 20 and r.dropped == 0 for r in killed.history)
     _same_rounds(plain.history, killed.history)
     assert _close(plain.params, killed.params) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_failure", ["retry", "dropout"])
+def test_a_worker_killed_from_outside_mid_round(ray_session: None, on_failure: str) -> None:
+    import signal
+    import threading
+
+    fed = load_federated("digits", partition=None, num_devices=12, seed=0)
+    base = TrainConfig(local_epochs=1, batch_size=32, lr=0.1, mu=0.0)
+    strategy = build_strategy("fedavg")
+    params = LogReg(fed.spec).init_params(np.random.default_rng(0))
+    jobs = [DeviceJob(d, 1) for d in range(12)]
+    expected = DeviceRunner(task=LogReg(fed.spec), strategy=strategy,
+                            datasets=dict(enumerate(fed.devices)), base_config=base,
+                            seed=0).run(1, params, jobs)
+    backend = RayBackend(
+        task_name="fedge_ray_test_tasks:SlowTask", spec=fed.spec, strategy=strategy,
+        datasets=fed.devices, recipe=None, base_config=base, seed=0, address=None,
+        cpus_per_device=1.0, workers=2, on_failure=on_failure,
+    )
+    try:
+        box: dict[str, object] = {}
+        worker = threading.Thread(target=lambda: box.update(part=backend.run_round(1, params, jobs)))
+        worker.start()
+        time.sleep(0.6)  # each worker is a few devices into its 6 x 0.25 s batch
+        os.kill(backend.pids[1], signal.SIGKILL)
+        worker.join(timeout=120)
+        assert not worker.is_alive(), "the round hung on a killed worker"
+        part = box["part"]
+        assert isinstance(part, PartialRound)
+        if on_failure == "retry":
+            assert sorted(d for d, _ in part.reports) == list(range(12))
+            assert _close(part.accumulator.result().delta, expected.accumulator.result().delta) < ATOL
+        else:
+            # Worker 1 held the odd devices: all of them drop out, the others count.
+            assert sorted(d for d, _ in part.reports) == list(range(0, 12, 2))
+        # The worker is back (restarted, data reloaded) for the next round.
+        again = backend.run_round(2, params, jobs)
+        assert sorted(d for d, _ in again.reports) == list(range(12))
+    finally:
+        backend.close()
 
 
 @pytest.mark.slow
