@@ -35,7 +35,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 ATOL = 1e-5
 
 
-def _node_args(temp_dir: Path) -> list[str]:
+def _node_args(temp_dir: Path, node: int) -> list[str]:
     ports = {
         "--node-manager-port": free_port(),
         "--object-manager-port": free_port(),
@@ -44,7 +44,8 @@ def _node_args(temp_dir: Path) -> list[str]:
         "--metrics-export-port": free_port(),
         "--runtime-env-agent-port": free_port(),
     }
-    low = 20000 + (os.getpid() * 7919 + len(str(temp_dir))) % 30000
+    # Each node its own range of worker ports (both listen on 127.0.0.1).
+    low = 20000 + (os.getpid() * 7919) % 20000 + node * 1000
     return [
         "--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
         "--temp-dir", str(temp_dir), "--disable-usage-stats",
@@ -65,15 +66,15 @@ def ray_cluster() -> Iterator[str]:
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
     try:
-        for name, extra in (
+        for node, (name, extra) in enumerate((
             ("head", ["--head", "--port", str(port), "--include-dashboard", "false",
                       "--ray-client-server-port", str(free_port())]),
             ("node", ["--address", address]),
-        ):
+        )):
             log = (top / f"{name}.log").open("wb")
             logs.append(log)
             procs.append(subprocess.Popen(
-                [RAY, "start", *extra, *_node_args(top / name)], stdout=log,
+                [RAY, "start", *extra, *_node_args(top / name, node)], stdout=log,
                 stderr=subprocess.STDOUT, env=env, start_new_session=True,
             ))
             _wait_for(top / f"{name}.log", "Ray runtime started", procs[-1])

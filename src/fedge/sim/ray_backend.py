@@ -252,6 +252,7 @@ class RayBackend:
         self._owns_ray = False
         self._actors: list[Any] = []
         self._failures: list[int] = []
+        self._shards: list[Any] = []
         t0 = time.perf_counter()
         try:
             self._connect(address, cpus_per_device, workers)
@@ -328,6 +329,8 @@ class RayBackend:
             source: DataRecipe | Any = recipe
             if recipe is None:
                 source = ray.put({d: ds for d, ds in enumerate(datasets) if d % count == index})
+                # Held for the backend's life: a restarted actor reads its shard again.
+                self._shards.append(source)
             self._actors.append(actor_cls.remote(
                 task_name, spec, strategy, base_config, seed, source, index, count
             ))
@@ -426,8 +429,8 @@ class RayBackend:
             return kind(f"Ray worker: {_one_line(message)}")
         if isinstance(cause, RayActorError):
             return BackendError(
-                f"a Ray worker died and was not recovered ({type(cause).__name__}); "
-                "see Ray's logs under the session's logs/ folder"
+                f"a Ray worker died and was not recovered ({type(cause).__name__}: "
+                f"{_one_line(str(cause))[:300]}); see Ray's logs under the session's logs/ folder"
             )
         if isinstance(cause, RayError | Exception) and cause is not None:
             return BackendError(f"Ray worker: {type(cause).__name__}: {_one_line(str(cause))}")
@@ -441,6 +444,7 @@ class RayBackend:
             except Exception:
                 logger.debug("Ray actor already gone at close")
         self._actors.clear()
+        self._shards.clear()
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
