@@ -44,8 +44,9 @@ def _node_args(temp_dir: Path, node: int) -> list[str]:
         "--metrics-export-port": free_port(),
         "--runtime-env-agent-port": free_port(),
     }
-    # Each node its own range of worker ports (both listen on 127.0.0.1).
-    low = 20000 + (os.getpid() * 7919) % 20000 + node * 1000
+    # Each node its own range of worker ports (both listen on 127.0.0.1),
+    # below Linux's ephemeral range (32768+) that free_port() draws from.
+    low = 11000 + (os.getpid() * 7919) % 19000 + node * 1000
     return [
         "--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
         "--temp-dir", str(temp_dir), "--disable-usage-stats",
