@@ -94,6 +94,20 @@ def _add_simulate(sub: Any) -> None:
     g.add_argument("--strategy-option", type=_option, action="append", dest="strategy_options",
                    metavar="KEY=VALUE", help="a strategy hyperparameter, e.g. momentum=0.9, "
                    "beta1=0.9, beta2=0.99, tau=0.001 (repeatable)")
+    g = p.add_argument_group("differential privacy (docs/privacy.md)")
+    g.add_argument("--dp", choices=["central", "distributed", "local"],
+                   help="clip every update and add Gaussian noise: to the sum on the server (central), "
+                   "as shares under secure aggregation (distributed) or on each device (local)")
+    g.add_argument("--clip-norm", metavar="C|adaptive",
+                   help="L2 bound on an update, or 'adaptive' (Andrew et al. 2021) (default 1.0)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--noise-multiplier", type=_fraction, metavar="Z", help="noise stddev / clip norm")
+    x.add_argument("--target-epsilon", type=_fraction, metavar="E",
+                   help="calibrate the noise multiplier so that --rounds rounds reach epsilon E")
+    g.add_argument("--delta", type=_fraction, help="delta of the reported epsilon (default 1e-5)")
+    g.add_argument("--epsilon-budget", type=_fraction, metavar="E",
+                   help="stop before a round that would take epsilon past E (default: --target-epsilon)")
+    g.add_argument("--accountant", choices=["rdp", "pld"], help="privacy accountant (default rdp)")
     g = p.add_argument_group("run")
     g.add_argument("--backend", choices=["inline", "processes"],
                    help="inline: one process, bit-for-bit reproducible; processes: every core "
@@ -177,16 +191,21 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         writer.close()
         raise
     paths = writer.finish(result, plot="no_plot" not in args, started_at=args.started_at)
+    if result.stopped is not None:
+        print(f"fedge: {result.stopped}", file=sys.stderr)
     _print_result(result, paths)
     return EXIT_OK
 
 
 def _print_result(result: SimResult, paths: dict[str, Path]) -> None:
     m = result.metrics
+    privacy = "" if result.privacy is None else (
+        f"  epsilon {result.privacy['epsilon']:.4g} at delta {result.privacy['delta']:g}"
+    )
     print(
         f"final accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}  "
         f"after {len(result.history)} rounds, {result.num_devices} devices, "
-        f"{result.timing['wall_s']:.2f} s"
+        f"{result.timing['wall_s']:.2f} s{privacy}"
     )
     print(f"outputs in {paths['summary'].parent}/ ({', '.join(p.name for p in paths.values())})")
 
@@ -519,6 +538,59 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_privacy(sub: Any) -> None:
+    p = sub.add_parser(
+        "privacy", help="privacy accounting: epsilon of a plan, noise for a target",
+        description="Privacy accounting for DP-FedAvg rounds (Poisson-subsampled Gaussian), "
+        "over Google's dp-accounting. See docs/privacy.md.",
+    )
+    psub = p.add_subparsers(dest="privacy_command", metavar="COMMAND")
+    psub.required = True
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--sample-rate", type=_fraction, required=True, metavar="Q",
+                       help="probability that a device joins a round (1: no amplification)")
+        q.add_argument("--rounds", type=int, required=True, metavar="T", help="number of rounds")
+        q.add_argument("--delta", type=_fraction, required=True, metavar="D", help="target delta")
+        q.add_argument("--accountant", choices=["rdp", "pld"], default="rdp", help="accountant (default rdp)")
+
+    q = psub.add_parser("epsilon", help="epsilon after T rounds with noise multiplier Z",
+                        description="Epsilon at delta D after T rounds, each a Gaussian mechanism with "
+                        "noise multiplier Z on a Poisson sample of rate Q.")
+    q.add_argument("--noise-multiplier", type=_fraction, required=True, metavar="Z",
+                   help="noise stddev / clip norm")
+    common(q)
+    q.set_defaults(func=_cmd_privacy_epsilon)
+    q = psub.add_parser("calibrate", help="the noise multiplier that reaches a target epsilon",
+                        description="The smallest noise multiplier whose epsilon after T rounds at "
+                        "delta D and sample rate Q is at most E.")
+    q.add_argument("--target-epsilon", type=_fraction, required=True, metavar="E", help="target epsilon")
+    common(q)
+    q.set_defaults(func=_cmd_privacy_calibrate)
+
+
+def _cmd_privacy_epsilon(args: argparse.Namespace) -> int:
+    from fedge.privacy.accounting import epsilon_for
+
+    eps = epsilon_for(noise_multiplier=args.noise_multiplier, sample_rate=args.sample_rate,
+                      rounds=args.rounds, delta=args.delta, accountant=args.accountant)
+    print(f"epsilon {eps:.6g} at delta {args.delta:g} after {args.rounds} rounds "
+          f"(noise multiplier {args.noise_multiplier:g}, sample rate {args.sample_rate:g}, {args.accountant})")
+    return EXIT_OK
+
+
+def _cmd_privacy_calibrate(args: argparse.Namespace) -> int:
+    from fedge.privacy.accounting import calibrate_noise_multiplier, epsilon_for
+
+    z = calibrate_noise_multiplier(target_epsilon=args.target_epsilon, sample_rate=args.sample_rate,
+                                   rounds=args.rounds, delta=args.delta, accountant=args.accountant)
+    eps = epsilon_for(noise_multiplier=z, sample_rate=args.sample_rate, rounds=args.rounds,
+                      delta=args.delta, accountant=args.accountant)
+    print(f"noise multiplier {z:.6g} (epsilon {eps:.6g} at delta {args.delta:g} after {args.rounds} "
+          f"rounds, sample rate {args.sample_rate:g}, {args.accountant})")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedge",
@@ -533,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent(sub)
     _add_demo(sub)
     _add_admin(sub)
+    _add_privacy(sub)
     return parser
 
 

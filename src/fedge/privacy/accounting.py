@@ -46,7 +46,14 @@ import numpy as np
 
 from fedge.errors import ConfigError
 
-__all__ = ["ACCOUNTANTS", "SAMPLINGS", "Accountant", "RoundEvent", "calibrate_noise_multiplier", "epsilon_for"]
+__all__ = [
+    "ACCOUNTANTS",
+    "SAMPLINGS",
+    "Accountant",
+    "RoundEvent",
+    "calibrate_noise_multiplier",
+    "epsilon_for",
+]
 
 ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("poisson", "fixed", "full", "local")
@@ -106,7 +113,7 @@ class RoundEvent:
 
 
 def _dp_event(key: tuple[Any, ...]) -> Any:
-    import dp_accounting  # noqa: PLC0415 - 1.5 s import; see the module docstring
+    import dp_accounting
 
     sampling, z, q, population, cohort = key
     if sampling == "poisson":

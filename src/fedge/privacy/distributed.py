@@ -62,7 +62,7 @@ def _count(name: str, value: int) -> int:
 
 
 def share_stddev(*, noise_multiplier: float, clip_norm: float, min_contributors: int) -> float:
-    """One device's noise stddev so that ``min_contributors`` shares sum to ``noise_multiplier * clip_norm``."""
+    """One device's noise stddev: ``min_contributors`` shares sum to ``noise_multiplier * clip_norm``."""
     z = _positive("noise_multiplier", noise_multiplier)
     c = _positive("clip_norm", clip_norm)
     m = _count("min_contributors", min_contributors)

@@ -67,14 +67,13 @@ class PrivacyConfig:
         if self.mode not in MODES:
             raise ConfigError(f"--dp must be one of {', '.join(MODES)}, got {self.mode!r}")
         clip = self.clip_norm
-        if isinstance(clip, str):
-            if clip != "adaptive":
-                try:
-                    clip = float(clip)
-                except ValueError:
-                    raise ConfigError(f"--clip-norm must be a positive number or 'adaptive', got {clip!r}") \
-                        from None
-                object.__setattr__(self, "clip_norm", clip)
+        if isinstance(clip, str) and clip != "adaptive":
+            try:
+                clip = float(clip)
+            except ValueError:
+                raise ConfigError(f"--clip-norm must be a positive number or 'adaptive', got {clip!r}") \
+                    from None
+            object.__setattr__(self, "clip_norm", clip)
         if isinstance(clip, bool) or (not isinstance(clip, str) and not (
             isinstance(clip, int | float) and math.isfinite(clip) and clip > 0
         )):
@@ -89,7 +88,9 @@ class PrivacyConfig:
         if isinstance(self.delta, bool) or not isinstance(self.delta, int | float) or not 0 < self.delta < 1:
             raise ConfigError(f"--delta must be in (0, 1), got {self.delta!r}")
         if self.accountant not in ACCOUNTANTS:
-            raise ConfigError(f"--accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
+            raise ConfigError(
+                f"--accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}"
+            )
         if self.adaptive and self.mode != "central":
             raise ConfigError(f"--clip-norm adaptive needs --dp central (the clip count is noised by the "
                               f"coordinator); got --dp {self.mode}")

@@ -114,7 +114,7 @@ class SimConfig:
         if self.dp is None:
             if given:
                 flags = ", ".join("--" + k.replace("_", "-") for k in given)
-                raise ConfigError(f"{flags} only apply with --dp central|distributed|local")
+                raise ConfigError(f"{flags} need --dp central|distributed|local")
             return None
         from fedge.privacy.session import PrivacyConfig
 

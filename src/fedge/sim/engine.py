@@ -169,7 +169,7 @@ class Simulation:
                         self.privacy.check_budget()
                     except PrivacyBudgetError as e:
                         stopped = f"stopped before round {r}: {e}"
-                        logger.warning("%s", stopped)
+                        logger.info("%s", stopped)
                         break
                 state, record, t_train = self._round(r, state, population, backend, t_start)
                 train_s += t_train

@@ -1,7 +1,8 @@
 """A simulation's output folder: metrics as they happen, then model, summary and curves.
 
-``metrics.jsonl`` gets one line per evaluated round (and per round under DP, with its epsilon), flushed as the round
-ends, so an interrupted run keeps everything it measured. The final files are
+``metrics.jsonl`` gets one line per evaluated round (under DP, per round, with
+its epsilon), flushed as the round ends, so an interrupted run keeps
+everything it measured. The final files are
 written to a temporary name, fsynced and renamed, so a reader never sees a
 half-written ``summary.json`` or model.
 """
