@@ -575,7 +575,8 @@ def _cmd_privacy_epsilon(args: argparse.Namespace) -> int:
     eps = epsilon_for(noise_multiplier=args.noise_multiplier, sample_rate=args.sample_rate,
                       rounds=args.rounds, delta=args.delta, accountant=args.accountant)
     print(f"epsilon {eps:.6g} at delta {args.delta:g} after {args.rounds} rounds "
-          f"(noise multiplier {args.noise_multiplier:g}, sample rate {args.sample_rate:g}, {args.accountant})")
+          f"(noise multiplier {args.noise_multiplier:g}, sample rate {args.sample_rate:g}, "
+          f"{args.accountant})")
     return EXIT_OK
 
 

@@ -195,7 +195,7 @@ class PrivacySession:
             self.clip_norm = float(config.clip_norm)
         self.ledger: list[LedgerEntry] = []
         self._events: list[RoundEvent] = []
-        self._clip_used = self.clip_norm
+        self._clip_used: float | None = None  # the clip of the round in flight, once it moved
 
     # ---------------------------------------------------------------- the round
 
@@ -227,7 +227,6 @@ class PrivacySession:
 
     def device_privacy(self) -> DevicePrivacy:
         """What every device does to its update this round."""
-        self._clip_used = self.clip_norm
         local = self.noise_multiplier * self.clip_norm if self.config.mode == "local" else 0.0
         return DevicePrivacy(clip_norm=self.clip_norm, local_stddev=local, seed=self.seed)
 
@@ -241,7 +240,7 @@ class PrivacySession:
         total = P.scale(aggregate.delta, aggregate.total_weight)
         if self.config.mode == "central":
             rng = noise_generator(self.seed, round_id, _CENTRAL_KEY)
-            delta = noised_mean(total, stddev=self.update_noise_multiplier * self._clip_used,
+            delta = noised_mean(total, stddev=self.update_noise_multiplier * self.clip_norm,
                                 denominator=self.expected_reports, rng=rng)
         else:
             delta = P.scale(total, 1.0 / self.expected_reports)
@@ -253,6 +252,7 @@ class PrivacySession:
         self._adapt(round_id, 0)
 
     def _adapt(self, round_id: int, unclipped: int) -> None:
+        self._clip_used = self.clip_norm
         if self.adaptive is not None:
             rng = noise_generator(self.seed, round_id, _COUNT_KEY)
             self.adaptive = self.adaptive.update(unclipped, expected_reports=self.expected_reports, rng=rng)
@@ -262,10 +262,12 @@ class PrivacySession:
         """Add round ``round_id``'s cost to the ledger; return its entry (epsilon after it)."""
         event = self.next_event()
         self._events.append(event)
+        clip_used = self.clip_norm if self._clip_used is None else self._clip_used
+        self._clip_used = None
         entry = LedgerEntry(
             round=round_id, mode=self.config.mode, noise_multiplier=self.noise_multiplier,
             sampling=event.sampling, sample_rate=event.sample_rate, population=event.population,
-            cohort=event.cohort, clip_norm=self._clip_used, next_clip_norm=self.clip_norm,
+            cohort=event.cohort, clip_norm=clip_used, next_clip_norm=self.clip_norm,
             epsilon=self.accountant.epsilon(self._events), delta=self.config.delta,
         )
         self.ledger.append(entry)
