@@ -38,7 +38,7 @@ import functools
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,8 +192,12 @@ class Accountant:
             ConfigError: events mix neighbouring relations, or the accountant
                 cannot compose one of them (PLD and fixed-size sampling).
         """
-        listed = list(events)
-        return self._epsilon(Counter(e._key() for e in listed), {e.neighbours for e in listed})
+        return self.epsilon_of_counts(Counter(events))
+
+    def epsilon_of_counts(self, counts: Mapping[RoundEvent, int]) -> float:
+        """Epsilon after ``counts[e]`` rounds of each event ``e`` (what a running ledger keeps)."""
+        return self._epsilon(Counter({e._key(): n for e, n in counts.items() if n}),
+                             {e.neighbours for e, n in counts.items() if n})
 
     def epsilons(self, events: Sequence[RoundEvent]) -> list[float]:
         """Epsilon after each prefix of ``events``: the per-round curve."""

@@ -17,6 +17,7 @@ the same transaction that completes the round) and hands them back with
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -194,7 +195,8 @@ class PrivacySession:
             assert not isinstance(config.clip_norm, str)
             self.clip_norm = float(config.clip_norm)
         self.ledger: list[LedgerEntry] = []
-        self._events: list[RoundEvent] = []
+        self._counts: Counter[RoundEvent] = Counter()
+        self._would_be: tuple[int, float] | None = None  # (rounds charged, epsilon after one more)
         self._clip_used: float | None = None  # the clip of the round in flight, once it moved
 
     # ---------------------------------------------------------------- the round
@@ -218,12 +220,20 @@ class PrivacySession:
         budget = self.config.effective_budget
         if budget is None:
             return
-        would_be = self.accountant.epsilon([*self._events, self.next_event()])
+        would_be = self._epsilon_after_next()
         # A calibrated multiplier reaches its target from below; the slack
         # only absorbs float noise in the accountant, never a real round.
         if would_be > budget * (1 + 1e-9):
             raise PrivacyBudgetError(budget=budget, spent=self.epsilon, would_be=would_be,
                                      delta=self.config.delta)
+
+    def _epsilon_after_next(self) -> float:
+        """Epsilon once the next round is charged (computed once per round, used twice)."""
+        if self._would_be is None or self._would_be[0] != len(self.ledger):
+            counts = self._counts.copy()
+            counts[self.next_event()] += 1
+            self._would_be = (len(self.ledger), self.accountant.epsilon_of_counts(counts))
+        return self._would_be[1]
 
     def device_privacy(self) -> DevicePrivacy:
         """What every device does to its update this round."""
@@ -261,14 +271,15 @@ class PrivacySession:
     def charge(self, round_id: int) -> LedgerEntry:
         """Add round ``round_id``'s cost to the ledger; return its entry (epsilon after it)."""
         event = self.next_event()
-        self._events.append(event)
+        epsilon = self._epsilon_after_next()
+        self._counts[event] += 1
         clip_used = self.clip_norm if self._clip_used is None else self._clip_used
         self._clip_used = None
         entry = LedgerEntry(
             round=round_id, mode=self.config.mode, noise_multiplier=self.noise_multiplier,
             sampling=event.sampling, sample_rate=event.sample_rate, population=event.population,
             cohort=event.cohort, clip_norm=clip_used, next_clip_norm=self.clip_norm,
-            epsilon=self.accountant.epsilon(self._events), delta=self.config.delta,
+            epsilon=epsilon, delta=self.config.delta,
         )
         self.ledger.append(entry)
         return entry
@@ -285,7 +296,7 @@ class PrivacySession:
                     f"the privacy ledger was kept at delta {entry.delta:g}; the config says "
                     f"{self.config.delta:g}: epsilons at different deltas do not add up"
                 )
-            self._events.append(entry.event)
+            self._counts[entry.event] += 1
             self.ledger.append(entry)
             self.clip_norm = entry.next_clip_norm
             if self.adaptive is not None:
