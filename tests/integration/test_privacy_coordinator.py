@@ -20,6 +20,11 @@ from fedge.store import Store
 from fedge.wire import DEVICE_HEADER, decode_params, encode_update
 
 DEVICES = ("a", "b", "c")
+# The accountant claims no amplification and a sensitivity of 2C (a device
+# can push another out of the cohort): epsilon after 1, 2, 3 rounds of z = 2.
+PER_ROUND = [epsilon_for(noise_multiplier=2.0, sample_rate=1.0, rounds=t, delta=1e-5, sampling="availability")
+             for t in (1, 2, 3)]
+BUDGET = (PER_ROUND[1] + PER_ROUND[2]) / 2  # two rounds fit, a third does not
 
 
 class Clock:
@@ -43,7 +48,7 @@ def make_config(tmp_path: Path, **overrides: object) -> CoordinatorConfig:
     values: dict[str, object] = dict(
         task="logreg", num_features=4, num_classes=3, rounds=10, cohort_size=3, min_updates=3,
         min_devices=3, deadline_s=30.0, wait_s=0.2, data_dir=str(tmp_path / "store"), seed=0,
-        dp="central", clip_norm=1.0, noise_multiplier=2.0, epsilon_budget=3.5,
+        dp="central", clip_norm=1.0, noise_multiplier=2.0, epsilon_budget=BUDGET,
     )
     values.update(overrides)
     return CoordinatorConfig(**values)  # type: ignore[arg-type]
@@ -77,9 +82,10 @@ def run_round(client: TestClient, coordinator: Coordinator, value: float) -> Non
 def test_budget_stops_the_federation_and_the_refusal_survives_a_restart(tmp_path: Path) -> None:
     clock = Clock()
     config = make_config(tmp_path)
-    # The accountant assumes every device may join every round (no amplification).
-    per_round = [epsilon_for(noise_multiplier=2.0, sample_rate=1.0, rounds=t, delta=1e-5) for t in (1, 2, 3)]
-    assert per_round[1] <= 3.5 < per_round[2]  # so exactly two rounds fit the budget
+    per_round = PER_ROUND
+    assert per_round[1] == pytest.approx(
+        epsilon_for(noise_multiplier=1.0, sample_rate=1.0, rounds=2, delta=1e-5, sampling="full")
+    )
     coordinator = Coordinator(config, clock=clock)
     with TestClient(create_app(coordinator)) as client:
         before = P.copy(coordinator.state.params)
@@ -102,7 +108,7 @@ def test_budget_stops_the_federation_and_the_refusal_survives_a_restart(tmp_path
         ledger = store.privacy_ledger()
     assert [row.round for row in ledger] == [1, 2]
     assert [row.epsilon for row in ledger] == pytest.approx(per_round[:2], rel=1e-9)
-    assert {row.sampling for row in ledger} == {"full"}
+    assert {row.sampling for row in ledger} == {"availability"}
 
     restarted = Coordinator(config, clock=clock)  # same store: the refusal stands at once
     try:

@@ -72,6 +72,11 @@ def test_full_and_local_claim_no_amplification() -> None:
     assert full == pytest.approx(epsilon_for(noise_multiplier=2.0, sample_rate=1.0, rounds=3, delta=1e-5))
     local = Accountant(delta=1e-5).epsilon([RoundEvent(2.0, sampling="local")] * 3)
     assert local > full  # half the multiplier under replace-one
+    availability = Accountant(delta=1e-5).epsilon([RoundEvent(2.0, sampling="availability")] * 3)
+    # Sensitivity 2C under add-or-remove: the same as full participation at half the multiplier.
+    half = Accountant(delta=1e-5).epsilon([RoundEvent(1.0, sampling="full")] * 3)
+    assert availability == pytest.approx(half)
+    assert RoundEvent(2.0, sampling="availability").neighbours == "add_or_remove_one"
 
 
 def test_calibration_reaches_the_target_from_below() -> None:
@@ -107,6 +112,7 @@ def test_calibration_for_fixed_size_cohorts() -> None:
         (dict(accountant="moments"), "unknown accountant"),
         (dict(sampling="shuffle"), "unknown sampling"),
         (dict(sampling="full"), "sample rate must be 1"),
+        (dict(sampling="availability"), "sample rate must be 1"),
     ],
 )
 def test_bad_epsilon_arguments_are_refused(kwargs: dict[str, object], message: str) -> None:

@@ -589,14 +589,16 @@ def _privacy_of(config: CoordinatorConfig) -> PrivacySession | None:
     """Central DP for a federation: noise from the OS entropy, and no amplification claimed.
 
     Cohorts are drawn from the devices that happen to be available, so no
-    device's chance of being picked is known: the accountant assumes every
-    device may take part in every round (``full`` sampling), which holds
-    whatever availability does (docs/privacy.md, "Sampling honesty").
+    device's chance of being picked is known, and a device that becomes
+    available can push another out of a full cohort: the accountant claims
+    no amplification and a sensitivity of twice the clip (``availability``
+    sampling), which holds whatever availability does (docs/privacy.md,
+    "Sampling honesty").
     """
     settings = config.privacy
     if settings is None:
         return None
-    return PrivacySession(settings, sampling="full", expected_reports=float(config.cohort_size),
+    return PrivacySession(settings, sampling="availability", expected_reports=float(config.cohort_size),
                           planned_rounds=config.rounds, seed=None)
 
 

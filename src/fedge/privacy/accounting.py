@@ -20,8 +20,15 @@ docs/privacy.md, "Sampling honesty"):
     replace-one neighbours; replacing a device moves the sum by up to ``2C``,
     so the Gaussian's multiplier is ``z / 2``. RDP only.
 ``full``
-    no amplification claimed: ``GaussianDpEvent(z)`` every round, add or
-    remove one. Right for any selection, however it depends on availability.
+    every device in every round (the simulator without ``--cohort`` or
+    ``--sample-rate``): ``GaussianDpEvent(z)``, add or remove one.
+``availability``
+    a cohort of fixed size drawn from whichever devices are available (the
+    coordinator): no amplification can be claimed, since nobody knows a
+    device's chance of being picked, and a device that joins the pool can
+    take the place of another in the cohort, moving the sum by up to ``2C``.
+    So ``GaussianDpEvent(z / 2)`` every round, add or remove one: valid
+    whatever availability does, and conservative.
 ``local``
     the device's own noised update seen by the coordinator: any two clipped
     updates differ by up to ``2C``, so ``GaussianDpEvent(z / 2)`` per round,
@@ -56,8 +63,9 @@ __all__ = [
 ]
 
 ACCOUNTANTS = ("rdp", "pld")
-SAMPLINGS = ("poisson", "fixed", "full", "local")
+SAMPLINGS = ("poisson", "fixed", "full", "availability", "local")
 _REPLACE_ONE = frozenset({"fixed", "local"})
+_NO_AMPLIFICATION = frozenset({"full", "availability", "local"})
 #: PLD discretization of the privacy loss (dp-accounting's default is 1e-4); coarser is faster
 #: and still a valid upper bound (the PLD accountant rounds pessimistically).
 _PLD_DISCRETIZATION = 1e-3
@@ -99,7 +107,7 @@ class RoundEvent:
                     f"fixed-size sampling needs 1 <= cohort <= population, got {m!r} of {n!r}"
                 )
             object.__setattr__(self, "sample_rate", m / n)
-        elif self.sampling in ("full", "local") and q != 1.0:
+        elif self.sampling in _NO_AMPLIFICATION and q != 1.0:
             raise ConfigError(f"{self.sampling!r} sampling claims no amplification: sample rate must be 1")
 
     @property
@@ -124,7 +132,7 @@ def _dp_event(key: tuple[Any, ...]) -> Any:
         )
     if sampling == "full":
         return dp_accounting.GaussianDpEvent(z)
-    return dp_accounting.GaussianDpEvent(z / 2.0)  # local
+    return dp_accounting.GaussianDpEvent(z / 2.0)  # availability and local: sensitivity 2C
 
 
 def _relation(neighbours: str) -> Any:
@@ -287,7 +295,7 @@ def calibrate_noise_multiplier(*, target_epsilon: float, sample_rate: float, rou
         raise ConfigError(f"tolerance must be in (0, 1), got {tolerance!r}")
     _check_rounds(rounds)
     acc = Accountant(accountant, delta=delta)
-    rate = 1.0 if sampling in ("full", "local") else sample_rate
+    rate = 1.0 if sampling in _NO_AMPLIFICATION else sample_rate
 
     def eps(z: float) -> float:
         event = RoundEvent(z, sampling=sampling, sample_rate=rate, population=population, cohort=cohort)
