@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
 
 import dp_accounting
 import pytest
@@ -156,3 +158,19 @@ def test_a_ledger_cannot_mix_neighbouring_relations() -> None:
 def test_pld_refuses_what_it_cannot_compose() -> None:
     with pytest.raises(ConfigError, match="PLD accountant cannot compose 'fixed'"):
         Accountant("pld", delta=1e-5).epsilon([RoundEvent(1.0, sampling="fixed", population=10, cohort=2)])
+
+
+def test_dp_accounting_is_imported_only_when_epsilon_is_computed() -> None:
+    # dp-accounting costs about 1.5 s to import (SciPy): the simulator, the
+    # coordinator and the CLI load it lazily, and the agent never does.
+    code = (
+        "import sys; import fedge.cli, fedge.sim.engine, fedge.coordinator.service, fedge.agent.loop; "
+        "import fedge.privacy.session; "
+        "assert not any(m.startswith('dp_accounting') for m in sys.modules), 'loaded at import'; "
+        "from fedge.privacy.accounting import epsilon_for; "
+        "epsilon_for(noise_multiplier=1.0, sample_rate=0.1, rounds=2, delta=1e-5); "
+        "assert 'dp_accounting' in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
