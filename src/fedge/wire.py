@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedge.errors import ProtocolError
 from fedge.params import Array, Params, ParamsSpec
@@ -155,6 +155,16 @@ class TrainPlan(Message):
     lr: Annotated[float, Field(gt=0)]
     mu: Annotated[float, Field(ge=0)] = 0.0
     evaluate: bool = True
+    # Local differential privacy (docs/privacy.md): the device clips its delta
+    # to this L2 norm and adds N(0, noise_stddev^2) to every value before upload.
+    clip_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    noise_stddev: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+
+    @model_validator(mode="after")
+    def _noise_needs_a_clip(self) -> TrainPlan:
+        if self.noise_stddev > 0 and self.clip_norm is None:
+            raise ValueError("noise_stddev needs clip_norm: noise on an unbounded update protects nothing")
+        return self
 
 
 class CheckInReply(Message):

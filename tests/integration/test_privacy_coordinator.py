@@ -140,6 +140,32 @@ def test_a_larger_budget_lets_a_restarted_coordinator_go_on(tmp_path: Path) -> N
         again.close()
 
 
+def test_local_dp_puts_clip_and_noise_in_the_plan_and_sums_with_weight_one(tmp_path: Path) -> None:
+    clock = Clock()
+    config = make_config(tmp_path, dp="local", clip_norm=0.5, noise_multiplier=2.0, epsilon_budget=None,
+                         rounds=1)
+    coordinator = Coordinator(config, clock=clock)
+    try:
+        with TestClient(create_app(coordinator)) as client:
+            for d in DEVICES:
+                check_in(client, d)
+            wait_until(lambda: coordinator.open is not None)
+            plan = check_in(client, "a")["plan"]
+            assert isinstance(plan, dict)
+            assert (plan["clip_norm"], plan["noise_stddev"]) == (0.5, 1.0)  # z * C
+            before = P.copy(coordinator.state.params)
+            run_round(client, coordinator, 0.01)  # what the devices send is summed as is, weight 1
+            for name, value in coordinator.state.params.items():
+                np.testing.assert_allclose(value, before[name] + 0.01, rtol=1e-5)  # 3 * 0.01 / 3
+            assert coordinator.privacy is not None
+            assert coordinator.privacy.ledger[0].sampling == "local"
+            assert coordinator.privacy.epsilon == pytest.approx(
+                epsilon_for(noise_multiplier=2.0, sample_rate=1.0, rounds=1, delta=1e-5, sampling="local")
+            )
+    finally:
+        coordinator.close()
+
+
 def test_privacy_table_in_the_toml(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[task]\nnum_features = 4\nnum_classes = 3\n[privacy]\nmode = "central"\n'
@@ -153,7 +179,7 @@ def test_privacy_table_in_the_toml(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ('mode = "local"\nnoise_multiplier = 1.0', "not available in a federation"),
+        ('mode = "local"\nnoise_multiplier = 1.0\nclip_norm = "adaptive"', "adaptive needs"),
         ('mode = "distributed"\nnoise_multiplier = 1.0', "secure aggregation"),
         ('mode = "nonsense"\nnoise_multiplier = 1.0', "must be one of"),
         ("noise_multiplier = 1.0", "need privacy.mode"),

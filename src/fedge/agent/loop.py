@@ -56,6 +56,7 @@ from fedge.data.dataset import Dataset, DataSpec
 from fedge.data.files import load_file
 from fedge.errors import ConfigError, ProtocolError, TaskError, TransportError
 from fedge.params import Params, ParamsSpec, check_finite, subtract
+from fedge.privacy.mechanisms import DevicePrivacy, privatize_update
 from fedge.tasks import Task, TrainConfig, TrainResult, load_task
 from fedge.transport.base import Transport
 from fedge.wire import CheckIn, EvalReport, TaskInfo, TrainPlan, decode_params, encode_update, parse_message
@@ -326,6 +327,8 @@ class Agent:
             check_finite(delta, what="update")
         except ValueError as e:
             raise TaskError(f"training diverged: {e}") from None
+        if plan.clip_norm is not None:
+            delta = _privatize(delta, plan)
         # The local training time goes with the update, so the coordinator can
         # tell training from protocol overhead in a round's duration.
         metrics = {**_finite_metrics(result.metrics, label, "training"), "train_s": train_s}
@@ -463,6 +466,14 @@ def _call_task(what: str, call: Callable[[], _T]) -> _T:
         raise
     except Exception as e:
         raise TaskError(f"task.{what} raised {type(e).__name__}: {e}") from e
+
+
+def _privatize(delta: Params, plan: TrainPlan) -> Params:
+    """Local DP: clip the update and add the plan's noise, drawn from the OS entropy, before it leaves."""
+    assert plan.clip_norm is not None
+    how = DevicePrivacy(clip_norm=plan.clip_norm, local_stddev=plan.noise_stddev, seed=None)
+    private, _ = privatize_update(delta, how, round_id=plan.round, device_id=plan.attempt)
+    return private
 
 
 def _delta(trained: Params, start: Params, spec: ParamsSpec) -> Params:

@@ -32,7 +32,7 @@ The file has up to seven tables; every key is optional except the task's shape
     max_body_mb = 256
 
     [privacy]                  # differential privacy (docs/privacy.md); absent: off
-    mode = "central"           # central only in a federation for now
+    mode = "central"           # or "local" (each device noises its own update)
     clip_norm = 1.0            # or "adaptive"
     noise_multiplier = 1.0     # or target_epsilon = 3.0 (calibrated for rounds.count)
     delta = 1e-5
@@ -195,11 +195,10 @@ class CoordinatorConfig:
             if given:
                 raise ConfigError("the [privacy] settings need privacy.mode (central)")
             return None
-        if self.dp in ("local", "distributed"):
-            needs = ("the agent's part (noise added on the device) is not built yet" if self.dp == "local"
-                     else "it needs secure aggregation ([secagg]), which this build does not have yet")
-            raise ConfigError(f"privacy.mode = {self.dp!r} is not available in a federation: {needs}; "
-                              "use privacy.mode = 'central'")
+        if self.dp == "distributed":
+            raise ConfigError("privacy.mode = 'distributed' is not available in a federation: it needs "
+                              "secure aggregation ([secagg]), which this build does not have yet; use "
+                              "privacy.mode = 'central' or 'local'")
         from fedge.privacy.session import PrivacyConfig
 
         if "epsilon_budget" in given:

@@ -39,7 +39,7 @@ from fedge.data.dataset import Dataset, DataSpec
 from fedge.data.files import load_file
 from fedge.errors import ConfigError, PrivacyBudgetError, ProtocolError, RoundError, TaskError
 from fedge.params import ParamsSpec
-from fedge.privacy.mechanisms import clip_by_l2
+from fedge.privacy.mechanisms import DevicePrivacy, clip_by_l2
 from fedge.privacy.session import LedgerEntry, PrivacySession
 from fedge.rounds import Round, RoundState, select_cohort
 from fedge.store import LedgerRow, Store
@@ -97,6 +97,7 @@ class _OpenRound:
     evaluated: set[str] = field(default_factory=set)
     closing: bool = False
     clip_norm: float | None = None  # central DP: the bound every update is clipped to on receipt
+    local: DevicePrivacy | None = None  # local DP: what each device does to its update before upload
     unclipped: int = 0  # central DP: updates already within the bound (adaptive clipping's count)
 
 
@@ -280,6 +281,8 @@ class Coordinator:
                 lr=self.config.lr,
                 mu=self.mu,
                 evaluate=True,
+                clip_norm=None if rnd.local is None else rnd.local.clip_norm,
+                noise_stddev=0.0 if rnd.local is None else rnd.local.local_stddev,
             )
             return CheckInReply(action="train", task=self.task_info, plan=plan)
         # Spread the next check-ins over +-25% of wait_s: devices that came
@@ -326,7 +329,10 @@ class Coordinator:
         # Finite updates can overflow when summed; the new params are checked
         # for that when the round closes, so numpy need not warn here.
         with np.errstate(over="ignore", invalid="ignore"):
-            if rnd.clip_norm is not None:
+            if rnd.local is not None:
+                # Local DP: clipped and noised on the device; weight 1, like central DP.
+                rnd.accumulator.add(update.delta, 1.0)
+            elif rnd.clip_norm is not None:
                 # Central DP: the coordinator is trusted, so it clips on receipt;
                 # every clipped update weighs 1 (docs/privacy.md, "Weights").
                 clipped, norm = clip_by_l2(update.delta, rnd.clip_norm)
@@ -461,8 +467,13 @@ class Coordinator:
             accumulator=self.strategy.accumulator(self.state.params),
             payload=payload,
             etag=payload_etag(payload),
-            clip_norm=None if self.privacy is None else self.privacy.device_privacy().clip_norm,
         )
+        if self.privacy is not None:
+            how = self.privacy.device_privacy()
+            if self.privacy.config.mode == "local":
+                self.open.local = how
+            else:
+                self.open.clip_norm = how.clip_norm
         logger.info(
             "round %d attempt %d open: %d devices invited, %d needed, deadline %.0f s",
             round_id,
