@@ -166,6 +166,27 @@ def test_local_dp_puts_clip_and_noise_in_the_plan_and_sums_with_weight_one(tmp_p
         coordinator.close()
 
 
+def test_adaptive_clip_moves_and_resumes_after_a_restart(tmp_path: Path) -> None:
+    clock = Clock()
+    # sigma_b = 3 / 20 = 0.15, so z must stay below 0.3.
+    config = make_config(tmp_path, clip_norm="adaptive", noise_multiplier=0.25, epsilon_budget=None, rounds=1)
+    coordinator = Coordinator(config, clock=clock)
+    with TestClient(create_app(coordinator)) as client:
+        run_round(client, coordinator, 1.0)  # every update far above the initial clip 0.1
+    coordinator.close()
+    (row,) = coordinator.privacy.ledger if coordinator.privacy else ()
+    assert row.clip_norm == 0.1 and row.next_clip_norm != 0.1
+    again = Coordinator(make_config(tmp_path, clip_norm="adaptive", noise_multiplier=0.25,
+                                    epsilon_budget=None, rounds=2), clock=clock)
+    try:
+        assert again.privacy is not None and again.privacy.clip_norm == row.next_clip_norm
+        with TestClient(create_app(again)) as client:
+            run_round(client, again, 1.0)
+        assert again.privacy.ledger[-1].clip_norm == row.next_clip_norm
+    finally:
+        again.close()
+
+
 def test_privacy_table_in_the_toml(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[task]\nnum_features = 4\nnum_classes = 3\n[privacy]\nmode = "central"\n'
