@@ -102,6 +102,9 @@ def test_budget_stops_the_federation_and_the_refusal_survives_a_restart(tmp_path
         status = client.get("/v1/status").json()
         assert status["privacy"]["epsilon"] == pytest.approx(per_round[1], rel=1e-9)
         assert status["history"][1]["epsilon"] == pytest.approx(per_round[1], rel=1e-9)
+        scraped = client.get("/metrics/").text
+        assert f"fedge_privacy_epsilon {per_round[1]!r}" in scraped or \
+            f"fedge_privacy_epsilon {per_round[1]:.16g}" in scraped
     coordinator.close()
 
     with Store(config.data_dir) as store:

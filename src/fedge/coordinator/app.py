@@ -138,6 +138,13 @@ def create_app(
     refusals = Counter("fedge_refusals_total", "Requests refused, by error code", ["code"], registry=registry)
     rounds_complete = Gauge("fedge_rounds_complete", "Rounds completed so far", registry=registry)
     rounds_complete.set_function(lambda: coordinator.state.round)
+    if coordinator.privacy is not None:
+        privacy = coordinator.privacy
+        epsilon = Gauge("fedge_privacy_epsilon", "Epsilon spent so far, at fedge_privacy_delta",
+                        registry=registry)
+        epsilon.set_function(lambda: privacy.epsilon)
+        Gauge("fedge_privacy_delta", "Delta of the reported epsilon", registry=registry).set(
+            privacy.config.delta)
     coordinator.on_refusal = lambda code: refusals.labels(code=code).inc()
 
     @contextlib.asynccontextmanager
