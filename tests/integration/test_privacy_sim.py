@@ -189,3 +189,22 @@ def test_cli_privacy_refuses_bad_arguments(args: list[str], message: str) -> Non
 def test_nan_noise_multiplier_is_refused() -> None:
     with pytest.raises(ConfigError, match="noise-multiplier"):
         SimConfig(dp="central", noise_multiplier=math.nan)
+
+
+class _KeepsEveryUpdate:
+    """Stands for a robust rule (median, Krum): its accumulator keeps each update."""
+
+    needs_every_update = True
+
+
+def test_dp_refuses_strategies_that_keep_every_update() -> None:
+    from fedge.coordinator import service
+    from fedge.coordinator.config import CoordinatorConfig
+    from fedge.sim import engine
+
+    config = SimConfig(dp="central", noise_multiplier=1.0)
+    with pytest.raises(ConfigError, match="needs a strategy that sums updates"):
+        engine._privacy_of(config, 20, _KeepsEveryUpdate())  # type: ignore[arg-type]
+    federation = CoordinatorConfig(num_features=4, num_classes=3, dp="central", noise_multiplier=1.0)
+    with pytest.raises(ConfigError, match="needs a strategy that sums updates"):
+        service._privacy_of(federation, _KeepsEveryUpdate())  # type: ignore[arg-type]

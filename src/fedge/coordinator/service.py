@@ -127,7 +127,7 @@ class Coordinator:
         self.task_info = TaskInfo(
             name=config.task, num_features=self.spec.num_features, num_classes=self.spec.num_classes
         )
-        self.privacy = _privacy_of(config)
+        self.privacy = _privacy_of(config, self.strategy)
         #: Why no further round runs (the privacy budget), or None.
         self.stopped: str | None = None
         self.store = Store(config.data_dir)
@@ -596,7 +596,7 @@ class Coordinator:
         self.store.close()
 
 
-def _privacy_of(config: CoordinatorConfig) -> PrivacySession | None:
+def _privacy_of(config: CoordinatorConfig, strategy: Strategy) -> PrivacySession | None:
     """Central DP for a federation: noise from the OS entropy, and no amplification claimed.
 
     Cohorts are drawn from the devices that happen to be available, so no
@@ -609,6 +609,8 @@ def _privacy_of(config: CoordinatorConfig) -> PrivacySession | None:
     settings = config.privacy
     if settings is None:
         return None
+    if getattr(strategy, "needs_every_update", False):
+        raise ConfigError(f"[privacy] needs a strategy that sums updates; {config.strategy!r} keeps each one")
     return PrivacySession(settings, sampling="availability", expected_reports=float(config.cohort_size),
                           planned_rounds=config.rounds, seed=None)
 

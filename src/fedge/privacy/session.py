@@ -9,6 +9,9 @@ way, round after round::
     aggregate = session.release(round_id, aggregate, unclipped=k)   # central noise, fixed denominator
     entry = session.charge(round_id)       # ledger entry with epsilon after this round
 
+A round that ends with no update releases nothing and leaves the clip
+where it was (no count to learn from), but the caller may still charge it.
+
 It holds no I/O: the caller stores the ledger entries (the coordinator in
 the same transaction that completes the round) and hands them back with
 :meth:`PrivacySession.restore` after a restart.
@@ -256,10 +259,6 @@ class PrivacySession:
             delta = P.scale(total, 1.0 / self.expected_reports)
         self._adapt(round_id, unclipped)
         return Aggregate(delta=delta, total_weight=aggregate.total_weight, count=aggregate.count)
-
-    def skip_release(self, round_id: int) -> None:
-        """A round that released nothing but ran the mechanism: only the clip moves (no updates)."""
-        self._adapt(round_id, 0)
 
     def _adapt(self, round_id: int, unclipped: int) -> None:
         self._clip_used = self.clip_norm

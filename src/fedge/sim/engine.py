@@ -262,8 +262,6 @@ class Simulation:
             train_loss=train_loss, metrics=None, elapsed_s=time.perf_counter() - t_start,
         )
         if self.privacy is not None:
-            if outcome.state is not RoundState.COMPLETE:
-                self.privacy.skip_release(r)
             epsilon, clip = self._charge(r)
             record = dataclasses.replace(record, epsilon=epsilon, clip_norm=clip)
         return state, record, part.train_s if part else 0.0
