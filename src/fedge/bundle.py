@@ -192,7 +192,8 @@ def build_bundle(
         if wheel is None:
             src = source or find_source()
             progress(f"building fedge's wheel from {src}")
-            _pip(["wheel", "--no-deps", "--quiet", "--wheel-dir", tmp, str(src)], what="building fedge's wheel")
+            _pip(["wheel", "--no-deps", "--quiet", "--wheel-dir", tmp, str(src)],
+                 what="building fedge's wheel")
             built = sorted(Path(tmp).glob("fedge-*.whl"))
             if len(built) != 1:
                 raise BundleError(f"building fedge's wheel left {len(built)} fedge wheels")
@@ -264,8 +265,12 @@ done
 arch=$(uname -m)
 requirements="$here/requirements-$arch.txt"
 if [ ! -f "$requirements" ]; then
-    echo "install.sh: this bundle has no wheels for $arch; it has:" \
-        "$(cd "$here" && ls requirements-*.txt | sed 's/requirements-//; s/\.txt//' | tr '\n' ' ')" >&2
+    have=""
+    for f in "$here"/requirements-*.txt; do
+        f=${f##*/requirements-}
+        have="$have ${f%.txt}"
+    done
+    echo "install.sh: this bundle has no wheels for $arch; it has:$have" >&2
     exit 2
 fi
 have=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || {

@@ -566,6 +566,28 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_backup(sub: Any) -> None:
+    p = sub.add_parser(
+        "backup",
+        help="copy a coordinator's data directory while it runs",
+        description=("Write a consistent copy of the coordinator's store (SQLite online backup), its "
+                     "checkpoints, CA, server certificate and admin token to a new folder. The copy is a "
+                     "data directory: to restore, stop the coordinator and put it in place of the old one."),
+    )
+    _data_dir_args(p)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the new backup folder")
+    p.set_defaults(func=_cmd_backup)
+
+
+def _cmd_backup(args: argparse.Namespace) -> int:
+    from fedge.backup import backup_data_dir
+
+    counts = backup_data_dir(Path(_data_dir(args)), args.out)
+    print(f"backup: {args.out} (store, {counts['checkpoints']} checkpoints, "
+          f"{counts['files']} identity files)")
+    return EXIT_OK
+
+
 def _add_data(sub: Any) -> None:
     d = sub.add_parser("data", help="prepare device data files",
                        description="Prepare data for rehearsals: split a data set into per-device files.")
@@ -579,7 +601,8 @@ def _add_data(sub: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", default="digits", help="digits, synthetic:ALPHA,BETA, or a .npz/.csv file")
-    p.add_argument("--partition", default="dirichlet:0.5", help="iid, dirichlet:ALPHA, shards:K or powerlaw:A")
+    p.add_argument("--partition", default="dirichlet:0.5",
+                   help="iid, dirichlet:ALPHA, shards:K or powerlaw:A")
     p.add_argument("--devices", type=int, required=True, help="number of device files")
     p.add_argument("--seed", type=int, default=0, help="seed of the partition")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
@@ -676,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bundle(sub)
     _add_healthcheck(sub)
     _add_data(sub)
+    _add_backup(sub)
     return parser
 
 

@@ -41,7 +41,7 @@ def check_coordinator(*, host: str, port: int, insecure: bool, ca_file: Path | N
         context.check_hostname = False  # see the module docstring; the chain is still verified
         url = f"https://{netloc}/healthz"
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as response:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as response:
             body = json.loads(response.read(4096) or b"{}")
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)

@@ -20,8 +20,8 @@ __all__ = ["write_split"]
 
 
 def write_split(
-    out_dir: Path, *, data: str = "digits", partition: str | None = "dirichlet:0.5", devices: int | None = None,
-    seed: int = 0, prefix: str = "device-",
+    out_dir: Path, *, data: str = "digits", partition: str | None = "dirichlet:0.5",
+    devices: int | None = None, seed: int = 0, prefix: str = "device-",
 ) -> tuple[list[Path], Path]:
     """Partition ``data`` over ``devices`` and write each share; return (device files, test file).
 
@@ -32,7 +32,9 @@ def write_split(
     out_dir.mkdir(parents=True, exist_ok=True)
     existing = sorted(out_dir.glob(f"{prefix}*.npz"))
     if existing:
-        raise ConfigError(f"{out_dir} already holds device data ({existing[0].name}, ...); use an empty folder")
+        raise ConfigError(
+            f"{out_dir} already holds device data ({existing[0].name}, ...); use an empty folder"
+        )
     paths = []
     for i, d in enumerate(fed.devices):
         paths.append(_save(out_dir / f"{prefix}{i}.npz", d.x, d.y))
