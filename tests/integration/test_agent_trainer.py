@@ -62,7 +62,7 @@ def test_a_failing_task_is_a_task_error_naming_the_exception() -> None:
     def boom() -> None:
         raise KeyError("no such layer")
 
-    with pytest.raises(TaskError, match="KeyError: 'no such layer'"):
+    with pytest.raises(TaskError, match="training raised KeyError: 'no such layer'"):
         trainer([reading()]).run(boom)
 
 
@@ -70,7 +70,7 @@ def test_the_memory_cap_stops_a_runaway_model_in_the_child_only() -> None:
     def hog() -> int:
         return len(np.ones(2_000_000_000 // 8))  # 2 GB
 
-    with pytest.raises(TaskError, match="ran out of memory under the memory_mb cap of 1536 MiB"):
+    with pytest.raises(TaskError, match="training ran out of memory under the memory_mb cap of 1536 MiB"):
         trainer([reading()], memory_mb=1536).run(hog)
     assert np.ones(1000).sum() == 1000  # the agent itself is unharmed
 

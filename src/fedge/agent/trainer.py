@@ -172,16 +172,20 @@ class Trainer:
         return verdict(self.policy, self.monitor.read(), now=self._local_now(),
                        rounds_today=self._rounds_today())
 
-    def run(self, fn: Callable[[], T]) -> tuple[T, TrainStats]:
+    def run(self, fn: Callable[[], T], *, max_s: float | None = None, what: str = "training"
+            ) -> tuple[T, TrainStats]:
         """Run ``fn`` in a training child and return its value.
 
+        ``max_s`` bounds this run's wall-clock time (the round's deadline),
+        besides ``max_train_s``.
+
         Raises:
-            TrainingStopped: the policy turned unsafe, or ``max_train_s`` passed.
+            TrainingStopped: the policy turned unsafe, ``max_train_s`` or ``max_s`` passed.
             TaskError: ``fn`` raised (its type and message, from the child),
                 or the child died (killed by the kernel, out of memory).
         """
         parent, child = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=_child_main, args=(child, fn, self.limits), daemon=True,
+        proc = self._ctx.Process(target=_child_main, args=(child, fn, self.limits, what), daemon=True,
                                  name="fedge-train")
         t0 = self._clock()
         proc.start()
@@ -204,6 +208,8 @@ class Trainer:
                 if self.limits.max_train_s is not None and elapsed > self.limits.max_train_s:
                     limit = self.limits.max_train_s
                     raise TrainingStopped((f"training took more than max_train_s {limit:g} s",))
+                if max_s is not None and elapsed > max_s:
+                    raise TrainingStopped(("training would miss the round's deadline",))
                 v = self.check()
                 if not v.ok and not v.pause:
                     raise TrainingStopped(v.reasons)
@@ -235,7 +241,7 @@ class Trainer:
         return outcome.value, stats  # type: ignore[return-value]
 
 
-def _child_main(conn: Connection, fn: Callable[[], Any], limits: Limits) -> None:
+def _child_main(conn: Connection, fn: Callable[[], Any], limits: Limits, what: str) -> None:
     """The training child: apply the limits, run ``fn``, send back an :class:`_Outcome`."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the agent's to handle
@@ -244,10 +250,10 @@ def _child_main(conn: Connection, fn: Callable[[], Any], limits: Limits) -> None
         value, error = fn(), None
     except MemoryError:
         cap = f" under the memory_mb cap of {limits.memory_mb:g} MiB" if limits.memory_mb else ""
-        value, error = None, f"training ran out of memory{cap}"
+        value, error = None, f"{what} ran out of memory{cap}"
     except Exception as e:
         logger.debug("training failed:\n%s", traceback.format_exc())
-        value, error = None, f"{type(e).__name__}: {e}"
+        value, error = None, f"{what} raised {type(e).__name__}: {e}"
     t = os.times()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
     try:
