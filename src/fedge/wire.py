@@ -41,6 +41,7 @@ __all__ = [
     "DEVICE_ID_PATTERN",
     "PROTOCOL_VERSION",
     "REFUSALS",
+    "AbortReport",
     "CheckIn",
     "CheckInReply",
     "EnrolReply",
@@ -174,6 +175,16 @@ class CheckInReply(Message):
     wait_s: Annotated[float, Field(ge=0)] = 0.0
     task: TaskInfo
     plan: TrainPlan | None = None
+
+
+class AbortReport(Message):
+    """A device stopped training for a round: the policy turned against it (unplugged, hot, busy
+    too long) or a limit was reached. The reasons are short human-readable phrases."""
+
+    round: Annotated[int, Field(ge=1)]
+    attempt: Annotated[int, Field(ge=1)]
+    reasons: Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]],
+                       Field(min_length=1, max_length=16)]
 
 
 class EvalReport(Message):

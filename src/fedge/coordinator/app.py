@@ -34,6 +34,7 @@ from fedge.wire import (
     DEVICE_HEADER,
     DEVICE_ID_PATTERN,
     REFUSALS,
+    AbortReport,
     CheckIn,
     CheckInReply,
     EnrolReply,
@@ -234,6 +235,13 @@ def create_app(
         device = device_identity(request, identity)
         body = await read_body(request, coordinator.config.max_body_bytes)
         return _json(await coordinator.submit_update(device, round, body))
+
+    @app.post("/v1/rounds/{round}/abort", response_model=UpdateAck, openapi_extra=_schema(AbortReport))
+    async def abort(request: Request, round: int) -> Response:
+        """A device says it stopped training for this round, and why (its policy or a limit)."""
+        device = device_identity(request, identity)
+        report = parse_message(AbortReport, await read_body(request, _JSON_LIMIT))
+        return _json(coordinator.submit_abort(device, round, report))
 
     @app.post("/v1/rounds/{round}/metrics", response_model=UpdateAck, openapi_extra=_schema(EvalReport))
     async def metrics(request: Request, round: int) -> Response:

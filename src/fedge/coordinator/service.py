@@ -49,6 +49,7 @@ from fedge.tasks import load_task
 from fedge.tasks.base import Task
 from fedge.wire import (
     REFUSALS,
+    AbortReport,
     CheckIn,
     CheckInReply,
     EvalReport,
@@ -95,10 +96,16 @@ class _OpenRound:
     train_loss: list[tuple[float, float]] = field(default_factory=list)
     train_s: float | None = None  # the slowest reported local training time
     evaluated: set[str] = field(default_factory=set)
+    aborted: dict[str, tuple[str, ...]] = field(default_factory=dict)  # device -> its reasons
     closing: bool = False
     clip_norm: float | None = None  # central DP: the bound every update is clipped to on receipt
     local: DevicePrivacy | None = None  # local DP: what each device does to its update before upload
     unclipped: int = 0  # central DP: updates already within the bound (adaptive clipping's count)
+
+    @property
+    def settled(self) -> bool:
+        """Every invited device has either reported or said it stopped: no need to wait longer."""
+        return len(self.round.reported) + len(self.aborted) >= len(self.round.cohort)
 
 
 class Coordinator:
@@ -389,6 +396,34 @@ class Coordinator:
         )
         return UpdateAck(round=round_id, attempt=rnd.attempt)
 
+    def submit_abort(self, device_id: str, round_id: int, report: AbortReport) -> UpdateAck:
+        """A device stopped training for the round (its policy, a limit): count it out now.
+
+        The round closes as soon as every invited device has reported or
+        stopped, instead of waiting for the deadline.
+        """
+        rnd = self._round_for(device_id, round_id)
+        if report.round != round_id:
+            raise ProtocolError(
+                "bad_request", f"the report is for round {report.round}, sent to round {round_id}"
+            )
+        if report.attempt != rnd.attempt:
+            raise ProtocolError(
+                "closed", f"round {round_id} attempt {report.attempt} has ended", REFUSALS["closed"]
+            )
+        if device_id in rnd.round.reported or device_id in rnd.aborted:
+            raise ProtocolError(
+                "duplicate", f"device {device_id} already reported to round {round_id}", REFUSALS["duplicate"]
+            )
+        rnd.aborted[device_id] = tuple(report.reasons)
+        logger.warning("round %d attempt %d: device %s stopped training: %s",
+                       round_id, rnd.attempt, device_id, "; ".join(report.reasons))
+        self.store.record_metrics(round_id, rnd.attempt, device_id, kind="abort", num_examples=0,
+                                  metrics={}, at=self._clock())
+        if rnd.settled:
+            self._wake.set()
+        return UpdateAck(round=round_id, attempt=rnd.attempt)
+
     def _round_for(self, device_id: str, round_id: int) -> _OpenRound:
         rnd = self.open
         current = self.state.round + 1
@@ -418,7 +453,7 @@ class Coordinator:
                 if self._open_round(now):
                     continue
                 timeout = 0.5
-            elif len(rnd.round.reported) >= rnd.target or now >= rnd.round.deadline:
+            elif len(rnd.round.reported) >= rnd.target or rnd.settled or now >= rnd.round.deadline:
                 await self._close_round(rnd)
                 continue
             else:
