@@ -21,10 +21,14 @@ import numpy as np
 
 from fedge.errors import ConfigError
 
+if typing.TYPE_CHECKING:
+    from fedge.privacy.session import PrivacyConfig
+
 __all__ = ["BACKENDS", "RAY_ON_FAILURE", "SimConfig", "coerce_fields", "load_toml"]
 
 BACKENDS = ("inline", "processes", "ray", "auto")
 RAY_ON_FAILURE = ("retry", "dropout")
+_DP_FIELDS = ("clip_norm", "noise_multiplier", "target_epsilon", "delta", "epsilon_budget", "accountant")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,14 @@ class SimConfig:
     ray_on_failure: str = "retry"
     eval_every: int = 1
     seed: int = 0
+    # Differential privacy (docs/privacy.md); None: off.
+    dp: str | None = None
+    clip_norm: float | str | None = None
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    epsilon_budget: float | None = None
+    accountant: str | None = None
 
     def __post_init__(self) -> None:
         # Types first (the API can pass anything), then ranges.
@@ -98,6 +110,7 @@ class SimConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
         self._check_ray()
+        self.privacy  # noqa: B018 - checks the DP settings now, before any round
 
     def _check_ray(self) -> None:
         if self.ray_address is not None and self.backend not in ("ray", "auto"):
@@ -115,6 +128,21 @@ class SimConfig:
                 f"--ray-on-failure must be one of {', '.join(RAY_ON_FAILURE)}, "
                 f"got {self.ray_on_failure!r}"
             )
+
+    @property
+    def privacy(self) -> PrivacyConfig | None:
+        """The DP settings, or ``None`` when ``dp`` is off (then no DP flag may be set)."""
+        given = {name: getattr(self, name) for name in _DP_FIELDS if getattr(self, name) is not None}
+        if self.dp is None:
+            if given:
+                flags = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise ConfigError(f"{flags} need --dp central|distributed|local")
+            return None
+        from fedge.privacy.session import PrivacyConfig
+
+        if "epsilon_budget" in given:
+            given["budget"] = given.pop("epsilon_budget")
+        return PrivacyConfig(mode=self.dp, **given)
 
     def replace(self, **changes: Any) -> SimConfig:
         return dataclasses.replace(self, **changes)
