@@ -190,6 +190,9 @@ def _same_rounds(a: list, b: list) -> None:  # type: ignore[type-arg]
         # Five workers at 0.4 CPU each on 2 CPUs: a merge tree two levels deep.
         {"workers": 5, "ray_cpus_per_device": 0.4},
         {"workers": 2, "strategy": "fedadam", "cohort": 7, "stragglers": 0.3, "local_epochs": 2},
+        # Device-side DP (clipping and local noise in DeviceRunner) comes along unchanged.
+        {"workers": 2, "dp": "local", "clip_norm": 1.0, "noise_multiplier": 0.3},
+        {"workers": 2, "dp": "central", "clip_norm": 1.0, "noise_multiplier": 0.5, "sample_rate": 0.5},
     ],
 )
 def test_ray_agrees_with_inline(ray_session: None, settings: dict[str, object]) -> None:
@@ -201,6 +204,7 @@ def test_ray_agrees_with_inline(ray_session: None, settings: dict[str, object]) 
     assert _close(inline.params, on_ray.params) < ATOL
     assert on_ray.metrics["accuracy"] == pytest.approx(inline.metrics["accuracy"], abs=2e-3)
     assert on_ray.summary()["backend"]["workers"] == settings["workers"]
+    assert on_ray.summary()["privacy"] == inline.summary()["privacy"]
 
 
 def test_ray_with_data_given_as_values(ray_session: None) -> None:

@@ -1,19 +1,25 @@
-"""deploy/kuberay/raycluster.yaml: valid against its JSON Schema, and the checks KubeRay itself makes.
+"""deploy/kuberay/raycluster.yaml: its pods against Kubernetes' schemas, the rest against its own.
 
-The schema (deploy/kuberay/raycluster.schema.json) covers the RayCluster
-fields fedge's manifest uses and refuses unknown ones; it is validated with
-``jsonschema`` (PyPI). No Kubernetes cluster is involved: what was not run
-is listed in docs/scale.md.
+``kubernetes-validate`` (the validator of the other deployment manifests)
+has no schema for KubeRay's ``RayCluster`` kind, so the manifest is checked
+in two parts: its pod templates, as ``PodTemplate`` objects, with
+``kubernetes-validate --strict`` against Kubernetes' own schemas; and the
+RayCluster fields around them with ``jsonschema`` against
+deploy/kuberay/raycluster.schema.json, which covers the fields fedge's
+manifest uses and refuses unknown ones. No Kubernetes cluster is involved:
+what was not run is listed in docs/scale.md.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from deploy_tools import tool
 
 jsonschema = pytest.importorskip("jsonschema")
 yaml = pytest.importorskip("yaml")
@@ -103,3 +109,32 @@ def test_schema_requires_a_head_and_images(schema: dict[str, Any], manifest: dic
     no_image = copy.deepcopy(manifest)
     del no_image["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["image"]
     assert any("'image' is a required property" in e for e in _errors(schema, no_image))
+
+
+def _pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = doc["spec"]
+    templates = [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+    return [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"fedge-sim-{i}"},
+             "template": t} for i, t in enumerate(templates)]
+
+
+def _validate_pods(doc: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    validate = tool("kubernetes-validate", "the kubernetes-validate package (dev extra)")
+    path = tmp_path / "pods.yaml"
+    path.write_text(yaml.safe_dump_all(_pod_templates(doc)))
+    return subprocess.run([validate, "--strict", str(path)], capture_output=True, text=True,
+                          check=False, timeout=300)
+
+
+def test_pod_templates_pass_kubernetes_validate(manifest: dict[str, Any], tmp_path: Path) -> None:
+    result = _validate_pods(manifest, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed") == 1 + len(manifest["spec"]["workerGroupSpecs"])
+
+
+def test_kubernetes_validate_catches_a_bad_pod(manifest: dict[str, Any], tmp_path: Path) -> None:
+    bad = copy.deepcopy(manifest)
+    container = bad["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    container["imagePulPolicy"] = container.pop("imagePullPolicy")  # a typo
+    result = _validate_pods(bad, tmp_path)
+    assert result.returncode != 0, result.stdout
