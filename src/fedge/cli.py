@@ -366,7 +366,8 @@ def _add_admin(sub: Any) -> None:
                    help="bind it to one device id (needed to enrol a revoked or lost device again)")
     p.set_defaults(func=_cmd_token_create)
 
-    dev = sub.add_parser("device", help="enrolled devices", description="List and revoke devices.")
+    dev = sub.add_parser("device", help="enrolled devices; a device's own status",
+                         description="List and revoke devices (coordinator); show a device's status (agent).")
     dev_sub = dev.add_subparsers(dest="device_command", metavar="COMMAND", required=True)
     p = dev_sub.add_parser("list", help="list the devices the coordinator knows")
     _data_dir_args(p)
@@ -375,6 +376,15 @@ def _add_admin(sub: Any) -> None:
     _data_dir_args(p)
     p.add_argument("device_id", metavar="ID")
     p.set_defaults(func=_cmd_device_revoke)
+    p = dev_sub.add_parser(
+        "status", help="on a device: its readings, profile and training verdict",
+        description=("Run on the device itself: read CPU load, memory, power, temperature and disk as the "
+                     "agent does, show the capability profile it last measured, and say whether its "
+                     "[policy] allows training now, and if not, why."),
+    )
+    p.add_argument("--config", type=Path, required=True, metavar="FILE.toml", help="the agent's settings")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_device_status)
 
 
 def _cmd_ca_init(args: argparse.Namespace) -> int:
@@ -431,6 +441,17 @@ def _cmd_device_list(args: argparse.Namespace) -> int:
         status = "revoked" if d.revoked_at is not None else ("enrolled" if d.enrolled_at is not None else "-")
         print(f"{d.device_id:<24} {when(d.enrolled_at):<17} {when(d.last_seen or None):<17} "
               f"{d.num_examples:>8}  {status}")
+    return EXIT_OK
+
+
+def _cmd_device_status(args: argparse.Namespace) -> int:
+    import json
+
+    from fedge.agent.config import load_agent_config
+    from fedge.agent.status import device_status, format_status
+
+    status = device_status(load_agent_config(args.config, {}))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
     return EXIT_OK
 
 

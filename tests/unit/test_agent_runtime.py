@@ -119,8 +119,8 @@ def test_an_empty_policy_allows_everything() -> None:
 
 def test_each_condition_gives_its_reason() -> None:
     p = parse_policy({"require_ac": True, "min_battery_percent": 50, "max_cpu_load": 0.5,
-                      "min_memory_mb": 512, "max_temperature_c": 70, "min_disk_mb": 100, "windows": ["22:00-06:00"],
-                      "max_rounds_per_day": 3})
+                      "min_memory_mb": 512, "max_temperature_c": 70, "min_disk_mb": 100,
+                      "windows": ["22:00-06:00"], "max_rounds_per_day": 3})
     v = verdict(p, readings(on_ac=False, battery_percent=20.0, cpu_load=0.9, memory_available_mb=100.0,
                             temperature_c=80.0, disk_free_mb=10.0), now=NOON, rounds_today=3)
     assert not v.ok and not v.pause
