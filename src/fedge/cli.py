@@ -135,7 +135,7 @@ def _build_config(args: argparse.Namespace) -> Any:
     flags = {
         k: v for k, v in vars(args).items()
         if k not in {"config", "out", "no_plot", "quiet", "func", "command", "verbose", "started_at",
-                     "log_level"}
+                     "log_level", "log_format"}
     }
     if "strategy_options" in flags:
         merged = dict(values.get("strategy_options", {}))
