@@ -108,6 +108,19 @@ def _add_simulate(sub: Any) -> None:
     g.add_argument("--epsilon-budget", type=_fraction, metavar="E",
                    help="stop before a round that would take epsilon past E (default: --target-epsilon)")
     g.add_argument("--accountant", choices=["rdp", "pld"], help="privacy accountant (default rdp)")
+    g = p.add_argument_group("device heterogeneity and the virtual clock (docs/simulator.md)")
+    g.add_argument("--profiles", metavar="SPEC|FILE",
+                   help="device profiles: lognormal-speed:SPREAD[:MEDIAN], diurnal[:HOURS], dropout:P, "
+                   "bandwidth:MBPS[:SPREAD] (comma-separated), or a .csv/.json trace; every round then "
+                   "has a simulated duration")
+    g.add_argument("--deadline-s", type=_fraction, metavar="S",
+                   help="simulated round deadline: devices that would take longer drop out")
+    g.add_argument("--selection", choices=["random", "deadline"],
+                   help="cohort selection: uniformly at random, or preferring devices expected to "
+                   "finish before --deadline-s (default random)")
+    g.add_argument("--fairness", type=_fraction, metavar="F",
+                   help="with --selection deadline: share of places for the longest-waiting devices "
+                   "(default 0.2)")
     g = p.add_argument_group("run")
     g.add_argument("--backend", choices=["inline", "processes"],
                    help="inline: one process, bit-for-bit reproducible; processes: every core "
