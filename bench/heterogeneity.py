@@ -57,8 +57,8 @@ def run(seeds: int, rounds: int) -> None:
           "| simulated time, all rounds (s) | rounds per device, slowest tenth | fastest tenth |")
     print("|---|---|---|---|---|---|---|---|")
     for seed, sel, target, acc, tta, total, slow, fast in rows:
-        print(f"| {seed} | {sel} | {target:.4f} | {acc:.4f} | {'not reached' if tta is None else f'{tta:.0f}'} "
-              f"| {total:.0f} | {slow:.2f} | {fast:.2f} |")
+        reached = "not reached" if tta is None else f"{tta:.0f}"
+        print(f"| {seed} | {sel} | {target:.4f} | {acc:.4f} | {reached} | {total:.0f} | {slow:.2f} | {fast:.2f} |")
     for sel in ("random", "deadline"):
         tta = [r[4] for r in rows if r[1] == sel and r[4] is not None]
         mean = f"{statistics.mean(tta):.0f} s" if tta else "-"
