@@ -58,7 +58,8 @@ def run(seeds: int, rounds: int) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for seed, sel, target, acc, tta, total, slow, fast in rows:
         reached = "not reached" if tta is None else f"{tta:.0f}"
-        print(f"| {seed} | {sel} | {target:.4f} | {acc:.4f} | {reached} | {total:.0f} | {slow:.2f} | {fast:.2f} |")
+        print(f"| {seed} | {sel} | {target:.4f} | {acc:.4f} | {reached} | {total:.0f} "
+              f"| {slow:.2f} | {fast:.2f} |")
     for sel in ("random", "deadline"):
         tta = [r[4] for r in rows if r[1] == sel and r[4] is not None]
         mean = f"{statistics.mean(tta):.0f} s" if tta else "-"
