@@ -449,11 +449,13 @@ def _cmd_device_list(args: argparse.Namespace) -> int:
 
     with Store(_data_dir(args)) as store:
         rows = store.devices()
-    print(f"{'device':<24} {'enrolled':<17} {'last seen':<17} {'examples':>8}  status")
+    print(f"{'device':<24} {'enrolled':<17} {'last seen':<17} {'examples':>8}  {'status':<8}  training")
     for d in rows:
         status = "revoked" if d.revoked_at is not None else ("enrolled" if d.enrolled_at is not None else "-")
+        # The agent's policy verdict at its last check-in: "ok", or why not.
+        training = str(d.profile.get("policy", "-"))
         print(f"{d.device_id:<24} {when(d.enrolled_at):<17} {when(d.last_seen or None):<17} "
-              f"{d.num_examples:>8}  {status}")
+              f"{d.num_examples:>8}  {status:<8}  {training}")
     return EXIT_OK
 
 
