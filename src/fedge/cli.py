@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -511,7 +512,26 @@ def _add_agent(sub: Any) -> None:
     p.set_defaults(func=_cmd_agent, log_level=logging.INFO)
 
 
+def _agent_threads(config: Path | None) -> None:
+    """Apply ``[limits] threads`` to BLAS and OpenMP before numpy loads (it reads them only then).
+
+    The file is read here with tomllib alone; a bad file or value is left for
+    the full config check that follows to report.
+    """
+    if config is None:
+        return
+    try:
+        with config.open("rb") as f:
+            threads = tomllib.load(f).get("limits", {}).get("threads")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= 1024:
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(threads)
+
+
 def _cmd_agent(args: argparse.Namespace) -> int:
+    _agent_threads(getattr(args, "config", None))
     from fedge.agent import load_agent_config, run_agent
 
     keys = {"coordinator", "data", "state_dir", "device_id", "ca_cert", "ca_fingerprint", "token_file",

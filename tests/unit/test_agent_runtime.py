@@ -247,3 +247,21 @@ def test_accelerators_are_detected_from_files(tmp_path: Path) -> None:
     (tmp_path / "etc" / "nv_tegra_release").write_text("# R36\n")
     assert static_profile(tmp_path).accelerators == ("cuda", "jetson")
     assert static_profile(tmp_path / "nothing").accelerators == ()
+
+
+def test_agent_threads_are_set_before_numpy_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedge.cli import _agent_threads
+
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "agent.toml"
+    config.write_text("[limits]\nthreads = 2\n")
+    _agent_threads(config)
+    import os
+
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "2" and os.environ["OMP_NUM_THREADS"] == "2"
+    config.write_text("[limits]\nthreads = 0\n")  # bad: left to the config check to refuse
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    _agent_threads(config)
+    assert "OMP_NUM_THREADS" not in os.environ
+    _agent_threads(tmp_path / "missing.toml")  # no crash; the config check reports it
