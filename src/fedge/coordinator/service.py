@@ -371,8 +371,8 @@ class Coordinator:
             self._wake.set()
         return UpdateAck(round=round_id, attempt=rnd.attempt)
 
-    def submit_eval(self, device_id: str, round_id: int, report: EvalReport) -> UpdateAck:
-        """Record a device's evaluation of the round's params on its own data."""
+    def _report_round(self, device_id: str, round_id: int, report: EvalReport | AbortReport) -> _OpenRound:
+        """The open round a device's JSON report is for; refused unless its round and attempt match."""
         rnd = self._round_for(device_id, round_id)
         if report.round != round_id:
             raise ProtocolError(
@@ -382,6 +382,11 @@ class Coordinator:
             raise ProtocolError(
                 "closed", f"round {round_id} attempt {report.attempt} has ended", REFUSALS["closed"]
             )
+        return rnd
+
+    def submit_eval(self, device_id: str, round_id: int, report: EvalReport) -> UpdateAck:
+        """Record a device's evaluation of the round's params on its own data."""
+        rnd = self._report_round(device_id, round_id, report)
         if device_id in rnd.evaluated:
             raise ProtocolError(
                 "duplicate",
@@ -406,15 +411,7 @@ class Coordinator:
         The round closes as soon as every invited device has reported or
         stopped, instead of waiting for the deadline.
         """
-        rnd = self._round_for(device_id, round_id)
-        if report.round != round_id:
-            raise ProtocolError(
-                "bad_request", f"the report is for round {report.round}, sent to round {round_id}"
-            )
-        if report.attempt != rnd.attempt:
-            raise ProtocolError(
-                "closed", f"round {round_id} attempt {report.attempt} has ended", REFUSALS["closed"]
-            )
+        rnd = self._report_round(device_id, round_id, report)
         if device_id in rnd.round.reported or device_id in rnd.aborted:
             raise ProtocolError(
                 "duplicate", f"device {device_id} already reported to round {round_id}", REFUSALS["duplicate"]
