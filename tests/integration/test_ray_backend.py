@@ -193,6 +193,9 @@ def _same_rounds(a: list, b: list) -> None:  # type: ignore[type-arg]
         # Device-side DP (clipping and local noise in DeviceRunner) comes along unchanged.
         {"workers": 2, "dp": "local", "clip_norm": 1.0, "noise_multiplier": 0.3},
         {"workers": 2, "dp": "central", "clip_norm": 1.0, "noise_multiplier": 0.5, "sample_rate": 0.5},
+        # Device profiles and the virtual clock run at the driver, before the backend.
+        {"workers": 2, "devices": 30, "cohort": 10, "profiles": "lognormal-speed:10:5,dropout:0.1",
+         "deadline_s": 30.0, "selection": "deadline"},
     ],
 )
 def test_ray_agrees_with_inline(ray_session: None, settings: dict[str, object]) -> None:
@@ -205,6 +208,8 @@ def test_ray_agrees_with_inline(ray_session: None, settings: dict[str, object]) 
     assert on_ray.metrics["accuracy"] == pytest.approx(inline.metrics["accuracy"], abs=2e-3)
     assert on_ray.summary()["backend"]["workers"] == settings["workers"]
     assert on_ray.summary()["privacy"] == inline.summary()["privacy"]
+    for key in ("simulated_time_s", "participation"):
+        assert on_ray.summary().get(key) == inline.summary().get(key)
 
 
 def test_ray_with_data_given_as_values(ray_session: None) -> None:
