@@ -519,3 +519,45 @@ def test_deadline_selection_leaves_out_devices_that_cannot_finish(tmp_path: Path
         assert sorted(coordinator.open.round.cohort) == ["fast-1", "fast-2", "fast-3"]
         assert coordinator.estimate_round_s("slow") == pytest.approx(200.0)
     coordinator.close()
+
+
+def _event(i: int = 0, **over: object) -> dict[str, object]:
+    return {"at": 1000.0 + i, "kind": "warning", "level": "warning", "message": f"event {i}", **over}
+
+
+def test_device_events_are_stored_rate_limited_and_listed(fleet: Fleet) -> None:
+    def send(device: str, events: list[dict[str, object]]) -> tuple[int, dict[str, object]]:
+        r = fleet.client.post("/v1/events", json={"protocol": 1, "events": events},
+                              headers={DEVICE_HEADER: device})
+        return r.status_code, r.json()
+
+    assert send("a", [_event(i) for i in range(100)]) == (200, {"protocol": 1, "stored": 100})
+    assert send("a", [_event(i) for i in range(100)])[0] == 200  # the burst allows 200
+    status, body = send("a", [_event(0)])
+    assert (status, body["error"]) == (429, "rate_limited")
+    fleet.clock.now += 30  # half a minute refills 60
+    assert send("a", [_event(i) for i in range(60)])[0] == 200
+    assert send("b", [_event(7, kind="policy", level="info", fields={"cpu_load": 0.9})])[0] == 200
+    rows = fleet.client.get("/v1/admin/events", params={"device": "b"}).json()
+    assert [(r["device"], r["kind"], r["fields"]) for r in rows] == [("b", "policy", {"cpu_load": 0.9})]
+    assert len(fleet.client.get("/v1/admin/events", params={"limit": 5}).json()) == 5
+    later = fleet.client.get("/v1/admin/events", params={"since": fleet.clock.now - 1}).json()
+    assert len(later) == 61
+    assert fleet.client.get("/v1/admin/events", params={"limit": 0}).status_code == 400
+
+
+@pytest.mark.parametrize(("events", "why"), [
+    ([], "no events"),
+    ([_event(i) for i in range(101)], "too many"),
+    ([_event(kind="gossip")], "unknown kind"),
+    ([_event(level="fatal")], "unknown level"),
+    ([_event(message="")], "empty message"),
+    ([_event(message="x" * 501)], "long message"),
+    ([_event(at=-1.0)], "negative time"),
+    ([_event(fields={f"k{i}": i for i in range(17)})], "too many fields"),
+    ([_event(fields={"nested": {"a": 1}})], "nested field"),
+    ([_event(extra="x")], "unknown key"),
+])
+def test_malformed_event_batches_are_refused(fleet: Fleet, events: list[dict[str, object]], why: str) -> None:
+    r = fleet.client.post("/v1/events", json={"protocol": 1, "events": events}, headers={DEVICE_HEADER: "a"})
+    assert r.status_code == 400 and r.json()["error"] == "bad_request", why

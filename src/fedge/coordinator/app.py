@@ -40,6 +40,8 @@ from fedge.wire import (
     EnrolReply,
     EnrolRequest,
     EvalReport,
+    EventBatch,
+    EventsAck,
     Message,
     RenewRequest,
     TokenReply,
@@ -260,6 +262,23 @@ def create_app(
         """Progress: rounds complete, the open round, devices, history, refusals (admin)."""
         admin(request)
         return coordinator.status()
+
+    @app.post("/v1/events", response_model=EventsAck, openapi_extra=_schema(EventBatch))
+    async def events(request: Request) -> Response:
+        """A device's batch of notable events (policy skips, aborts, errors, enrolment, renewal)."""
+        device = device_identity(request, identity)
+        batch = parse_message(EventBatch, await read_body(request, _JSON_LIMIT))
+        return _json(coordinator.submit_events(device, batch))
+
+    @app.get("/v1/admin/events")
+    async def list_events(request: Request, device: str | None = None, since: float | None = None,
+                          limit: int = 200) -> list[dict[str, object]]:
+        """Admin: the latest events, newest last; ``device`` and ``since`` (unix time) narrow them."""
+        admin(request)
+        if not 1 <= limit <= 10_000:
+            raise _refusal("bad_request", f"limit must be between 1 and 10000, got {limit}")
+        rows = coordinator.store.events(device_id=device, since=since, limit=limit)
+        return [row.to_json() for row in rows]
 
     if identity is not None:
         _add_identity_routes(app, identity, admin)

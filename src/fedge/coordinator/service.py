@@ -53,6 +53,8 @@ from fedge.wire import (
     CheckIn,
     CheckInReply,
     EvalReport,
+    EventBatch,
+    EventsAck,
     TaskInfo,
     TrainPlan,
     UpdateAck,
@@ -71,6 +73,9 @@ _INIT, _SELECT = 1, 2
 
 
 _STORE_SEEN_S = 60.0
+# Device events: each device may send this many a minute on average, in bursts of EVENTS_BURST.
+EVENTS_PER_MINUTE = 120
+EVENTS_BURST = 200
 
 
 @dataclass
@@ -151,6 +156,7 @@ class Coordinator:
         self._last_dropped: frozenset[str] = frozenset()
         # For deadline-aware selection: each device's last round trip, and its last invitation.
         self._round_trip_s: dict[str, float] = {}
+        self._event_buckets: dict[str, list[float]] = {}  # device -> [tokens, last refill]
         self._last_invited: dict[str, int] = {}
         self._jitter = random.Random(config.seed)
         self._warm_up()
@@ -370,6 +376,29 @@ class Coordinator:
         if len(rnd.round.reported) >= rnd.target:
             self._wake.set()
         return UpdateAck(round=round_id, attempt=rnd.attempt)
+
+    def submit_events(self, device_id: str, batch: EventBatch) -> EventsAck:
+        """Store a device's events, within its rate: ``EVENTS_PER_MINUTE`` on average, bursts of
+        ``EVENTS_BURST``. A batch over the rate is refused whole (429), so a device never floods
+        the store; the agent keeps its events and sends them later."""
+        now = self._clock()
+        bucket = self._event_buckets.get(device_id)
+        if bucket is None:
+            bucket = self._event_buckets[device_id] = [float(EVENTS_BURST), now]
+        tokens = min(float(EVENTS_BURST), bucket[0] + (now - bucket[1]) * EVENTS_PER_MINUTE / 60.0)
+        bucket[1] = now
+        if len(batch.events) > tokens:
+            bucket[0] = tokens
+            raise ProtocolError(
+                "rate_limited",
+                f"device {device_id} sent more than {EVENTS_PER_MINUTE} events a minute; send them later",
+                REFUSALS["rate_limited"],
+            )
+        bucket[0] = tokens - len(batch.events)
+        self.store.record_events(
+            device_id, [(e.at, e.kind, e.level, e.message, e.fields) for e in batch.events], received_at=now
+        )
+        return EventsAck(stored=len(batch.events))
 
     def _report_round(self, device_id: str, round_id: int, report: EvalReport | AbortReport) -> _OpenRound:
         """The open round a device's JSON report is for; refused unless its round and attempt match."""
