@@ -159,7 +159,8 @@ def test_events_cli_lists_filters_and_prints_json(tmp_path: Path) -> None:
     lines = listing.stdout.splitlines()
     assert len(lines) == 2 and "gw-1" in lines[0] and "not on AC power" in lines[0]
     assert "temperature_c=81.5" in lines[1] and "logger=" not in lines[0]
-    assert [_json.loads(x)["device"] for x in events("--since", "1h", "--json").stdout.splitlines()] == ["gw-2"]
+    recent = events("--since", "1h", "--json").stdout.splitlines()
+    assert [_json.loads(x)["device"] for x in recent] == ["gw-2"]
     assert len(events("--device", "gw-1").stdout.splitlines()) == 1
     bad = events("--since", "soon")
     assert bad.returncode == 2 and "expected a duration" in bad.stderr
