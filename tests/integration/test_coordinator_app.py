@@ -561,3 +561,24 @@ def test_device_events_are_stored_rate_limited_and_listed(fleet: Fleet) -> None:
 def test_malformed_event_batches_are_refused(fleet: Fleet, events: list[dict[str, object]], why: str) -> None:
     r = fleet.client.post("/v1/events", json={"protocol": 1, "events": events}, headers={DEVICE_HEADER: "a"})
     assert r.status_code == 400 and r.json()["error"] == "bad_request", why
+
+
+def test_metrics_report_rounds_updates_devices_and_events(fleet: Fleet) -> None:
+    for d in "abc":
+        fleet.check_in(d)
+    fleet.plan("a")
+    params, _ = fleet.params(1, "a")
+    for d in "abc":
+        fleet.plan(d)
+        body = encode_update(delta_like(params), round=1, attempt=1, num_examples=5)
+        assert fleet.upload(d, body, 1)[0] == 200
+    wait_until(lambda: fleet.coordinator.state.round == 1)
+    batch = {"protocol": 1, "events": [{"at": 1.0, "kind": "policy", "message": "policy: training allowed"}]}
+    assert fleet.client.post("/v1/events", json=batch, headers={DEVICE_HEADER: "a"}).status_code == 200
+    text = fleet.client.get("/metrics/").text
+    for line in ('fedge_rounds_total{state="complete"} 1.0', "fedge_rounds_complete 1.0",
+                 "fedge_rounds_target 2.0", "fedge_updates_received_total 3.0",
+                 "fedge_device_events_total 1.0",
+                 'fedge_devices{state="known"} 3.0', 'fedge_devices{state="online"} 3.0',
+                 "fedge_round_duration_seconds_count 1.0"):
+        assert line in text, line
