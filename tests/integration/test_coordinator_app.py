@@ -582,3 +582,24 @@ def test_metrics_report_rounds_updates_devices_and_events(fleet: Fleet) -> None:
                  'fedge_devices{state="known"} 3.0', 'fedge_devices{state="online"} 3.0',
                  "fedge_round_duration_seconds_count 1.0"):
         assert line in text, line
+
+
+def test_dashboard_page_assets_and_data(fleet: Fleet) -> None:
+    for d in "abc":
+        profile = {"policy": "ok", "fedge_version": "0.1.0", "cpu_load": 0.2}
+        hello = {"protocol": 1, "num_examples": 10, "profile": profile}
+        fleet.client.post("/v1/check-in", json=hello, headers={DEVICE_HEADER: d})
+    page = fleet.client.get("/dashboard")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert "<script src=\"/dashboard/dashboard.js\"" in page.text and "http" not in page.text.split("<body>")[1]
+    for name, kind in (("dashboard.js", "javascript"), ("dashboard.css", "text/css")):
+        r = fleet.client.get(f"/dashboard/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"]
+    for bad in ("dashboard.html", "secret.txt", "..%2f..%2fstore%2ffedge.db"):
+        assert fleet.client.get(f"/dashboard/{bad}").status_code == 404
+    data = fleet.client.get("/v1/admin/dashboard").json()
+    assert {d["device"] for d in data["fleet"]} == {"a", "b", "c"}
+    a = next(d for d in data["fleet"] if d["device"] == "a")
+    assert a["policy"] == "ok" and a["version"] == "0.1.0" and a["readings"] == {"cpu_load": 0.2}
+    assert a["online"] and set(data) >= {"state", "rounds", "privacy", "events", "refusals", "open"}

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedge import __version__
+from fedge.coordinator.dashboard import add_dashboard_routes
 from fedge.coordinator.identity import Identity
 from fedge.coordinator.metrics import CoordinatorCollector
 from fedge.coordinator.service import Coordinator
@@ -273,6 +274,7 @@ def create_app(
 
     if identity is not None:
         _add_identity_routes(app, identity, admin)
+    add_dashboard_routes(app, coordinator, admin)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
