@@ -604,3 +604,20 @@ def test_dashboard_page_assets_and_data(fleet: Fleet) -> None:
     a = next(d for d in data["fleet"] if d["device"] == "a")
     assert a["policy"] == "ok" and a["version"] == "0.1.0" and a["readings"] == {"cpu_load": 0.2}
     assert a["online"] and set(data) >= {"state", "rounds", "privacy", "events", "refusals", "open"}
+
+
+def test_the_grafana_dashboard_queries_metrics_fedge_exports(fleet: Fleet) -> None:
+    import json
+    import re
+
+    dashboard = json.loads((Path(__file__).parents[2] / "deploy" / "grafana" / "fedge.json").read_text())
+    exported = set(re.findall(r"^# TYPE (\w+) (\w+)", fleet.client.get("/metrics/").text, flags=re.M))
+    names = {n for n, _ in exported} | {f"{n}_total" for n, kind in exported if kind == "counter"} | \
+        {f"{n}_bucket" for n, kind in exported if kind == "histogram"}
+    agent_side = {"fedge_agent_cpu_load", "fedge_agent_policy_ok"}  # from the agents' textfiles
+    queried = {m for p in dashboard["panels"] for t in p["targets"]
+               for m in re.findall(r"\bfedge_\w+", t["expr"])}
+    # Privacy and open-round gauges exist only with DP, or while a round is open.
+    conditional = {"fedge_privacy_epsilon", "fedge_privacy_budget", "fedge_round_invited",
+                   "fedge_round_reported"}
+    assert queried - names - agent_side - conditional == set()
