@@ -750,6 +750,17 @@ class Store:
         return [EventRow(int(r[0]), str(r[1]), float(r[2]), float(r[3]), str(r[4]), str(r[5]), str(r[6]),
                          json.loads(r[7])) for r in reversed(rows)]
 
+    def devices_version(self) -> tuple[int, float, float, float]:
+        """Changes whenever a device is added, checks in (as stored), enrols or is revoked (for caches)."""
+        row = self._query("SELECT COUNT(*), COALESCE(MAX(last_seen), 0), COALESCE(MAX(enrolled_at), 0), "
+                          "COALESCE(MAX(revoked_at), 0) FROM devices")[0]
+        return int(row[0]), float(row[1]), float(row[2]), float(row[3])
+
+    def rounds_version(self) -> tuple[int, float]:
+        """(attempts recorded, latest close): it changes whenever a round opens or ends (for caches)."""
+        row = self._query("SELECT COUNT(*), COALESCE(MAX(closed_at), 0) FROM rounds")[0]
+        return int(row[0]), float(row[1])
+
     def round_stats(self) -> RoundStats:
         """Counts for ``/metrics``, in one read transaction."""
         with self._read() as conn:

@@ -15,6 +15,7 @@ loss, the phases when recorded), the privacy budget, and recent events.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -25,6 +26,7 @@ from fastapi.responses import Response
 
 if TYPE_CHECKING:
     from fedge.coordinator.service import Coordinator
+    from fedge.store import DeviceRow
 
 __all__ = ["add_dashboard_routes", "dashboard_data"]
 
@@ -42,13 +44,43 @@ def _asset(name: str) -> bytes:
     return resources.files("fedge.coordinator").joinpath("static", name).read_bytes()
 
 
+class _RoundsCache:
+    """The rounds' JSON and the device rows, read again only when the store's change
+    markers move (most polls find nothing new: a round ends every few seconds at most)."""
+
+    def __init__(self) -> None:
+        self.version: tuple[int, float] | None = None
+        self.text = "[]"
+        self.devices_version: tuple[int, float, float, float] | None = None
+        self.devices: list[DeviceRow] = []
+
+    def get(self, coordinator: Coordinator) -> str:
+        version = coordinator.store.rounds_version()
+        if version != self.version:
+            self.text = json.dumps(coordinator.history())
+            self.version = version
+        return self.text
+
+    def device_rows(self, coordinator: Coordinator) -> list[DeviceRow]:
+        version = coordinator.store.devices_version()
+        if version != self.devices_version:
+            self.devices = coordinator.store.devices()
+            self.devices_version = version
+        return self.devices
+
+
 def dashboard_data(coordinator: Coordinator, *, events: int = 50) -> dict[str, Any]:
     """Everything the dashboard shows, as one JSON-ready mapping."""
+    data: dict[str, Any] = json.loads(_dashboard_json(coordinator, _RoundsCache(), events=events))
+    return data
+
+
+def _dashboard_json(coordinator: Coordinator, rounds: _RoundsCache, *, events: int) -> str:
     now = coordinator.clock()
     online = set(coordinator.online(now))
     eligible = set(coordinator.available(now))
     fleet = []
-    for d in coordinator.store.devices():
+    for d in rounds.device_rows(coordinator):
         profile = d.profile
         fleet.append({
             "device": d.device_id,
@@ -61,8 +93,8 @@ def dashboard_data(coordinator: Coordinator, *, events: int = 50) -> dict[str, A
             "examples": d.num_examples,
             "readings": {k: profile[k] for k in _READINGS if k in profile},
         })
-    status = coordinator.status()
-    return {
+    status = coordinator.status(history=False)
+    head = {
         "now": now,
         "generated_at": time.time(),
         "state": status["state"],
@@ -70,11 +102,12 @@ def dashboard_data(coordinator: Coordinator, *, events: int = 50) -> dict[str, A
         "rounds_target": status["rounds"],
         "open": status["open"],
         "fleet": fleet,
-        "rounds": status["history"],
         "privacy": status["privacy"],
         "refusals": status["refusals"],
         "events": [e.to_json() for e in coordinator.store.events(limit=events)],
     }
+    # The rounds are spliced in as text: cached, not serialized again on every poll.
+    return json.dumps(head)[:-1] + ', "rounds": ' + rounds.get(coordinator) + "}"
 
 
 def add_dashboard_routes(app: FastAPI, coordinator: Coordinator, admin: Callable[[Request], None]) -> None:
@@ -92,11 +125,14 @@ def add_dashboard_routes(app: FastAPI, coordinator: Coordinator, admin: Callable
                             media_type="application/json")
         return Response(_asset(name), media_type=_ASSETS[name], headers=_NO_STORE)
 
+    rounds = _RoundsCache()
+
     @app.get("/v1/admin/dashboard")
-    async def data(request: Request, events: int = 50) -> dict[str, Any]:
+    async def data(request: Request, events: int = 50) -> Response:
         """Admin: the fleet, the rounds, the privacy budget and recent events, for the dashboard."""
         admin(request)
-        return dashboard_data(coordinator, events=max(0, min(events, 500)))
+        body = _dashboard_json(coordinator, rounds, events=max(0, min(events, 500)))
+        return Response(body, media_type="application/json")
 
 
 # The page and its script change with fedge's version; a stale cached copy would

@@ -670,10 +670,13 @@ class Coordinator:
             logger.error("central evaluation failed: %s: %s", type(e).__name__, e)
             return {}
 
-    def status(self) -> dict[str, Any]:
+    def history(self) -> list[dict[str, Any]]:
+        """Every ended round attempt as ``/v1/status`` shows it."""
+        return [_row_json(row) for row in self.store.rounds() if row.state != "open"]
+
+    def status(self, *, history: bool = True) -> dict[str, Any]:
         """Where training stands, for ``/v1/status`` and the demo's progress line."""
         rnd = self.open
-        last = self.store.rounds()
         return {
             "state": "done" if self.done else ("running" if rnd is not None else "waiting"),
             "rounds_complete": self.state.round,
@@ -689,7 +692,7 @@ class Coordinator:
             },
             "devices": len(self.devices),
             "available": len(self.available(self._clock())),
-            "history": [_row_json(row) for row in last if row.state != "open"],
+            "history": self.history() if history else None,
             "refusals": {k: v for k, v in self.refusals.items() if v},
             "privacy": None if self.privacy is None else {
                 "epsilon": self.privacy.epsilon, "delta": self.privacy.config.delta,
