@@ -732,6 +732,80 @@ def _cmd_events(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_rounds(sub: Any) -> None:
+    p = sub.add_parser(
+        "rounds", help="rounds and where their time went",
+        description=("List every round attempt with its phases (selection, download, training, upload, "
+                     "decode, aggregation, evaluation, store), or, with `show N`, one round's devices "
+                     "with their training throughput. Reads the coordinator's data directory."),
+    )
+    _data_dir_args(p)
+    p.add_argument("show", nargs="?", choices=["show"], help="show one round")
+    p.add_argument("round", nargs="?", type=int, metavar="N", help="the round to show")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=_cmd_rounds)
+
+
+def _cmd_rounds(args: argparse.Namespace) -> int:
+    import json
+
+    from fedge.store import PHASES, Store
+
+    if (args.show is None) != (args.round is None):
+        raise ConfigError("give `fedge rounds` alone, or `fedge rounds show N`")
+    with Store(_data_dir(args)) as store:
+        rows = store.rounds()
+        if args.round is None:
+            table = [{"round": r.round, "attempt": r.attempt, "state": r.state, "invited": len(r.cohort),
+                      "reported": len(r.reported),
+                      "duration_s": None if r.closed_at is None else r.closed_at - r.opened_at,
+                      "accuracy": r.metrics.get("accuracy"),
+                      **{p: r.metrics.get(f"phase_{p}_s") for p in PHASES}} for r in rows]
+            if args.json:
+                print(json.dumps(table, indent=2))
+                return EXIT_OK
+            head = f"{'round':>5} {'att':>3} {'state':<11} {'rep/inv':>7} {'time s':>7} {'acc':>6}  " + \
+                " ".join(f"{p[:8]:>8}" for p in PHASES)
+            print(head)
+            for t in table:
+                cells = " ".join("       -" if t[p] is None else f"{t[p]:8.3f}" for p in PHASES)
+                dur = "-" if t["duration_s"] is None else f"{t['duration_s']:.2f}"
+                acc = "-" if t["accuracy"] is None else f"{t['accuracy']:.4f}"
+                print(f"{t['round']:>5} {t['attempt']:>3} {t['state']:<11} "
+                      f"{t['reported']:>3}/{t['invited']:<3} {dur:>7} {acc:>6}  {cells}")
+            return EXIT_OK
+        attempts = [r for r in rows if r.round == args.round]
+        if not attempts:
+            raise ConfigError(f"no round {args.round} in this store (it has {len({r.round for r in rows})})")
+        out: list[dict[str, Any]] = []
+        for r in attempts:
+            epochs = r.metrics.get("local_epochs", 1.0)
+            devices: list[dict[str, Any]] = []
+            for u in store.updates(r.round, r.attempt):
+                reported: dict[str, Any] = u["metrics"]  # type: ignore[assignment]
+                took = reported.get("train_s")
+                n = int(str(u["num_examples"]))
+                devices.append({"device": u["device_id"], "examples": n, "bytes": u["size_bytes"],
+                                "train_s": took, "examples_per_s": None if not took else n * epochs / took})
+            out.append({"round": r.round, "attempt": r.attempt, "state": r.state,
+                        "dropped": list(r.dropped), "metrics": r.metrics, "devices": devices})
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    for o in out:
+        print(f"round {o['round']} attempt {o['attempt']}: {o['state']}; dropped: "
+              f"{', '.join(o['dropped']) or 'none'}")
+        m = o["metrics"]
+        phases = [f"{p} {m[f'phase_{p}_s']:.3f} s" for p in PHASES if f"phase_{p}_s" in m]
+        print("  phases: " + ("; ".join(phases) or "not recorded"))
+        print(f"  {'device':<24} {'examples':>8} {'bytes':>9} {'train s':>8} {'examples/s':>11}")
+        for d in o["devices"]:
+            took = "-" if d["train_s"] is None else f"{d['train_s']:.3f}"
+            rate = "-" if d["examples_per_s"] is None else f"{d['examples_per_s']:.0f}"
+            print(f"  {d['device']:<24} {d['examples']:>8} {d['bytes']:>9} {took:>8} {rate:>11}")
+    return EXIT_OK
+
+
 def _add_backup(sub: Any) -> None:
     p = sub.add_parser(
         "backup",
@@ -868,6 +942,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_backup(sub)
     _add_events(sub)
+    _add_rounds(sub)
     return parser
 
 

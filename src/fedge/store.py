@@ -60,6 +60,7 @@ from fedge.params import Params
 from fedge.strategies.base import ServerState
 
 __all__ = [
+    "PHASES",
     "SCHEMA_VERSION",
     "TOKEN_REASONS",
     "CertificateRow",
@@ -77,6 +78,9 @@ __all__ = [
 
 #: The schema this build writes (``PRAGMA user_version``); older ones are upgraded, a newer one is refused.
 SCHEMA_VERSION = 4
+
+#: The phases a round's profile times (``phase_NAME_s`` in its metrics; docs/observability.md).
+PHASES = ("selection", "download", "training", "upload", "decode", "aggregation", "evaluation", "store")
 
 #: The :attr:`TokenError.reason` codes of :meth:`Store.consume_token`.
 TOKEN_REASONS = ("unknown_token", "expired_token", "used_token", "wrong_device")
@@ -153,6 +157,7 @@ class RoundStats:
     durations: list[float]
     updates: int
     events: int
+    phases: dict[str, float]  # seconds spent in each phase, summed over complete rounds
 
 
 @dataclass(frozen=True)
@@ -756,6 +761,18 @@ class Store:
                           "COALESCE(MAX(revoked_at), 0) FROM devices")[0]
         return int(row[0]), float(row[1]), float(row[2]), float(row[3])
 
+    def set_round_metric(self, round: int, attempt: int, name: str, value: float) -> None:
+        """Add one metric to a round attempt's metrics (a timing known only after it was stored)."""
+        with self._write() as conn:
+            row = conn.execute("SELECT metrics FROM rounds WHERE round = ? AND attempt = ?",
+                               (round, attempt)).fetchone()
+            if row is None:
+                raise ValueError(f"no round {round} attempt {attempt}")
+            metrics = json.loads(row[0])
+            metrics[name] = value
+            conn.execute("UPDATE rounds SET metrics = ? WHERE round = ? AND attempt = ?",
+                         (_json(metrics), round, attempt))
+
     def rounds_version(self) -> tuple[int, float]:
         """(attempts recorded, latest close): it changes whenever a round opens or ends (for caches)."""
         row = self._query("SELECT COUNT(*), COALESCE(MAX(closed_at), 0) FROM rounds")[0]
@@ -770,7 +787,12 @@ class Store:
                 "SELECT closed_at - opened_at FROM rounds WHERE state = 'complete'").fetchall()]
             updates = int(conn.execute("SELECT COUNT(*) FROM updates").fetchone()[0])
             events = int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
-        return RoundStats(by_state, durations, updates, events)
+            sums = conn.execute(
+                "SELECT " + ", ".join(f"TOTAL(json_extract(metrics, '$.phase_{p}_s'))" for p in PHASES)
+                + " FROM rounds WHERE state = 'complete'"
+            ).fetchone()
+        phases = dict(zip(PHASES, map(float, sums), strict=True))
+        return RoundStats(by_state, durations, updates, events, phases)
 
     def refusal_counts(self) -> dict[str, int]:
         rows = self._query("SELECT code, COUNT(*) FROM refusals GROUP BY code ORDER BY code")

@@ -578,7 +578,7 @@ def test_metrics_report_rounds_updates_devices_and_events(fleet: Fleet) -> None:
     text = fleet.client.get("/metrics/").text
     for line in ('fedge_rounds_total{state="complete"} 1.0', "fedge_rounds_complete 1.0",
                  "fedge_rounds_target 2.0", "fedge_updates_received_total 3.0",
-                 "fedge_device_events_total 1.0",
+                 "fedge_device_events_total 1.0", 'fedge_round_phase_seconds_total{phase="selection"}',
                  'fedge_devices{state="known"} 3.0', 'fedge_devices{state="online"} 3.0',
                  "fedge_round_duration_seconds_count 1.0"):
         assert line in text, line
@@ -621,3 +621,39 @@ def test_the_grafana_dashboard_queries_metrics_fedge_exports(fleet: Fleet) -> No
     conditional = {"fedge_privacy_epsilon", "fedge_privacy_budget", "fedge_round_invited",
                    "fedge_round_reported"}
     assert queried - names - agent_side - conditional == set()
+
+
+def test_rounds_are_profiled_by_phase_and_fedge_rounds_prints_them(fleet: Fleet, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    for d in "abc":
+        fleet.check_in(d)
+    for d in "abc":
+        fleet.plan(d)
+    params, _ = fleet.params(1, "a")
+    for i, d in enumerate("abc"):
+        fleet.params(1, d)
+        body = encode_update(delta_like(params), round=1, attempt=1, num_examples=10 * (i + 1),
+                             metrics={"train_s": 0.5})
+        assert fleet.upload(d, body, 1)[0] == 200
+    wait_until(lambda: fleet.coordinator.state.round == 1)
+    (row,) = [r for r in fleet.coordinator.store.rounds() if r.round == 1]
+    for phase in ("selection", "download", "training", "upload", "decode", "aggregation", "store"):
+        assert row.metrics[f"phase_{phase}_s"] >= 0, phase
+    assert row.metrics["phase_training_s"] == 0.5
+
+    def rounds(*args: str) -> subprocess.CompletedProcess[str]:
+        code = "import sys; from fedge.cli import main; sys.exit(main())"
+        argv = [sys.executable, "-c", code, "rounds", "--data-dir", str(tmp_path / "store"), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    listing = rounds()
+    assert listing.returncode == 0, listing.stderr
+    assert "selectio" in listing.stdout.splitlines()[0] and "complete" in listing.stdout
+    shown = json.loads(rounds("show", "1", "--json").stdout)
+    (attempt,) = shown
+    assert {d["device"]: d["examples_per_s"] for d in attempt["devices"]} == {"a": 20.0, "b": 40.0, "c": 60.0}
+    assert rounds("show", "9").returncode == 2 and "no round 9" in rounds("show", "9").stderr
+    assert rounds("show").returncode == 2

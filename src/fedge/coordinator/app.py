@@ -206,8 +206,8 @@ def create_app(
     )
     async def params(request: Request, round: int) -> Response:
         """The open round's params: zstd-compressed safetensors, with a strong ETag."""
-        device_identity(request, identity)
-        payload, etag = coordinator.params_payload(round)
+        device = device_identity(request, identity)
+        payload, etag = coordinator.params_payload(round, device)
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"ETag": etag})
         # Streamed in chunks: each waits for the connection to drain, so a

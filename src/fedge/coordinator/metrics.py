@@ -60,6 +60,11 @@ class CoordinatorCollector(Collector):
         durations.add_metric([], buckets, sum_value=float(sum(stats.durations)))
         yield durations
 
+        phases = CounterMetricFamily("fedge_round_phase_seconds", "Time complete rounds spent in each phase "
+                                     "(docs/observability.md)", labels=["phase"])
+        for name, seconds in stats.phases.items():
+            phases.add_metric([name], seconds)
+        yield phases
         yield CounterMetricFamily("fedge_updates_received", "Updates accepted into rounds",
                                   value=float(stats.updates))
         refused = CounterMetricFamily("fedge_refusals", "Requests refused, by error code", labels=["code"])
