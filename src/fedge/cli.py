@@ -548,7 +548,10 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in keys}
     config = load_agent_config(getattr(args, "config", None), overrides)
     if not args.verbose:
-        logging.getLogger().setLevel(config.log_level.upper())
+        root = logging.getLogger()
+        root.setLevel(config.log_level.upper())
+        for handler in root.handlers:  # the console shows the configured level; events still see INFO
+            handler.setLevel(config.log_level.upper())
     return run_agent(config)
 
 
@@ -704,6 +707,114 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_events(sub: Any) -> None:
+    p = sub.add_parser(
+        "events", help="device events: policy skips, aborts, errors, enrolment, renewal",
+        description=("List the events devices sent to the coordinator (newest last), from its data "
+                     "directory. Works while the coordinator runs."),
+    )
+    _data_dir_args(p)
+    p.add_argument("--device", metavar="ID", help="only this device's events")
+    p.add_argument("--since", type=_duration, metavar="DURATION", help="only the last 30m, 1h, 7d...")
+    p.add_argument("--limit", type=int, default=200, help="at most this many (the newest)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_cmd_events)
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    import json
+
+    from fedge.store import Store
+
+    if not 1 <= args.limit <= 100_000:
+        raise ConfigError(f"--limit must be between 1 and 100000, got {args.limit}")
+    since = None if args.since is None else time.time() - args.since
+    with Store(_data_dir(args)) as store:
+        rows = store.events(device_id=args.device, since=since, limit=args.limit)
+    for row in rows:
+        if args.json:
+            print(json.dumps(row.to_json()))
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.at))
+        extra = "".join(f" {k}={v}" for k, v in row.fields.items() if k != "logger")
+        print(f"{when}  {row.device_id:<20} {row.kind:<9} {row.level:<7} {row.message}{extra}")
+    return EXIT_OK
+
+
+def _add_rounds(sub: Any) -> None:
+    p = sub.add_parser(
+        "rounds", help="rounds and where their time went",
+        description=("List every round attempt with its phases (selection, download, training, upload, "
+                     "decode, aggregation, evaluation, store), or, with `show N`, one round's devices "
+                     "with their training throughput. Reads the coordinator's data directory."),
+    )
+    _data_dir_args(p)
+    p.add_argument("show", nargs="?", choices=["show"], help="show one round")
+    p.add_argument("round", nargs="?", type=int, metavar="N", help="the round to show")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=_cmd_rounds)
+
+
+def _cmd_rounds(args: argparse.Namespace) -> int:
+    import json
+
+    from fedge.store import PHASES, Store
+
+    if (args.show is None) != (args.round is None):
+        raise ConfigError("give `fedge rounds` alone, or `fedge rounds show N`")
+    with Store(_data_dir(args)) as store:
+        rows = store.rounds()
+        if args.round is None:
+            table = [{"round": r.round, "attempt": r.attempt, "state": r.state, "invited": len(r.cohort),
+                      "reported": len(r.reported),
+                      "duration_s": None if r.closed_at is None else r.closed_at - r.opened_at,
+                      "accuracy": r.metrics.get("accuracy"),
+                      **{p: r.metrics.get(f"phase_{p}_s") for p in PHASES}} for r in rows]
+            if args.json:
+                print(json.dumps(table, indent=2))
+                return EXIT_OK
+            head = f"{'round':>5} {'att':>3} {'state':<11} {'rep/inv':>7} {'time s':>7} {'acc':>6}  " + \
+                " ".join(f"{p[:8]:>8}" for p in PHASES)
+            print(head)
+            for t in table:
+                cells = " ".join("       -" if t[p] is None else f"{t[p]:8.3f}" for p in PHASES)
+                dur = "-" if t["duration_s"] is None else f"{t['duration_s']:.2f}"
+                acc = "-" if t["accuracy"] is None else f"{t['accuracy']:.4f}"
+                print(f"{t['round']:>5} {t['attempt']:>3} {t['state']:<11} "
+                      f"{t['reported']:>3}/{t['invited']:<3} {dur:>7} {acc:>6}  {cells}")
+            return EXIT_OK
+        attempts = [r for r in rows if r.round == args.round]
+        if not attempts:
+            raise ConfigError(f"no round {args.round} in this store (it has {len({r.round for r in rows})})")
+        out: list[dict[str, Any]] = []
+        for r in attempts:
+            epochs = r.metrics.get("local_epochs", 1.0)
+            devices: list[dict[str, Any]] = []
+            for u in store.updates(r.round, r.attempt):
+                reported: dict[str, Any] = u["metrics"]  # type: ignore[assignment]
+                took = reported.get("train_s")
+                n = int(str(u["num_examples"]))
+                devices.append({"device": u["device_id"], "examples": n, "bytes": u["size_bytes"],
+                                "train_s": took, "examples_per_s": None if not took else n * epochs / took})
+            out.append({"round": r.round, "attempt": r.attempt, "state": r.state,
+                        "dropped": list(r.dropped), "metrics": r.metrics, "devices": devices})
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    for o in out:
+        print(f"round {o['round']} attempt {o['attempt']}: {o['state']}; dropped: "
+              f"{', '.join(o['dropped']) or 'none'}")
+        m = o["metrics"]
+        phases = [f"{p} {m[f'phase_{p}_s']:.3f} s" for p in PHASES if f"phase_{p}_s" in m]
+        print("  phases: " + ("; ".join(phases) or "not recorded"))
+        print(f"  {'device':<24} {'examples':>8} {'bytes':>9} {'train s':>8} {'examples/s':>11}")
+        for d in o["devices"]:
+            took = "-" if d["train_s"] is None else f"{d['train_s']:.3f}"
+            rate = "-" if d["examples_per_s"] is None else f"{d['examples_per_s']:.0f}"
+            print(f"  {d['device']:<24} {d['examples']:>8} {d['bytes']:>9} {took:>8} {rate:>11}")
+    return EXIT_OK
+
+
 def _add_backup(sub: Any) -> None:
     p = sub.add_parser(
         "backup",
@@ -839,6 +950,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_healthcheck(sub)
     _add_data(sub)
     _add_backup(sub)
+    _add_events(sub)
+    _add_rounds(sub)
     return parser
 
 

@@ -519,3 +519,141 @@ def test_deadline_selection_leaves_out_devices_that_cannot_finish(tmp_path: Path
         assert sorted(coordinator.open.round.cohort) == ["fast-1", "fast-2", "fast-3"]
         assert coordinator.estimate_round_s("slow") == pytest.approx(200.0)
     coordinator.close()
+
+
+def _event(i: int = 0, **over: object) -> dict[str, object]:
+    return {"at": 1000.0 + i, "kind": "warning", "level": "warning", "message": f"event {i}", **over}
+
+
+def test_device_events_are_stored_rate_limited_and_listed(fleet: Fleet) -> None:
+    def send(device: str, events: list[dict[str, object]]) -> tuple[int, dict[str, object]]:
+        r = fleet.client.post("/v1/events", json={"protocol": 1, "events": events},
+                              headers={DEVICE_HEADER: device})
+        return r.status_code, r.json()
+
+    assert send("a", [_event(i) for i in range(100)]) == (200, {"protocol": 1, "stored": 100})
+    assert send("a", [_event(i) for i in range(100)])[0] == 200  # the burst allows 200
+    status, body = send("a", [_event(0)])
+    assert (status, body["error"]) == (429, "rate_limited")
+    fleet.clock.now += 30  # half a minute refills 60
+    assert send("a", [_event(i) for i in range(60)])[0] == 200
+    assert send("b", [_event(7, kind="policy", level="info", fields={"cpu_load": 0.9})])[0] == 200
+    rows = fleet.client.get("/v1/admin/events", params={"device": "b"}).json()
+    assert [(r["device"], r["kind"], r["fields"]) for r in rows] == [("b", "policy", {"cpu_load": 0.9})]
+    assert len(fleet.client.get("/v1/admin/events", params={"limit": 5}).json()) == 5
+    later = fleet.client.get("/v1/admin/events", params={"since": fleet.clock.now - 1}).json()
+    assert len(later) == 61
+    assert fleet.client.get("/v1/admin/events", params={"limit": 0}).status_code == 400
+
+
+@pytest.mark.parametrize(("events", "why"), [
+    ([], "no events"),
+    ([_event(i) for i in range(101)], "too many"),
+    ([_event(kind="gossip")], "unknown kind"),
+    ([_event(level="fatal")], "unknown level"),
+    ([_event(message="")], "empty message"),
+    ([_event(message="x" * 501)], "long message"),
+    ([_event(at=-1.0)], "negative time"),
+    ([_event(fields={f"k{i}": i for i in range(17)})], "too many fields"),
+    ([_event(fields={"nested": {"a": 1}})], "nested field"),
+    ([_event(extra="x")], "unknown key"),
+])
+def test_malformed_event_batches_are_refused(fleet: Fleet, events: list[dict[str, object]], why: str) -> None:
+    r = fleet.client.post("/v1/events", json={"protocol": 1, "events": events}, headers={DEVICE_HEADER: "a"})
+    assert r.status_code == 400 and r.json()["error"] == "bad_request", why
+
+
+def test_metrics_report_rounds_updates_devices_and_events(fleet: Fleet) -> None:
+    for d in "abc":
+        fleet.check_in(d)
+    fleet.plan("a")
+    params, _ = fleet.params(1, "a")
+    for d in "abc":
+        fleet.plan(d)
+        body = encode_update(delta_like(params), round=1, attempt=1, num_examples=5)
+        assert fleet.upload(d, body, 1)[0] == 200
+    wait_until(lambda: fleet.coordinator.state.round == 1)
+    batch = {"protocol": 1, "events": [{"at": 1.0, "kind": "policy", "message": "policy: training allowed"}]}
+    assert fleet.client.post("/v1/events", json=batch, headers={DEVICE_HEADER: "a"}).status_code == 200
+    text = fleet.client.get("/metrics/").text
+    for line in ('fedge_rounds_total{state="complete"} 1.0', "fedge_rounds_complete 1.0",
+                 "fedge_rounds_target 2.0", "fedge_updates_received_total 3.0",
+                 "fedge_device_events_total 1.0", 'fedge_round_phase_seconds_total{phase="selection"}',
+                 'fedge_devices{state="known"} 3.0', 'fedge_devices{state="online"} 3.0',
+                 "fedge_round_duration_seconds_count 1.0"):
+        assert line in text, line
+
+
+def test_dashboard_page_assets_and_data(fleet: Fleet) -> None:
+    for d in "abc":
+        profile = {"policy": "ok", "fedge_version": "0.1.0", "cpu_load": 0.2}
+        hello = {"protocol": 1, "num_examples": 10, "profile": profile}
+        fleet.client.post("/v1/check-in", json=hello, headers={DEVICE_HEADER: d})
+    page = fleet.client.get("/dashboard")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert '<script src="/dashboard/dashboard.js"' in page.text
+    assert "http" not in page.text.split("<body>")[1]  # no CDN, nothing fetched from elsewhere
+    for name, kind in (("dashboard.js", "javascript"), ("dashboard.css", "text/css")):
+        r = fleet.client.get(f"/dashboard/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"]
+    for bad in ("dashboard.html", "secret.txt", "..%2f..%2fstore%2ffedge.db"):
+        assert fleet.client.get(f"/dashboard/{bad}").status_code == 404
+    data = fleet.client.get("/v1/admin/dashboard").json()
+    assert {d["device"] for d in data["fleet"]} == {"a", "b", "c"}
+    a = next(d for d in data["fleet"] if d["device"] == "a")
+    assert a["policy"] == "ok" and a["version"] == "0.1.0" and a["readings"] == {"cpu_load": 0.2}
+    assert a["online"] and set(data) >= {"state", "rounds", "privacy", "events", "refusals", "open"}
+
+
+def test_the_grafana_dashboard_queries_metrics_fedge_exports(fleet: Fleet) -> None:
+    import json
+    import re
+
+    dashboard = json.loads((Path(__file__).parents[2] / "deploy" / "grafana" / "fedge.json").read_text())
+    exported = set(re.findall(r"^# TYPE (\w+) (\w+)", fleet.client.get("/metrics/").text, flags=re.M))
+    names = {n for n, _ in exported} | {f"{n}_total" for n, kind in exported if kind == "counter"} | \
+        {f"{n}_bucket" for n, kind in exported if kind == "histogram"}
+    agent_side = {"fedge_agent_cpu_load", "fedge_agent_policy_ok"}  # from the agents' textfiles
+    queried = {m for p in dashboard["panels"] for t in p["targets"]
+               for m in re.findall(r"\bfedge_\w+", t["expr"])}
+    # Privacy and open-round gauges exist only with DP, or while a round is open.
+    conditional = {"fedge_privacy_epsilon", "fedge_privacy_budget", "fedge_round_invited",
+                   "fedge_round_reported"}
+    assert queried - names - agent_side - conditional == set()
+
+
+def test_rounds_are_profiled_by_phase_and_fedge_rounds_prints_them(fleet: Fleet, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    for d in "abc":
+        fleet.check_in(d)
+    for d in "abc":
+        fleet.plan(d)
+    params, _ = fleet.params(1, "a")
+    for i, d in enumerate("abc"):
+        fleet.params(1, d)
+        body = encode_update(delta_like(params), round=1, attempt=1, num_examples=10 * (i + 1),
+                             metrics={"train_s": 0.5})
+        assert fleet.upload(d, body, 1)[0] == 200
+    wait_until(lambda: fleet.coordinator.state.round == 1)
+    (row,) = [r for r in fleet.coordinator.store.rounds() if r.round == 1]
+    for phase in ("selection", "download", "training", "upload", "decode", "aggregation", "store"):
+        assert row.metrics[f"phase_{phase}_s"] >= 0, phase
+    assert row.metrics["phase_training_s"] == 0.5
+
+    def rounds(*args: str) -> subprocess.CompletedProcess[str]:
+        code = "import sys; from fedge.cli import main; sys.exit(main())"
+        argv = [sys.executable, "-c", code, "rounds", "--data-dir", str(tmp_path / "store"), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    listing = rounds()
+    assert listing.returncode == 0, listing.stderr
+    assert "selectio" in listing.stdout.splitlines()[0] and "complete" in listing.stdout
+    shown = json.loads(rounds("show", "1", "--json").stdout)
+    (attempt,) = shown
+    assert {d["device"]: d["examples_per_s"] for d in attempt["devices"]} == {"a": 20.0, "b": 40.0, "c": 60.0}
+    assert rounds("show", "9").returncode == 2 and "no round 9" in rounds("show", "9").stderr
+    assert rounds("show").returncode == 2

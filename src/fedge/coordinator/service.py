@@ -53,6 +53,8 @@ from fedge.wire import (
     CheckIn,
     CheckInReply,
     EvalReport,
+    EventBatch,
+    EventsAck,
     TaskInfo,
     TrainPlan,
     UpdateAck,
@@ -71,6 +73,9 @@ _INIT, _SELECT = 1, 2
 
 
 _STORE_SEEN_S = 60.0
+# Device events: each device may send this many a minute on average, in bursts of EVENTS_BURST.
+EVENTS_PER_MINUTE = 120
+EVENTS_BURST = 200
 
 
 @dataclass
@@ -97,6 +102,11 @@ class _OpenRound:
     train_s: float | None = None  # the slowest reported local training time
     evaluated: set[str] = field(default_factory=set)
     aborted: dict[str, tuple[str, ...]] = field(default_factory=dict)  # device -> its reasons
+    # Round profiling: the coordinator's own work by phase (seconds), and when each device
+    # first fetched the params (for the download phase and each device's upload time).
+    phases: dict[str, float] = field(default_factory=dict)
+    fetched_at: dict[str, float] = field(default_factory=dict)
+    upload_s: list[float] = field(default_factory=list)
     closing: bool = False
     clip_norm: float | None = None  # central DP: the bound every update is clipped to on receipt
     local: DevicePrivacy | None = None  # local DP: what each device does to its update before upload
@@ -146,11 +156,11 @@ class Coordinator:
         self.devices: dict[str, _Device] = {}
         self.open: _OpenRound | None = None
         self.refusals: dict[str, int] = dict.fromkeys(REFUSALS, 0)
-        self.on_refusal: Callable[[str], None] | None = None
         self._wake = asyncio.Event()
         self._last_dropped: frozenset[str] = frozenset()
         # For deadline-aware selection: each device's last round trip, and its last invitation.
         self._round_trip_s: dict[str, float] = {}
+        self._event_buckets: dict[str, list[float]] = {}  # device -> [tokens, last refill]
         self._last_invited: dict[str, int] = {}
         self._jitter = random.Random(config.seed)
         self._warm_up()
@@ -237,8 +247,6 @@ class Coordinator:
     def refuse(self, error: ProtocolError, device_id: str | None, round_id: int | None) -> None:
         """Count and record a refusal (the app sends the error back)."""
         self.refusals[error.reason] = self.refusals.get(error.reason, 0) + 1
-        if self.on_refusal is not None:
-            self.on_refusal(error.reason)
         try:
             self.store.record_refusal(
                 code=error.reason, device_id=device_id, round=round_id, at=self._clock()
@@ -301,7 +309,7 @@ class Coordinator:
         wait_s = self.config.wait_s * (0.75 + 0.5 * self._jitter.random())
         return CheckInReply(action="wait", wait_s=wait_s, task=self.task_info)
 
-    def params_payload(self, round_id: int) -> tuple[bytes, str]:
+    def params_payload(self, round_id: int, device_id: str | None = None) -> tuple[bytes, str]:
         """The encoded params of the open round ``round_id`` and their ETag.
 
         Raises:
@@ -310,6 +318,8 @@ class Coordinator:
         rnd = self.open
         if rnd is None or rnd.round.round_id != round_id:
             raise ProtocolError("unknown_round", f"round {round_id} is not open", REFUSALS["unknown_round"])
+        if device_id is not None:
+            rnd.fetched_at.setdefault(device_id, self._clock())
         return rnd.payload, rnd.etag
 
     async def submit_update(self, device_id: str, round_id: int, body: bytes) -> UpdateAck:
@@ -320,7 +330,9 @@ class Coordinator:
                 round and the process carry on.
         """
         rnd = self._round_for(device_id, round_id)
+        t0 = time.perf_counter()
         update, digest = await asyncio.to_thread(self._decode, body)
+        decode_s = time.perf_counter() - t0
         if update.round != round_id:
             raise ProtocolError(
                 "bad_payload", f"the payload is for round {update.round}, sent to round {round_id}"
@@ -337,6 +349,7 @@ class Coordinator:
         except RoundError as e:
             raise ProtocolError(e.reason, e.detail, REFUSALS.get(e.reason, 409)) from None
         self._round_trip_s[device_id] = now - rnd.opened_at
+        t0 = time.perf_counter()
         # Finite updates can overflow when summed; the new params are checked
         # for that when the round closes, so numpy need not warn here.
         with np.errstate(over="ignore", invalid="ignore"):
@@ -351,12 +364,17 @@ class Coordinator:
                 rnd.accumulator.add(clipped, 1.0)
             else:
                 rnd.accumulator.add(update.delta, float(update.num_examples))
+        _add_phase(rnd.phases, "decode", decode_s)
+        _add_phase(rnd.phases, "aggregation", time.perf_counter() - t0)
         loss = update.metrics.get("train_loss")
         if loss is not None:
             rnd.train_loss.append((loss, float(update.num_examples)))
         took = update.metrics.get("train_s")
         if took is not None:
             rnd.train_s = max(took, rnd.train_s or 0.0)
+            fetched = rnd.fetched_at.get(device_id)
+            if fetched is not None:  # what is left of the device's time: evaluation, encoding, upload
+                rnd.upload_s.append(max(0.0, now - fetched - took))
         self.store.record_update(
             round_id,
             rnd.attempt,
@@ -370,6 +388,29 @@ class Coordinator:
         if len(rnd.round.reported) >= rnd.target:
             self._wake.set()
         return UpdateAck(round=round_id, attempt=rnd.attempt)
+
+    def submit_events(self, device_id: str, batch: EventBatch) -> EventsAck:
+        """Store a device's events, within its rate: ``EVENTS_PER_MINUTE`` on average, bursts of
+        ``EVENTS_BURST``. A batch over the rate is refused whole (429), so a device never floods
+        the store; the agent keeps its events and sends them later."""
+        now = self._clock()
+        bucket = self._event_buckets.get(device_id)
+        if bucket is None:
+            bucket = self._event_buckets[device_id] = [float(EVENTS_BURST), now]
+        tokens = min(float(EVENTS_BURST), bucket[0] + (now - bucket[1]) * EVENTS_PER_MINUTE / 60.0)
+        bucket[1] = now
+        if len(batch.events) > tokens:
+            bucket[0] = tokens
+            raise ProtocolError(
+                "rate_limited",
+                f"device {device_id} sent more than {EVENTS_PER_MINUTE} events a minute; send them later",
+                REFUSALS["rate_limited"],
+            )
+        bucket[0] = tokens - len(batch.events)
+        self.store.record_events(
+            device_id, [(e.at, e.kind, e.level, e.message, e.fields) for e in batch.events], received_at=now
+        )
+        return EventsAck(stored=len(batch.events))
 
     def _report_round(self, device_id: str, round_id: int, report: EvalReport | AbortReport) -> _OpenRound:
         """The open round a device's JSON report is for; refused unless its round and attempt match."""
@@ -468,6 +509,15 @@ class Coordinator:
         if on_done is not None:
             on_done()
 
+    def clock(self) -> float:
+        """The coordinator's clock (wall-clock seconds; a test's own clock in tests)."""
+        return self._clock()
+
+    def online(self, now: float) -> list[str]:
+        """Devices that checked in recently (within three check-in periods, 10 s at least)."""
+        horizon = now - max(3 * self.config.wait_s, 10.0)
+        return sorted(d for d, s in self.devices.items() if s.last_seen >= horizon)
+
     def available(self, now: float) -> list[str]:
         """Devices that checked in recently, say they may train, and hold data."""
         horizon = now - max(3 * self.config.wait_s, 10.0)
@@ -507,6 +557,7 @@ class Coordinator:
         ready = self.available(now)
         if len(ready) < cfg.effective_min_devices:
             return False
+        started = time.perf_counter()
         if not self._check_budget():
             return False
         # A retry prefers devices that did not just drop out, if enough remain.
@@ -538,6 +589,7 @@ class Coordinator:
             payload=payload,
             etag=payload_etag(payload),
         )
+        self.open.phases["selection"] = time.perf_counter() - started
         if self.privacy is not None:
             how = self.privacy.device_privacy()
             if self.privacy.config.mode == "local":
@@ -570,6 +622,7 @@ class Coordinator:
             metrics["train_loss"] = sum(v * w for v, w in rnd.train_loss) / total
         if rnd.train_s is not None:
             metrics["train_s"] = rnd.train_s
+        metrics.update(_profile(rnd, now, self.config.local_epochs))
         state = None
         ledger: LedgerRow | None = None
         if outcome.state is RoundState.COMPLETE:
@@ -580,8 +633,11 @@ class Coordinator:
                 ledger = LedgerRow(**dataclasses.asdict(entry))
                 metrics["epsilon"] = entry.epsilon
                 metrics["clip_norm"] = entry.clip_norm
+            t0 = time.perf_counter()
             with np.errstate(over="ignore", invalid="ignore"):
                 state = self.strategy.apply(self.state, aggregate)
+            applied = time.perf_counter() - t0
+            metrics["phase_aggregation_s"] = metrics.get("phase_aggregation_s", 0.0) + applied
             state = ServerState(params=state.params, opt_state=state.opt_state, round=r)
             try:
                 # Finite updates can still overflow when summed; a model with
@@ -592,7 +648,10 @@ class Coordinator:
                 state = None
         if state is not None:
             if self.eval_data is not None and (r % self.config.eval_every == 0 or r == self.config.rounds):
+                t0 = time.perf_counter()
                 metrics.update(await asyncio.to_thread(self._evaluate, state.params))
+                metrics["phase_evaluation_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
             await asyncio.to_thread(
                 self.store.complete_round,
                 r,
@@ -604,6 +663,7 @@ class Coordinator:
                 metrics=metrics,
                 privacy=ledger,
             )
+            self.store.set_round_metric(r, attempt, "phase_store_s", time.perf_counter() - t0)
             self.state = state
             self._last_dropped = frozenset()
             logger.info(
@@ -635,10 +695,13 @@ class Coordinator:
             logger.error("central evaluation failed: %s: %s", type(e).__name__, e)
             return {}
 
-    def status(self) -> dict[str, Any]:
+    def history(self) -> list[dict[str, Any]]:
+        """Every ended round attempt as ``/v1/status`` shows it."""
+        return [_row_json(row) for row in self.store.rounds() if row.state != "open"]
+
+    def status(self, *, history: bool = True) -> dict[str, Any]:
         """Where training stands, for ``/v1/status`` and the demo's progress line."""
         rnd = self.open
-        last = self.store.rounds()
         return {
             "state": "done" if self.done else ("running" if rnd is not None else "waiting"),
             "rounds_complete": self.state.round,
@@ -654,7 +717,7 @@ class Coordinator:
             },
             "devices": len(self.devices),
             "available": len(self.available(self._clock())),
-            "history": [_row_json(row) for row in last if row.state != "open"],
+            "history": self.history() if history else None,
             "refusals": {k: v for k, v in self.refusals.items() if v},
             "privacy": None if self.privacy is None else {
                 "epsilon": self.privacy.epsilon, "delta": self.privacy.config.delta,
@@ -695,6 +758,30 @@ def _weighted_eval(rows: list[dict[str, object]]) -> dict[str, float]:
             sums[k] = sums.get(k, 0.0) + n * float(v)
             weights[k] = weights.get(k, 0.0) + n
     return {f"device_{k}": sums[k] / weights[k] for k in sums}
+
+
+def _add_phase(phases: dict[str, float], name: str, seconds: float) -> None:
+    phases[name] = phases.get(name, 0.0) + seconds
+
+
+def _profile(rnd: _OpenRound, now: float, local_epochs: int) -> dict[str, float]:
+    """The round's phase timings, as ``phase_NAME_s`` metrics (docs/observability.md).
+
+    selection, decode, aggregation: the coordinator's own work; download: until the last
+    invited device fetched the params; training: the slowest device's reported training
+    time; upload: the most any device spent between training and its update arriving
+    (local evaluation and encoding included).
+    """
+    out = {f"phase_{name}_s": seconds for name, seconds in rnd.phases.items()}
+    if rnd.fetched_at:
+        out["phase_download_s"] = max(rnd.fetched_at.values()) - rnd.opened_at
+    if rnd.train_s is not None:
+        out["phase_training_s"] = rnd.train_s
+    if rnd.upload_s:
+        out["phase_upload_s"] = max(rnd.upload_s)
+    out["local_epochs"] = float(local_epochs)
+    out["round_s"] = now - rnd.opened_at
+    return out
 
 
 def _row_json(row: Any) -> dict[str, Any]:
