@@ -52,7 +52,10 @@ def test_the_dashboard_shows_the_fleet_and_the_curves(
         devices = {row.get_attribute("data-device") for row in rows}
         assert devices == {f"agent-{i}" for i in range(AGENTS)}
         assert "ok" in browser.find_element(By.CSS_SELECTOR, "#fleet tbody").text  # the policy verdicts
-        assert browser.find_elements(By.CSS_SELECTOR, "#timeline rect")
+        bars = browser.find_elements(By.CSS_SELECTOR, "#timeline rect.round")
+        assert bars and "phases" not in bars[0].text
+        titles = [b.find_element(By.TAG_NAME, "title").get_attribute("textContent") for b in bars]
+        assert any("training" in t and "selection" in t for t in titles), titles[:3]
         # Live: more rounds appear without reloading the page.
         before = len(browser.find_elements(By.CSS_SELECTOR, "#accuracy circle.point"))
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#accuracy circle.point")) > before)

@@ -4,7 +4,6 @@
 
 const POLL_MS = 2000;
 const SVG = "http://www.w3.org/2000/svg";
-const PHASE_COLORS = ["#0969da", "#8250df", "#1a7f37", "#bc4c00", "#cf222e", "#6e7781", "#9a6700"];
 
 function el(tag, attrs, text) {
   const node = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4)) : document.createElement(tag);
@@ -96,27 +95,20 @@ function drawTimeline(data) {
     const x = i * w, h = ((r.duration_s || 0) / longest) * (H - B - 4);
     const title = `round ${r.round} attempt ${r.attempt}: ${r.state}, ${fmt(r.duration_s, 2, " s")}, ` +
       `${r.reported}/${r.invited} reported`;
-    if (phaseNames.length && r.state === "complete") {
-      let y = H - B;
-      phaseNames.forEach((name, k) => {
-        const ph = ((r[name] || 0) / longest) * (H - B - 4);
-        y -= ph;
-        const rect = el("svg:rect", { x: x + 1, y, width: Math.max(w - 2, 1), height: ph, fill: PHASE_COLORS[k % 7] });
-        rect.append(el("svg:title", {}, `${title}; ${name.slice(6)}: ${fmt(r[name], 3, " s")}`));
-        svg.append(rect);
-      });
-    } else {
-      const fill = r.state === "complete" ? "#0969da" : r.state === "abandoned" ? "#cf222e" : "#8c959f";
-      const rect = el("svg:rect", { x: x + 1, y: H - B - h, width: Math.max(w - 2, 1), height: h, fill });
-      rect.append(el("svg:title", {}, title));
-      svg.append(rect);
-    }
+    // Phases overlap in time (downloads run while others train), so they are listed, not stacked.
+    const phases = phaseNames.filter((n) => typeof r[n] === "number")
+      .map((n) => `${n.slice(6, -2)} ${r[n].toFixed(3)} s`).join(", ");
+    const fill = r.state === "complete" ? "#0969da" : r.state === "abandoned" ? "#cf222e" : "#8c959f";
+    const rect = el("svg:rect", { x: x + 1, y: H - B - h, width: Math.max(w - 2, 1), height: h, fill,
+      class: "round" });
+    rect.append(el("svg:title", {}, phases ? `${title}; ${phases}` : title));
+    svg.append(rect);
   });
   svg.append(el("svg:text", { x: 0, y: H - 4, "font-size": 11 }, `round ${rounds[0].round}`));
   svg.append(el("svg:text", { x: W - 80, y: H - 4, "font-size": 11 }, `round ${rounds[rounds.length - 1].round}`));
-  document.getElementById("phases-legend").textContent = phaseNames.length
-    ? "phases: " + phaseNames.map((n) => n.slice(6).replace(/_s$/, "")).join(", ")
-    : `bar height: round duration (longest ${longest.toFixed(2)} s); red: abandoned`;
+  document.getElementById("phases-legend").textContent =
+    `bar height: round duration (longest ${longest.toFixed(2)} s); red: abandoned` +
+    (phaseNames.length ? "; hover a bar for its phases" : "");
 }
 
 function drawPrivacy(data) {
