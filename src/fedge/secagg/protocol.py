@@ -179,6 +179,8 @@ class RoundSetup:
             raise ConfigError("secure aggregation needs at least 3 distinct devices")
         if not (2 <= self.k <= n - 1):
             raise ConfigError(f"secagg k must be in 2..{n - 1} for {n} devices, got {self.k}")
+        if self.k < n - 1 and self.k % 2:
+            raise ConfigError(f"secagg k must be even (or n - 1 = {n - 1}), got {self.k}")
         degree = min(self.k, n - 1)
         if not (degree // 2 < self.threshold <= degree):
             raise ConfigError(
