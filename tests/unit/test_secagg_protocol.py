@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedge.errors import ConfigError
+from fedge.secagg.primitives import SecAggError
 from fedge.secagg.protocol import (
     AdvertiseKeys,
     MaskedInput,
@@ -23,7 +24,6 @@ from fedge.secagg.protocol import (
     default_parameters,
     neighbour_graph,
 )
-from fedge.secagg.primitives import SecAggError
 
 L = 50
 
@@ -255,7 +255,7 @@ def test_server_refuses_unrequested_unmask_shares() -> None:
 
 def test_client_refusals() -> None:
     setup = _setup(5, 4, 3)
-    server, clients, ctx = _to_phase(setup, 2)
+    _server, clients, ctx = _to_phase(setup, 2)
     c = clients["d0"]
     with pytest.raises(SecAggError, match="out_of_phase") as e:
         c.advertise_keys()
@@ -288,7 +288,7 @@ def test_client_refusals() -> None:
 
 def test_client_refuses_a_directory_that_alters_its_keys() -> None:
     setup = _setup(5, 4, 3)
-    server, clients, ctx = _to_phase(setup, 1)
+    _server, clients, ctx = _to_phase(setup, 1)
     directory = dict(ctx["directory"])
     directory["d0"] = directory["d1"]
     with pytest.raises(SecAggError, match="alters") as e:
