@@ -55,6 +55,12 @@ class SimConfig:
     workers: int | None = None
     eval_every: int = 1
     seed: int = 0
+    secagg: bool = False
+    secagg_k: int | None = None
+    secagg_threshold: int | None = None
+    secagg_clip: float = 1.0
+    secagg_bits: int | None = None
+    secagg_dropout: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Types first (the API can pass anything), then ranges.
@@ -91,6 +97,13 @@ class SimConfig:
                 "--stragglers needs --local-epochs >= 2: a straggler runs fewer epochs "
                 f"than the others, and {self.local_epochs} leaves none to drop"
             )
+        _check_positive("secagg_clip", self.secagg_clip)
+        if self.secagg_bits is not None:
+            _check_int("secagg_bits", self.secagg_bits, low=2, high=32)
+        if not self.secagg and (self.secagg_k is not None or self.secagg_threshold is not None
+                                or self.secagg_bits is not None or self.secagg_dropout):
+            raise ConfigError("--secagg-k, --secagg-threshold, --secagg-bits and "
+                              "--secagg-dropout need --secagg")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
 
@@ -100,6 +113,7 @@ class SimConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["strategy_options"] = dict(self.strategy_options)
+        d["secagg_dropout"] = dict(self.secagg_dropout)
         return d
 
     @classmethod

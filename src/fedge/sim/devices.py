@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from fedge.errors import TaskError
 from fedge.params import Params
 from fedge.strategies.base import Accumulator, Strategy
 from fedge.tasks.base import Task, TrainConfig
+
+if TYPE_CHECKING:
+    from fedge.sim.secagg import SecAggJob
 
 __all__ = ["DeviceJob", "DeviceRunner", "PartialRound", "device_rng"]
 
@@ -43,6 +47,7 @@ class DeviceJob:
 
     device_id: int
     local_epochs: int
+    secagg: SecAggJob | None = None  # set: the device uploads only a masked vector
 
 
 @dataclass
@@ -60,6 +65,7 @@ class PartialRound:
     train_loss_sum: float = 0.0
     train_loss_weight: float = 0.0
     train_s: float = 0.0
+    masked_sum: np.ndarray | None = None  # secure aggregation: sum of masked vectors mod 2^32
 
 
 class DeviceRunner:
@@ -132,7 +138,10 @@ class DeviceRunner:
             if not all(np.isfinite(v).all() for v in delta.values()):
                 out.rejected.append(job.device_id)
                 continue
-            out.accumulator.add(delta, float(weight))
+            if job.secagg is not None:  # secure aggregation: only the masked vector leaves
+                out.masked_sum = job.secagg.add_masked(out.masked_sum, delta, int(weight), rng)
+            else:
+                out.accumulator.add(delta, float(weight))
             out.reports.append((job.device_id, float(weight)))
             loss = result.metrics.get("train_loss")
             if isinstance(loss, int | float | np.floating) and np.isfinite(loss):
