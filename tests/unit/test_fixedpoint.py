@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedge.encoding.fixedpoint import FixedPoint, max_bits
+from fedge.encoding.fixedpoint import FixedPoint, max_bits, pack, unpack
 from fedge.errors import ConfigError
 
 
@@ -97,3 +97,33 @@ def test_refusals() -> None:
         fp.decode(np.zeros(3, dtype=np.uint32))
     with pytest.raises(ConfigError, match="cohort size"):
         max_bits(0)
+
+
+def test_low_bits_on_the_wire_still_sum_exactly() -> None:
+    """Devices may send only wire_bits per value: the sum mod 2^m decodes the same."""
+    rng = np.random.default_rng(5)
+    fp = FixedPoint(clip=1.0, bits=16, max_weight=3, cohort_size=1000)
+    assert fp.wire_bits == 26
+    masks = [rng.integers(0, 2**32, 101, dtype=np.uint32) for _ in range(5)]
+    vecs = [fp.encode(rng.uniform(-1, 1, 100), 3, rng) + m for m in masks]
+    sent = [unpack(pack(v, fp.wire_bits), fp.wire_bits, 101) for v in vecs]
+    m = np.uint32(2**fp.wire_bits - 1)
+    total = _sum(sent) - (_sum(masks) & m)
+    total &= m
+    # sign-extend from wire_bits to 32 bits, then decode as usual
+    sign = np.uint32(1 << (fp.wire_bits - 1))
+    total = (total ^ sign) - sign
+    want = _sum([v - mk for v, mk in zip(vecs, masks, strict=True)])
+    assert np.array_equal(total[:-1], want[:-1])
+    assert total[-1] & m == want[-1]
+
+
+def test_pack_refusals() -> None:
+    with pytest.raises(ConfigError, match="uint32"):
+        pack(np.zeros(3, dtype=np.int32), 8)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="bits"):
+        pack(np.zeros(3, dtype=np.uint32), 0)
+    with pytest.raises(ConfigError, match="bits"):
+        unpack(b"", 33, 0)
+    with pytest.raises(ConfigError, match="expected"):
+        unpack(b"\x00" * 3, 8, 4)

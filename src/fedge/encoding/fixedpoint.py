@@ -37,7 +37,7 @@ import numpy.typing as npt
 
 from fedge.errors import ConfigError
 
-__all__ = ["FixedPoint", "max_bits"]
+__all__ = ["FixedPoint", "max_bits", "pack", "unpack"]
 
 _INT32_MAX = 2**31 - 1
 _UINT32_MAX = 2**32 - 1
@@ -106,6 +106,20 @@ class FixedPoint:
         """The grid step every device uses."""
         return self.clip / self.levels
 
+    @property
+    def wire_bits(self) -> int:
+        """Bits per coordinate a masked vector needs on the wire.
+
+        Masks are uniform mod 2^32, hence also mod 2^m for any m <= 32, and the
+        true sum fits m = bits + ceil(log2(cohort_size)) signed bits (and the
+        weight sum ceil(log2(cohort_size * max_weight + 1)) bits), so a device
+        may send only the low m bits of each masked value (:func:`pack`): the
+        coordinator's sum mod 2^m still decodes exactly.
+        """
+        values = self.bits + max(0, (self.cohort_size - 1).bit_length())
+        weights = (self.cohort_size * self.max_weight).bit_length()
+        return min(32, max(values, weights))
+
     def encode(
         self, values: npt.NDArray[np.floating], weight: int, rng: np.random.Generator
     ) -> npt.NDArray[np.uint32]:
@@ -149,3 +163,26 @@ class FixedPoint:
         sums = total[:-1].view(np.int32).astype(np.float64)
         sums *= self.step * self.max_weight / weight
         return sums, weight
+
+
+def pack(vector: npt.NDArray[np.uint32], bits: int) -> bytes:
+    """The low ``bits`` bits of every value, packed little-endian (see ``wire_bits``)."""
+    if not isinstance(vector, np.ndarray) or vector.dtype != np.uint32 or vector.ndim != 1:
+        raise ConfigError("pack needs a 1-D uint32 vector")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 32:
+        raise ConfigError(f"pack bits must be in 1..32, got {bits!r}")
+    planes = np.unpackbits(vector.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+    return np.packbits(planes[:, :bits].reshape(-1), bitorder="little").tobytes()
+
+
+def unpack(raw: bytes, bits: int, length: int) -> npt.NDArray[np.uint32]:
+    """Inverse of :func:`pack`: ``length`` values of ``bits`` bits (mod 2^bits)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 32:
+        raise ConfigError(f"unpack bits must be in 1..32, got {bits!r}")
+    if len(raw) != (length * bits + 7) // 8:
+        raise ConfigError(f"packed vector has {len(raw)} bytes, expected "
+                          f"{(length * bits + 7) // 8} for {length} values of {bits} bits")
+    flat = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[: length * bits]
+    planes = np.zeros((length, 32), dtype=np.uint8)
+    planes[:, :bits] = flat.reshape(length, bits)
+    return np.packbits(planes, axis=1, bitorder="little").reshape(-1).view(np.uint32).copy()
