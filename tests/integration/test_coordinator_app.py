@@ -388,6 +388,9 @@ def test_the_openapi_schema_is_served(fleet: Fleet) -> None:
         ("[task]\nnum_features=4\nnum_classes=3\n[rounds]\nover_selection=0.5", "over_selection"),
         ("[task]\nnum_features=4\nnum_classes=3\n[server]\nport=70000", "port"),
         ("task = 3", "must be a table"),
+        ("[task]\nnum_features=4\nnum_classes=3\n[rounds]\nselection='fastest'",
+         "rounds.selection must be one of"),
+        ("[task]\nnum_features=4\nnum_classes=3\n[rounds]\nfairness=1.5", "rounds.fairness must be between"),
     ],
 )
 def test_bad_coordinator_configs_are_refused(tmp_path: Path, text: str, match: str) -> None:
@@ -455,3 +458,106 @@ def test_a_refusal_is_stored_with_its_round(fleet: Fleet) -> None:
     assert r.status_code == 400
     rows = fleet.coordinator.store._query("SELECT code, round FROM refusals ORDER BY rowid")
     assert [tuple(row) for row in rows] == [("unknown_round", 3), ("bad_request", None)]
+
+
+def test_a_device_that_stops_training_is_counted_out_and_the_round_closes_without_waiting(
+    fleet: Fleet,
+) -> None:
+    for d in "abc":
+        fleet.check_in(d)
+    plans = {d: fleet.plan(d) for d in "abc"}
+    params, _ = fleet.params(1, "a")
+    for d in "ab":
+        body = encode_update(delta_like(params), round=1, attempt=1, num_examples=5)
+        assert fleet.upload(d, body, 1)[0] == 200
+    assert fleet.coordinator.state.round == 0  # c is still expected
+    abort = {"protocol": 1, "round": 1, "attempt": plans["c"]["attempt"], "reasons": ["not on AC power"]}
+    r = fleet.client.post("/v1/rounds/1/abort", json=abort, headers={DEVICE_HEADER: "c"})
+    assert r.status_code == 200, r.text
+    # No clock advance: the round closes because every invited device has answered.
+    wait_until(lambda: fleet.coordinator.state.round == 1)
+    (row,) = [x for x in fleet.coordinator.store.rounds() if x.round == 1]
+    assert list(row.dropped) == ["c"] and sorted(row.reported) == ["a", "b"]
+    # A second abort, an abort after an upload, and malformed reports are refused.
+    for device, body, code in [
+        ("c", abort, "closed"),
+        ("zzz", {**abort, "round": 1}, "closed"),
+        ("c", {**abort, "round": 7}, "unknown_round"),
+        ("c", {"protocol": 1, "round": 1, "attempt": 1, "reasons": []}, "bad_request"),
+        ("c", {"protocol": 1, "round": 1, "attempt": 1, "reasons": ["x" * 201]}, "bad_request"),
+    ]:
+        round_id = body["round"]
+        r = fleet.client.post(f"/v1/rounds/{round_id}/abort", json=body, headers={DEVICE_HEADER: device})
+        assert r.status_code in (400, 404, 409, 410, 422) and r.json()["error"] == code, (code, r.text)
+
+
+def test_an_abort_from_a_device_that_already_reported_is_a_duplicate(fleet: Fleet) -> None:
+    for d in "abc":
+        fleet.check_in(d)
+    plans = {d: fleet.plan(d) for d in "abc"}
+    params, _ = fleet.params(1, "a")
+    body = encode_update(delta_like(params), round=1, attempt=1, num_examples=5)
+    assert fleet.upload("a", body, 1)[0] == 200
+    abort = {"protocol": 1, "round": 1, "attempt": plans["a"]["attempt"], "reasons": ["too hot"]}
+    r = fleet.client.post("/v1/rounds/1/abort", json=abort, headers={DEVICE_HEADER: "a"})
+    assert r.status_code == 409 and r.json()["error"] == "duplicate"
+
+
+def test_deadline_selection_leaves_out_devices_that_cannot_finish(tmp_path: Path, clock: Clock) -> None:
+    config = make_config(tmp_path, selection="deadline", cohort_size=3, min_updates=2, min_devices=4,
+                         deadline_s=30.0)
+    coordinator = Coordinator(config, clock=clock)
+    speeds = {"fast-1": 1000.0, "fast-2": 800.0, "fast-3": 500.0, "slow": 0.5}  # examples per second
+    with TestClient(create_app(coordinator)) as client:
+        for device, rate in speeds.items():
+            hello = {"protocol": 1, "num_examples": 100, "profile": {"examples_per_s": rate}}
+            r = client.post("/v1/check-in", json=hello, headers={DEVICE_HEADER: device})
+            assert r.status_code == 200
+        wait_until(lambda: coordinator.open is not None)
+        assert coordinator.open is not None
+        # 100 examples at 0.5/s is 200 s: past the 30 s deadline, so not invited.
+        assert sorted(coordinator.open.round.cohort) == ["fast-1", "fast-2", "fast-3"]
+        assert coordinator.estimate_round_s("slow") == pytest.approx(200.0)
+    coordinator.close()
+
+
+def _event(i: int = 0, **over: object) -> dict[str, object]:
+    return {"at": 1000.0 + i, "kind": "warning", "level": "warning", "message": f"event {i}", **over}
+
+
+def test_device_events_are_stored_rate_limited_and_listed(fleet: Fleet) -> None:
+    def send(device: str, events: list[dict[str, object]]) -> tuple[int, dict[str, object]]:
+        r = fleet.client.post("/v1/events", json={"protocol": 1, "events": events},
+                              headers={DEVICE_HEADER: device})
+        return r.status_code, r.json()
+
+    assert send("a", [_event(i) for i in range(100)]) == (200, {"protocol": 1, "stored": 100})
+    assert send("a", [_event(i) for i in range(100)])[0] == 200  # the burst allows 200
+    status, body = send("a", [_event(0)])
+    assert (status, body["error"]) == (429, "rate_limited")
+    fleet.clock.now += 30  # half a minute refills 60
+    assert send("a", [_event(i) for i in range(60)])[0] == 200
+    assert send("b", [_event(7, kind="policy", level="info", fields={"cpu_load": 0.9})])[0] == 200
+    rows = fleet.client.get("/v1/admin/events", params={"device": "b"}).json()
+    assert [(r["device"], r["kind"], r["fields"]) for r in rows] == [("b", "policy", {"cpu_load": 0.9})]
+    assert len(fleet.client.get("/v1/admin/events", params={"limit": 5}).json()) == 5
+    later = fleet.client.get("/v1/admin/events", params={"since": fleet.clock.now - 1}).json()
+    assert len(later) == 61
+    assert fleet.client.get("/v1/admin/events", params={"limit": 0}).status_code == 400
+
+
+@pytest.mark.parametrize(("events", "why"), [
+    ([], "no events"),
+    ([_event(i) for i in range(101)], "too many"),
+    ([_event(kind="gossip")], "unknown kind"),
+    ([_event(level="fatal")], "unknown level"),
+    ([_event(message="")], "empty message"),
+    ([_event(message="x" * 501)], "long message"),
+    ([_event(at=-1.0)], "negative time"),
+    ([_event(fields={f"k{i}": i for i in range(17)})], "too many fields"),
+    ([_event(fields={"nested": {"a": 1}})], "nested field"),
+    ([_event(extra="x")], "unknown key"),
+])
+def test_malformed_event_batches_are_refused(fleet: Fleet, events: list[dict[str, object]], why: str) -> None:
+    r = fleet.client.post("/v1/events", json={"protocol": 1, "events": events}, headers={DEVICE_HEADER: "a"})
+    assert r.status_code == 400 and r.json()["error"] == "bad_request", why

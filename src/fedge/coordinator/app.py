@@ -34,11 +34,14 @@ from fedge.wire import (
     DEVICE_HEADER,
     DEVICE_ID_PATTERN,
     REFUSALS,
+    AbortReport,
     CheckIn,
     CheckInReply,
     EnrolReply,
     EnrolRequest,
     EvalReport,
+    EventBatch,
+    EventsAck,
     Message,
     RenewRequest,
     TokenReply,
@@ -138,6 +141,13 @@ def create_app(
     refusals = Counter("fedge_refusals_total", "Requests refused, by error code", ["code"], registry=registry)
     rounds_complete = Gauge("fedge_rounds_complete", "Rounds completed so far", registry=registry)
     rounds_complete.set_function(lambda: coordinator.state.round)
+    if coordinator.privacy is not None:
+        privacy = coordinator.privacy
+        epsilon = Gauge("fedge_privacy_epsilon", "Epsilon spent so far, at fedge_privacy_delta",
+                        registry=registry)
+        epsilon.set_function(lambda: privacy.epsilon)
+        Gauge("fedge_privacy_delta", "Delta of the reported epsilon", registry=registry).set(
+            privacy.config.delta)
     coordinator.on_refusal = lambda code: refusals.labels(code=code).inc()
 
     @contextlib.asynccontextmanager
@@ -228,6 +238,13 @@ def create_app(
         body = await read_body(request, coordinator.config.max_body_bytes)
         return _json(await coordinator.submit_update(device, round, body))
 
+    @app.post("/v1/rounds/{round}/abort", response_model=UpdateAck, openapi_extra=_schema(AbortReport))
+    async def abort(request: Request, round: int) -> Response:
+        """A device says it stopped training for this round, and why (its policy or a limit)."""
+        device = device_identity(request, identity)
+        report = parse_message(AbortReport, await read_body(request, _JSON_LIMIT))
+        return _json(coordinator.submit_abort(device, round, report))
+
     @app.post("/v1/rounds/{round}/metrics", response_model=UpdateAck, openapi_extra=_schema(EvalReport))
     async def metrics(request: Request, round: int) -> Response:
         """A device's evaluation of the round's params on its local data."""
@@ -245,6 +262,23 @@ def create_app(
         """Progress: rounds complete, the open round, devices, history, refusals (admin)."""
         admin(request)
         return coordinator.status()
+
+    @app.post("/v1/events", response_model=EventsAck, openapi_extra=_schema(EventBatch))
+    async def events(request: Request) -> Response:
+        """A device's batch of notable events (policy skips, aborts, errors, enrolment, renewal)."""
+        device = device_identity(request, identity)
+        batch = parse_message(EventBatch, await read_body(request, _JSON_LIMIT))
+        return _json(coordinator.submit_events(device, batch))
+
+    @app.get("/v1/admin/events")
+    async def list_events(request: Request, device: str | None = None, since: float | None = None,
+                          limit: int = 200) -> list[dict[str, object]]:
+        """Admin: the latest events, newest last; ``device`` and ``since`` (unix time) narrow them."""
+        admin(request)
+        if not 1 <= limit <= 10_000:
+            raise _refusal("bad_request", f"limit must be between 1 and 10000, got {limit}")
+        rows = coordinator.store.events(device_id=device, since=since, limit=limit)
+        return [row.to_json() for row in rows]
 
     if identity is not None:
         _add_identity_routes(app, identity, admin)

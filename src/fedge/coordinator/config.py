@@ -1,6 +1,6 @@
 """The coordinator's configuration: one frozen value read from ``coordinator.toml``.
 
-The file has five tables; every key is optional except the task's shape
+The file has up to seven tables; every key is optional except the task's shape
 (given directly or read from ``eval_data``)::
 
     [task]
@@ -19,6 +19,8 @@ The file has five tables; every key is optional except the task's shape
     over_selection = 1.0       # invite ceil(cohort_size * over_selection) devices
     deadline_s = 120.0
     wait_s = 5.0               # how long an idle device waits between check-ins
+    selection = "random"       # or "deadline": prefer devices expected to finish in time
+    fairness = 0.2             # with "deadline": share of places for the longest-waiting devices
 
     [train]
     local_epochs = 1
@@ -30,6 +32,14 @@ The file has five tables; every key is optional except the task's shape
     port = 8080
     data_dir = "fedge-data"    # the store, the CA (ca/), the server certificate (tls/)
     max_body_mb = 256
+
+    [privacy]                  # differential privacy (docs/privacy.md); absent: off
+    mode = "central"           # or "local" (each device noises its own update)
+    clip_norm = 1.0            # or "adaptive"
+    noise_multiplier = 1.0     # or target_epsilon = 3.0 (calibrated for rounds.count)
+    delta = 1e-5
+    budget = 3.0               # epsilon no round may take the run past
+    accountant = "rdp"         # or "pld"
 
     [security]
     cert_days = 30             # validity of the client certificates issued at enrolment
@@ -46,10 +56,14 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedge.errors import ConfigError
+from fedge.rounds import SELECTIONS
 from fedge.sim.config import coerce_fields, load_toml
+
+if TYPE_CHECKING:
+    from fedge.privacy.session import PrivacyConfig
 
 __all__ = ["CoordinatorConfig", "load_coordinator_config"]
 
@@ -71,6 +85,8 @@ _TABLES: dict[str, dict[str, str]] = {
         "wait_s": "wait_s",
         "min_devices": "min_devices",
         "eval_every": "eval_every",
+        "selection": "selection",
+        "fairness": "fairness",
     },
     "train": {"local_epochs": "local_epochs", "batch_size": "batch_size", "lr": "lr"},
     "server": {
@@ -79,6 +95,15 @@ _TABLES: dict[str, dict[str, str]] = {
         "data_dir": "data_dir",
         "max_body_mb": "max_body_mb",
         "seed": "seed",
+    },
+    "privacy": {
+        "mode": "dp",
+        "clip_norm": "clip_norm",
+        "noise_multiplier": "noise_multiplier",
+        "target_epsilon": "target_epsilon",
+        "delta": "delta",
+        "budget": "epsilon_budget",
+        "accountant": "accountant",
     },
     "security": {
         "insecure": "insecure",
@@ -111,6 +136,8 @@ class CoordinatorConfig:
     wait_s: float = 5.0
     min_devices: int | None = None
     eval_every: int = 1
+    selection: str = "random"
+    fairness: float = 0.2
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.1
@@ -122,6 +149,13 @@ class CoordinatorConfig:
     insecure: bool = False
     insecure_allow_remote: bool = False
     cert_days: int = 30
+    dp: str | None = None
+    clip_norm: float | str | None = None
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    epsilon_budget: float | None = None
+    accountant: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("rounds", "cohort_size", "eval_every", "local_epochs", "batch_size"):
@@ -148,6 +182,12 @@ class CoordinatorConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(
+                f"rounds.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}"
+            )
+        if not (math.isfinite(self.fairness) and 0 <= self.fairness <= 1):
+            raise ConfigError(f"rounds.fairness must be between 0 and 1, got {self.fairness}")
         if not (math.isfinite(self.over_selection) and 1 <= self.over_selection <= 10):
             raise ConfigError(f"rounds.over_selection must be between 1 and 10, got {self.over_selection}")
         if self.mu is not None and not (math.isfinite(self.mu) and self.mu >= 0):
@@ -157,6 +197,30 @@ class CoordinatorConfig:
                 "task.num_features and task.num_classes are required unless task.eval_data names "
                 "a data file to read them from"
             )
+        self.privacy  # noqa: B018 - checks the [privacy] table now
+
+    @property
+    def privacy(self) -> PrivacyConfig | None:
+        """The ``[privacy]`` settings, or ``None`` without a ``privacy.mode``."""
+        names = ("clip_norm", "noise_multiplier", "target_epsilon", "delta", "epsilon_budget", "accountant")
+        given = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        if self.dp is None:
+            if given:
+                raise ConfigError("the [privacy] settings need privacy.mode (central)")
+            return None
+        if self.dp == "distributed":
+            raise ConfigError("privacy.mode = 'distributed' is not available in a federation: it needs "
+                              "secure aggregation ([secagg]), which this build does not have yet; use "
+                              "privacy.mode = 'central' or 'local'")
+        from fedge.privacy.session import PrivacyConfig
+
+        if "epsilon_budget" in given:
+            given["budget"] = given.pop("epsilon_budget")
+        try:
+            return PrivacyConfig(mode=self.dp, **given)
+        except ConfigError as e:  # the flags' names mean nothing in a TOML file
+            raise ConfigError(f"[privacy]: {e}".replace("--epsilon-budget", "budget")
+                              .replace("--dp", "mode").replace("--", "")) from None
 
     @property
     def effective_min_updates(self) -> int:

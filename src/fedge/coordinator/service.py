@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,19 +37,24 @@ from fedge import params as P
 from fedge.coordinator.config import CoordinatorConfig
 from fedge.data.dataset import Dataset, DataSpec
 from fedge.data.files import load_file
-from fedge.errors import ConfigError, ProtocolError, RoundError, TaskError
+from fedge.errors import ConfigError, PrivacyBudgetError, ProtocolError, RoundError, TaskError
 from fedge.params import ParamsSpec
-from fedge.rounds import Round, RoundState, select_cohort
-from fedge.store import Store
+from fedge.privacy.mechanisms import DevicePrivacy, clip_by_l2
+from fedge.privacy.session import LedgerEntry, PrivacySession
+from fedge.rounds import Round, RoundState, select_cohort, select_within_deadline
+from fedge.store import LedgerRow, Store
 from fedge.strategies import ServerState, Strategy, build_strategy
 from fedge.strategies.base import Accumulator
 from fedge.tasks import load_task
 from fedge.tasks.base import Task
 from fedge.wire import (
     REFUSALS,
+    AbortReport,
     CheckIn,
     CheckInReply,
     EvalReport,
+    EventBatch,
+    EventsAck,
     TaskInfo,
     TrainPlan,
     UpdateAck,
@@ -67,6 +73,9 @@ _INIT, _SELECT = 1, 2
 
 
 _STORE_SEEN_S = 60.0
+# Device events: each device may send this many a minute on average, in bursts of EVENTS_BURST.
+EVENTS_PER_MINUTE = 120
+EVENTS_BURST = 200
 
 
 @dataclass
@@ -92,7 +101,16 @@ class _OpenRound:
     train_loss: list[tuple[float, float]] = field(default_factory=list)
     train_s: float | None = None  # the slowest reported local training time
     evaluated: set[str] = field(default_factory=set)
+    aborted: dict[str, tuple[str, ...]] = field(default_factory=dict)  # device -> its reasons
     closing: bool = False
+    clip_norm: float | None = None  # central DP: the bound every update is clipped to on receipt
+    local: DevicePrivacy | None = None  # local DP: what each device does to its update before upload
+    unclipped: int = 0  # central DP: updates already within the bound (adaptive clipping's count)
+
+    @property
+    def settled(self) -> bool:
+        """Every invited device has either reported or said it stopped: no need to wait longer."""
+        return len(self.round.reported) + len(self.aborted) >= len(self.round.cohort)
 
 
 class Coordinator:
@@ -121,6 +139,9 @@ class Coordinator:
         self.task_info = TaskInfo(
             name=config.task, num_features=self.spec.num_features, num_classes=self.spec.num_classes
         )
+        self.privacy = _privacy_of(config, self.strategy)
+        #: Why no further round runs (the privacy budget), or None.
+        self.stopped: str | None = None
         self.store = Store(config.data_dir)
         try:
             self._resume()
@@ -133,6 +154,10 @@ class Coordinator:
         self.on_refusal: Callable[[str], None] | None = None
         self._wake = asyncio.Event()
         self._last_dropped: frozenset[str] = frozenset()
+        # For deadline-aware selection: each device's last round trip, and its last invitation.
+        self._round_trip_s: dict[str, float] = {}
+        self._event_buckets: dict[str, list[float]] = {}  # device -> [tokens, last refill]
+        self._last_invited: dict[str, int] = {}
         self._jitter = random.Random(config.seed)
         self._warm_up()
 
@@ -161,6 +186,7 @@ class Coordinator:
             logger.warning(
                 "round %d attempt %d was in flight when the coordinator stopped; it restarts", r, a
             )
+        self._resume_privacy()
         done = self.store.last_complete_round()
         if done:
             self.state = self.store.load_checkpoint(done)
@@ -169,6 +195,34 @@ class Coordinator:
         else:
             self.state = self.strategy.init(self._init_params())
         self.params_spec = ParamsSpec.of(self.state.params)
+
+    def _resume_privacy(self) -> None:
+        """Take back the privacy ledger, and refuse at once if the budget is already spent."""
+        ledger = self.store.privacy_ledger()
+        if self.privacy is None:
+            if ledger:
+                raise ConfigError(
+                    f"{self.config.data_dir} holds a privacy ledger of {len(ledger)} rounds: this run "
+                    "trained under differential privacy and cannot go on without it ([privacy] table)"
+                )
+            return
+        self.privacy.restore(LedgerEntry(**dataclasses.asdict(row)) for row in ledger)
+        if ledger:
+            logger.info("privacy ledger: %d rounds, epsilon %.4g at delta %g",
+                        len(ledger), self.privacy.epsilon, self.privacy.config.delta)
+        self._check_budget()
+
+    def _check_budget(self) -> bool:
+        """False (and :attr:`stopped` set) if the next round would exceed the privacy budget."""
+        if self.privacy is None or self.stopped is not None:
+            return self.stopped is None
+        try:
+            self.privacy.check_budget()
+        except PrivacyBudgetError as e:
+            self.stopped = str(e)
+            logger.error("%s", e)
+            return False
+        return True
 
     def _init_params(self) -> P.Params:
         # Seeded, so a coordinator that dies before round 1 completes starts
@@ -184,7 +238,7 @@ class Coordinator:
 
     @property
     def done(self) -> bool:
-        return self.state.round >= self.config.rounds
+        return self.state.round >= self.config.rounds or self.stopped is not None
 
     def refuse(self, error: ProtocolError, device_id: str | None, round_id: int | None) -> None:
         """Count and record a refusal (the app sends the error back)."""
@@ -243,6 +297,8 @@ class Coordinator:
                 lr=self.config.lr,
                 mu=self.mu,
                 evaluate=True,
+                clip_norm=None if rnd.local is None else rnd.local.clip_norm,
+                noise_stddev=0.0 if rnd.local is None else rnd.local.local_stddev,
             )
             return CheckInReply(action="train", task=self.task_info, plan=plan)
         # Spread the next check-ins over +-25% of wait_s: devices that came
@@ -286,10 +342,21 @@ class Coordinator:
             rnd.round.accept(device_id, float(update.num_examples), now)
         except RoundError as e:
             raise ProtocolError(e.reason, e.detail, REFUSALS.get(e.reason, 409)) from None
+        self._round_trip_s[device_id] = now - rnd.opened_at
         # Finite updates can overflow when summed; the new params are checked
         # for that when the round closes, so numpy need not warn here.
         with np.errstate(over="ignore", invalid="ignore"):
-            rnd.accumulator.add(update.delta, float(update.num_examples))
+            if rnd.local is not None:
+                # Local DP: clipped and noised on the device; weight 1, like central DP.
+                rnd.accumulator.add(update.delta, 1.0)
+            elif rnd.clip_norm is not None:
+                # Central DP: the coordinator is trusted, so it clips on receipt;
+                # every clipped update weighs 1 (docs/privacy.md, "Weights").
+                clipped, norm = clip_by_l2(update.delta, rnd.clip_norm)
+                rnd.unclipped += int(norm <= rnd.clip_norm)
+                rnd.accumulator.add(clipped, 1.0)
+            else:
+                rnd.accumulator.add(update.delta, float(update.num_examples))
         loss = update.metrics.get("train_loss")
         if loss is not None:
             rnd.train_loss.append((loss, float(update.num_examples)))
@@ -310,8 +377,31 @@ class Coordinator:
             self._wake.set()
         return UpdateAck(round=round_id, attempt=rnd.attempt)
 
-    def submit_eval(self, device_id: str, round_id: int, report: EvalReport) -> UpdateAck:
-        """Record a device's evaluation of the round's params on its own data."""
+    def submit_events(self, device_id: str, batch: EventBatch) -> EventsAck:
+        """Store a device's events, within its rate: ``EVENTS_PER_MINUTE`` on average, bursts of
+        ``EVENTS_BURST``. A batch over the rate is refused whole (429), so a device never floods
+        the store; the agent keeps its events and sends them later."""
+        now = self._clock()
+        bucket = self._event_buckets.get(device_id)
+        if bucket is None:
+            bucket = self._event_buckets[device_id] = [float(EVENTS_BURST), now]
+        tokens = min(float(EVENTS_BURST), bucket[0] + (now - bucket[1]) * EVENTS_PER_MINUTE / 60.0)
+        bucket[1] = now
+        if len(batch.events) > tokens:
+            bucket[0] = tokens
+            raise ProtocolError(
+                "rate_limited",
+                f"device {device_id} sent more than {EVENTS_PER_MINUTE} events a minute; send them later",
+                REFUSALS["rate_limited"],
+            )
+        bucket[0] = tokens - len(batch.events)
+        self.store.record_events(
+            device_id, [(e.at, e.kind, e.level, e.message, e.fields) for e in batch.events], received_at=now
+        )
+        return EventsAck(stored=len(batch.events))
+
+    def _report_round(self, device_id: str, round_id: int, report: EvalReport | AbortReport) -> _OpenRound:
+        """The open round a device's JSON report is for; refused unless its round and attempt match."""
         rnd = self._round_for(device_id, round_id)
         if report.round != round_id:
             raise ProtocolError(
@@ -321,6 +411,11 @@ class Coordinator:
             raise ProtocolError(
                 "closed", f"round {round_id} attempt {report.attempt} has ended", REFUSALS["closed"]
             )
+        return rnd
+
+    def submit_eval(self, device_id: str, round_id: int, report: EvalReport) -> UpdateAck:
+        """Record a device's evaluation of the round's params on its own data."""
+        rnd = self._report_round(device_id, round_id, report)
         if device_id in rnd.evaluated:
             raise ProtocolError(
                 "duplicate",
@@ -337,6 +432,26 @@ class Coordinator:
             metrics=report.metrics,
             at=self._clock(),
         )
+        return UpdateAck(round=round_id, attempt=rnd.attempt)
+
+    def submit_abort(self, device_id: str, round_id: int, report: AbortReport) -> UpdateAck:
+        """A device stopped training for the round (its policy, a limit): count it out now.
+
+        The round closes as soon as every invited device has reported or
+        stopped, instead of waiting for the deadline.
+        """
+        rnd = self._report_round(device_id, round_id, report)
+        if device_id in rnd.round.reported or device_id in rnd.aborted:
+            raise ProtocolError(
+                "duplicate", f"device {device_id} already reported to round {round_id}", REFUSALS["duplicate"]
+            )
+        rnd.aborted[device_id] = tuple(report.reasons)
+        logger.warning("round %d attempt %d: device %s stopped training: %s",
+                       round_id, rnd.attempt, device_id, "; ".join(report.reasons))
+        self.store.record_metrics(round_id, rnd.attempt, device_id, kind="abort", num_examples=0,
+                                  metrics={}, at=self._clock())
+        if rnd.settled:
+            self._wake.set()
         return UpdateAck(round=round_id, attempt=rnd.attempt)
 
     def _round_for(self, device_id: str, round_id: int) -> _OpenRound:
@@ -368,14 +483,17 @@ class Coordinator:
                 if self._open_round(now):
                     continue
                 timeout = 0.5
-            elif len(rnd.round.reported) >= rnd.target or now >= rnd.round.deadline:
+            elif len(rnd.round.reported) >= rnd.target or rnd.settled or now >= rnd.round.deadline:
                 await self._close_round(rnd)
                 continue
             else:
                 timeout = min(1.0, max(0.0, rnd.round.deadline - now))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-        logger.info("training complete: %d rounds", self.state.round)
+        if self.stopped is not None:
+            logger.error("training stopped after %d rounds: %s", self.state.round, self.stopped)
+        else:
+            logger.info("training complete: %d rounds", self.state.round)
         if on_done is not None:
             on_done()
 
@@ -384,10 +502,41 @@ class Coordinator:
         horizon = now - max(3 * self.config.wait_s, 10.0)
         return sorted(d for d, s in self.devices.items() if s.ready and s.last_seen >= horizon)
 
+    def estimate_round_s(self, device_id: str) -> float | None:
+        """How long a round should take ``device_id``: its last measured round trip (invitation to
+        update) if it has one, else the training time its capability profile predicts."""
+        seen = self._round_trip_s.get(device_id)
+        if seen is not None:
+            return seen
+        d = self.devices.get(device_id)
+        rate = d.profile.get("examples_per_s") if d is not None else None
+        if d is None or not isinstance(rate, int | float) or isinstance(rate, bool) or rate <= 0:
+            return None
+        return self.config.local_epochs * d.num_examples / float(rate)
+
+    def _select_within_deadline(self, pool: list[str], size: int, rng: np.random.Generator) -> list[str]:
+        cfg = self.config
+        estimates = {d: self.estimate_round_s(d) for d in pool}
+        picked, too_slow = select_within_deadline(
+            pool, estimate_s=estimates, deadline_s=cfg.deadline_s, size=size, rng=rng,
+            last_round=self._last_invited, fairness=cfg.fairness,
+        )
+        cohort = list(picked)
+        if too_slow:
+            logger.info("%d devices are expected to miss the %.0f s deadline and are not invited",
+                        len(too_slow), cfg.deadline_s)
+        if len(cohort) < cfg.effective_min_updates and too_slow:
+            # Better a round with slow devices than no round: the estimates may be pessimistic.
+            fastest_first = sorted(too_slow, key=lambda d: estimates[d] or 0.0)
+            cohort += fastest_first[: cfg.effective_min_updates - len(cohort)]
+        return sorted(cohort)
+
     def _open_round(self, now: float) -> bool:
         cfg = self.config
         ready = self.available(now)
         if len(ready) < cfg.effective_min_devices:
+            return False
+        if not self._check_budget():
             return False
         # A retry prefers devices that did not just drop out, if enough remain.
         fresh = [d for d in ready if d not in self._last_dropped]
@@ -396,8 +545,13 @@ class Coordinator:
         tried = sum(1 for row in self.store.rounds() if row.round == round_id)
         rng = np.random.default_rng([cfg.seed, _SELECT, round_id, tried])
         size = min(len(pool), cfg.invite_count)
-        picked = select_cohort(np.arange(len(pool)), rng=rng, cohort_size=size)
-        cohort = [pool[i] for i in picked.tolist()]
+        if cfg.selection == "deadline":
+            cohort = self._select_within_deadline(pool, size, rng)
+        else:
+            picked = select_cohort(np.arange(len(pool)), rng=rng, cohort_size=size)
+            cohort = [pool[i] for i in picked.tolist()]
+        for d in cohort:
+            self._last_invited[d] = round_id
         min_updates = min(cfg.effective_min_updates, len(cohort))
         deadline = now + cfg.deadline_s
         attempt = self.store.open_round(
@@ -413,6 +567,12 @@ class Coordinator:
             payload=payload,
             etag=payload_etag(payload),
         )
+        if self.privacy is not None:
+            how = self.privacy.device_privacy()
+            if self.privacy.config.mode == "local":
+                self.open.local = how
+            else:
+                self.open.clip_norm = how.clip_norm
         logger.info(
             "round %d attempt %d open: %d devices invited, %d needed, deadline %.0f s",
             round_id,
@@ -440,9 +600,17 @@ class Coordinator:
         if rnd.train_s is not None:
             metrics["train_s"] = rnd.train_s
         state = None
+        ledger: LedgerRow | None = None
         if outcome.state is RoundState.COMPLETE:
+            aggregate = rnd.accumulator.result()
+            if self.privacy is not None:
+                aggregate = self.privacy.release(r, aggregate, unclipped=rnd.unclipped)
+                entry = self.privacy.charge(r)
+                ledger = LedgerRow(**dataclasses.asdict(entry))
+                metrics["epsilon"] = entry.epsilon
+                metrics["clip_norm"] = entry.clip_norm
             with np.errstate(over="ignore", invalid="ignore"):
-                state = self.strategy.apply(self.state, rnd.accumulator.result())
+                state = self.strategy.apply(self.state, aggregate)
             state = ServerState(params=state.params, opt_state=state.opt_state, round=r)
             try:
                 # Finite updates can still overflow when summed; a model with
@@ -463,6 +631,7 @@ class Coordinator:
                 reported=reported,
                 dropped=dropped,
                 metrics=metrics,
+                privacy=ledger,
             )
             self.state = state
             self._last_dropped = frozenset()
@@ -516,10 +685,33 @@ class Coordinator:
             "available": len(self.available(self._clock())),
             "history": [_row_json(row) for row in last if row.state != "open"],
             "refusals": {k: v for k, v in self.refusals.items() if v},
+            "privacy": None if self.privacy is None else {
+                "epsilon": self.privacy.epsilon, "delta": self.privacy.config.delta,
+                "budget": self.privacy.config.effective_budget, "stopped": self.stopped,
+            },
         }
 
     def close(self) -> None:
         self.store.close()
+
+
+def _privacy_of(config: CoordinatorConfig, strategy: Strategy) -> PrivacySession | None:
+    """Central DP for a federation: noise from the OS entropy, and no amplification claimed.
+
+    Cohorts are drawn from the devices that happen to be available, so no
+    device's chance of being picked is known, and a device that becomes
+    available can push another out of a full cohort: the accountant claims
+    no amplification and a sensitivity of twice the clip (``availability``
+    sampling), which holds whatever availability does (docs/privacy.md,
+    "Sampling honesty").
+    """
+    settings = config.privacy
+    if settings is None:
+        return None
+    if getattr(strategy, "needs_every_update", False):
+        raise ConfigError(f"[privacy] needs a strategy that sums updates; {config.strategy!r} keeps each one")
+    return PrivacySession(settings, sampling="availability", expected_reports=float(config.cohort_size),
+                          planned_rounds=config.rounds, seed=None)
 
 
 def _weighted_eval(rows: list[dict[str, object]]) -> dict[str, float]:

@@ -21,9 +21,13 @@ import numpy as np
 
 from fedge.errors import ConfigError
 
+if typing.TYPE_CHECKING:
+    from fedge.privacy.session import PrivacyConfig
+
 __all__ = ["BACKENDS", "SimConfig", "coerce_fields", "load_toml"]
 
 BACKENDS = ("inline", "processes")
+_DP_FIELDS = ("clip_norm", "noise_multiplier", "target_epsilon", "delta", "epsilon_budget", "accountant")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,19 @@ class SimConfig:
     workers: int | None = None
     eval_every: int = 1
     seed: int = 0
+    # Device heterogeneity and the virtual clock (sim/profiles.py).
+    profiles: str | None = None
+    deadline_s: float | None = None
+    selection: str = "random"
+    fairness: float = 0.2
+    # Differential privacy (docs/privacy.md); None: off.
+    dp: str | None = None
+    clip_norm: float | str | None = None
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    epsilon_budget: float | None = None
+    accountant: str | None = None
     secagg: bool = False
     secagg_k: int | None = None
     secagg_threshold: int | None = None
@@ -97,6 +114,16 @@ class SimConfig:
                 "--stragglers needs --local-epochs >= 2: a straggler runs fewer epochs "
                 f"than the others, and {self.local_epochs} leaves none to drop"
             )
+        if self.deadline_s is not None and not (math.isfinite(self.deadline_s) and self.deadline_s > 0):
+            raise ConfigError(f"--deadline-s must be a positive number of seconds, got {self.deadline_s}")
+        if self.deadline_s is not None and self.profiles is None:
+            raise ConfigError("--deadline-s needs --profiles: without device speeds no round has a duration")
+        if self.selection not in ("random", "deadline"):
+            raise ConfigError(f"--selection must be random or deadline, got {self.selection!r}")
+        if self.selection == "deadline" and self.deadline_s is None:
+            raise ConfigError("--selection deadline needs --deadline-s (and --profiles)")
+        if not (math.isfinite(self.fairness) and 0 <= self.fairness <= 1):
+            raise ConfigError(f"--fairness must be in [0, 1], got {self.fairness}")
         _check_positive("secagg_clip", self.secagg_clip)
         if self.secagg_bits is not None:
             _check_int("secagg_bits", self.secagg_bits, low=2, high=32)
@@ -106,6 +133,22 @@ class SimConfig:
                               "--secagg-dropout need --secagg")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
+        self.privacy  # noqa: B018 - checks the DP settings now, before any round
+
+    @property
+    def privacy(self) -> PrivacyConfig | None:
+        """The DP settings, or ``None`` when ``dp`` is off (then no DP flag may be set)."""
+        given = {name: getattr(self, name) for name in _DP_FIELDS if getattr(self, name) is not None}
+        if self.dp is None:
+            if given:
+                flags = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise ConfigError(f"{flags} need --dp central|distributed|local")
+            return None
+        from fedge.privacy.session import PrivacyConfig
+
+        if "epsilon_budget" in given:
+            given["budget"] = given.pop("epsilon_budget")
+        return PrivacyConfig(mode=self.dp, **given)
 
     def replace(self, **changes: Any) -> SimConfig:
         return dataclasses.replace(self, **changes)

@@ -22,13 +22,15 @@ from fedge import __version__
 from fedge import params as P
 from fedge.data import load_federated
 from fedge.data.dataset import FederatedData
-from fedge.errors import ConfigError, TaskError
+from fedge.errors import ConfigError, PrivacyBudgetError, TaskError
 from fedge.params import Params
-from fedge.rounds import Round, RoundState, choose_stragglers, select_cohort
+from fedge.privacy.session import PrivacySession
+from fedge.rounds import Round, RoundState, choose_stragglers, select_cohort, select_within_deadline
 from fedge.secagg import SecAggError
 from fedge.sim.backends import Backend, build_backend
 from fedge.sim.config import SimConfig
 from fedge.sim.devices import DeviceJob
+from fedge.sim.profiles import FleetModel, build_profiles
 from fedge.sim.secagg import SimSecAgg
 from fedge.strategies import ServerState, Strategy, build_strategy
 from fedge.tasks import load_task
@@ -39,7 +41,7 @@ __all__ = ["RoundRecord", "SimResult", "Simulation", "simulate"]
 logger = logging.getLogger(__name__)
 
 # Purposes of the run's generator streams; never reuse a number.
-_INIT, _SELECT = 1, 2
+_INIT, _SELECT, _PROFILES = 1, 2, 3
 
 
 def _stream(seed: int, purpose: int, round_id: int = 0) -> np.random.Generator:
@@ -60,6 +62,9 @@ class RoundRecord:
     train_loss: float | None
     metrics: dict[str, float] | None
     elapsed_s: float
+    epsilon: float | None = None  # DP: epsilon spent after this round, at the run's delta
+    clip_norm: float | None = None  # DP: the clip norm this round used
+    sim_time_s: float | None = None  # --profiles: the virtual clock when the round ended
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -73,6 +78,11 @@ class RoundRecord:
             "train_loss": self.train_loss,
             "elapsed_s": round(self.elapsed_s, 6),
         }
+        if self.epsilon is not None:
+            out["epsilon"] = self.epsilon
+            out["clip_norm"] = self.clip_norm
+        if self.sim_time_s is not None:
+            out["sim_time_s"] = round(self.sim_time_s, 3)
         if self.metrics is not None:
             out.update(self.metrics)
         return out
@@ -89,6 +99,9 @@ class SimResult:
     num_devices: int
     num_examples: int
     timing: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None
+    stopped: str | None = None  # why the run ended before its last round (the privacy budget)
+    fleet: dict[str, Any] | None = None  # --profiles: simulated time and participation
 
     def summary(self) -> dict[str, Any]:
         """What ``summary.json`` holds."""
@@ -108,6 +121,12 @@ class SimResult:
             "wall_s": round(self.timing.get("wall_s", 0.0), 4),
             "timing": {k: round(v, 4) for k, v in self.timing.items()},
             "config": self.config.to_dict(),
+            "epsilon": None if self.privacy is None else self.privacy["epsilon"],
+            "delta": None if self.privacy is None else self.privacy["delta"],
+            "privacy": self.privacy,
+            "stopped": self.stopped,
+            "simulated_time_s": None if self.fleet is None else self.fleet["simulated_time_s"],
+            "participation": None if self.fleet is None else self.fleet["participation"],
         }
 
 
@@ -129,6 +148,12 @@ class Simulation:
             raise ConfigError(f"--cohort {config.cohort} is larger than the {n} devices")
         self.task: Task = load_task(config.task, self.data.spec)
         self.strategy: Strategy = _strategy_of(config)
+        self.privacy = _privacy_of(config, n, self.strategy)
+        # --profiles is checked here (a bad spec costs no training); the clock starts in run().
+        self._profiles = (None if config.profiles is None
+                          else build_profiles(config.profiles, n, _stream(config.seed, _PROFILES)))
+        self.fleet: FleetModel | None = None
+        self._last_round: dict[int, int] = {}
         mu = config.mu if config.mu is not None else self.strategy.device_mu
         self.train_config = TrainConfig(
             local_epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr, mu=mu
@@ -150,6 +175,7 @@ class Simulation:
         t_start = time.perf_counter()
         state = self.strategy.init(self._init_params())
         population = np.arange(len(self.data.devices), dtype=np.int64)
+        self.fleet = self._fleet(state.params)
         backend = build_backend(
             cfg.backend, task=self.task, task_name=cfg.task, spec=self.data.spec,
             strategy=self.strategy, datasets=self.data.devices, base_config=self.train_config,
@@ -158,9 +184,17 @@ class Simulation:
         history: list[RoundRecord] = []
         train_s = eval_s = 0.0
         metrics: dict[str, float] = {}
+        stopped: str | None = None
         try:
             t_rounds = time.perf_counter()
             for r in range(1, cfg.rounds + 1):
+                if self.privacy is not None:
+                    try:
+                        self.privacy.check_budget()
+                    except PrivacyBudgetError as e:
+                        stopped = f"stopped before round {r}: {e}"
+                        logger.info("%s", stopped)
+                        break
                 state, record, t_train = self._round(r, state, population, backend, t_start)
                 train_s += t_train
                 last = r == cfg.rounds
@@ -174,6 +208,11 @@ class Simulation:
                 history.append(record)
                 if on_round is not None:
                     on_round(record)
+            if stopped is not None and (not history or history[-1].metrics is None):
+                # The last round run was not evaluated (or none ran): the final model is.
+                metrics = self._evaluate(state.params)
+                if history:
+                    history[-1] = dataclasses.replace(history[-1], metrics=dict(metrics))
             rounds_s = time.perf_counter() - t_rounds
         finally:
             backend.close()
@@ -195,7 +234,11 @@ class Simulation:
         return SimResult(
             config=cfg, params=state.params, metrics=metrics, history=history,
             num_devices=len(self.data.devices), num_examples=self.data.num_examples,
-            timing=timing,
+            timing=timing, privacy=None if self.privacy is None else self.privacy.summary(),
+            stopped=stopped,
+            fleet=None if self.fleet is None else {
+                "simulated_time_s": round(self.fleet.now, 3), "participation": self.fleet.participation(),
+            },
         )
 
     def _round(
@@ -203,10 +246,11 @@ class Simulation:
     ) -> tuple[ServerState, RoundRecord, float]:
         cfg = self.config
         rng = _stream(cfg.seed, _SELECT, r)
-        cohort = select_cohort(population, rng=rng, cohort_size=cfg.cohort, sample_rate=cfg.sample_rate)
+        cohort = self._cohort(r, population, rng)
         if cohort.size == 0:  # Poisson sampling can invite nobody; the round is empty.
+            entry = self._charge(r)
             return state, RoundRecord(r, RoundState.ABANDONED.value, 0, 0, 0, 0, 0, None, None,
-                                      time.perf_counter() - t_start), 0.0
+                                      time.perf_counter() - t_start, *entry), 0.0
         stragglers = choose_stragglers(cohort, cfg.stragglers, rng)
         # As in the FedProx paper, a straggler manages a uniformly drawn number
         # of epochs in [1, E): partial work that FedProx keeps and FedAvg (in
@@ -214,13 +258,25 @@ class Simulation:
         short = dict(zip(stragglers.tolist(),
                          rng.integers(1, cfg.local_epochs, size=stragglers.size).tolist(),
                          strict=True)) if stragglers.size else {}
+        how = self.privacy.device_privacy() if self.privacy is not None else None
         jobs = [
-            DeviceJob(d, short.get(d, cfg.local_epochs))
+            DeviceJob(d, short.get(d, cfg.local_epochs), how)
             for d in cohort.tolist()
             if not (cfg.drop_stragglers and d in short)
         ]
+        sim_time = None
+        if self.fleet is not None:
+            # The virtual clock: who finishes (by speed, link, chance and the deadline), and when.
+            finished, _, round_s = self.fleet.play(
+                [j.device_id for j in jobs], {j.device_id: j.local_epochs for j in jobs}, rng
+            )
+            keep = set(finished)
+            jobs = [j for j in jobs if j.device_id in keep]
+            self.fleet.advance(round_s)
+            sim_time = self.fleet.now
         if self.secagg is not None:
-            return self._secure_round(r, state, cohort, stragglers, jobs, backend, t_start)
+            return self._secure_round(r, state, cohort, stragglers, jobs, backend, t_start,
+                                      sim_time)
         rnd = Round.open(r, cohort.tolist(), min_updates=1)
         part = backend.run_round(r, state.params, jobs) if jobs else None
         if part is not None:
@@ -229,7 +285,10 @@ class Simulation:
         outcome = rnd.close()
         train_loss = None
         if outcome.state is RoundState.COMPLETE and part is not None:
-            state = self.strategy.apply(state, part.accumulator.result())
+            aggregate = part.accumulator.result()
+            if self.privacy is not None:
+                aggregate = self.privacy.release(r, aggregate, unclipped=part.unclipped)
+            state = self.strategy.apply(state, aggregate)
             if part.train_loss_weight:
                 train_loss = part.train_loss_sum / part.train_loss_weight
         elif part is not None and part.rejected:
@@ -241,12 +300,16 @@ class Simulation:
             reported=len(outcome.reported), dropped=len(outcome.dropped),
             rejected=len(part.rejected) if part else 0, stragglers=int(stragglers.size),
             train_loss=train_loss, metrics=None, elapsed_s=time.perf_counter() - t_start,
+            sim_time_s=sim_time,
         )
+        if self.privacy is not None:
+            epsilon, clip = self._charge(r)
+            record = dataclasses.replace(record, epsilon=epsilon, clip_norm=clip)
         return state, record, part.train_s if part else 0.0
 
     def _secure_round(
         self, r: int, state: ServerState, cohort: np.ndarray, stragglers: np.ndarray,
-        jobs: list[DeviceJob], backend: Backend, t_start: float,
+        jobs: list[DeviceJob], backend: Backend, t_start: float, sim_time: float | None,
     ) -> tuple[ServerState, RoundRecord, float]:
         """A round under SecAgg+: see :mod:`fedge.sim.secagg`."""
         assert self.secagg is not None
@@ -265,6 +328,8 @@ class Simulation:
             aggregate = self.secagg.finish(r, server, clients, done,
                                            part.masked_sum if part else None,
                                            P.ParamsSpec.of(state.params), grid)
+            if self.privacy is not None and part is not None:
+                aggregate = self.privacy.release(r, aggregate, unclipped=part.unclipped)
             state = self.strategy.apply(state, aggregate)
             outcome = RoundState.COMPLETE
             if part is not None and part.train_loss_weight:
@@ -276,9 +341,51 @@ class Simulation:
             round=r, state=outcome.value, invited=int(cohort.size), reported=uploaded,
             dropped=int(cohort.size) - uploaded - rejected, rejected=rejected,
             stragglers=int(stragglers.size), train_loss=train_loss, metrics=None,
-            elapsed_s=time.perf_counter() - t_start,
+            elapsed_s=time.perf_counter() - t_start, sim_time_s=sim_time,
         )
+        if self.privacy is not None:
+            epsilon, clip = self._charge(r)
+            record = dataclasses.replace(record, epsilon=epsilon, clip_norm=clip)
         return state, record, train_s
+
+    def _fleet(self, params: Params) -> FleetModel | None:
+        cfg = self.config
+        if self._profiles is None:
+            return None
+        self._last_round.clear()
+        return FleetModel(
+            self._profiles, [len(d) for d in self.data.devices],
+            model_bytes=sum(int(v.nbytes) for v in params.values()), deadline_s=cfg.deadline_s,
+        )
+
+    def _cohort(self, r: int, population: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The round's cohort: from every device, or (with --profiles) from those available now."""
+        cfg = self.config
+        if self.fleet is None:
+            return select_cohort(population, rng=rng, cohort_size=cfg.cohort, sample_rate=cfg.sample_rate)
+        available = self.fleet.wait_for_devices()
+        size = None if cfg.cohort is None else min(cfg.cohort, int(available.size))
+        if cfg.selection == "deadline" and available.size:
+            assert cfg.deadline_s is not None  # SimConfig requires it
+            fleet, ids = self.fleet, available.tolist()
+            picked, _ = select_within_deadline(
+                ids, estimate_s={d: fleet.estimate_s(d, cfg.local_epochs) for d in ids},
+                deadline_s=cfg.deadline_s, size=size or int(available.size), rng=rng,
+                last_round=self._last_round, fairness=cfg.fairness,
+            )
+            cohort = np.asarray(picked, dtype=np.int64)
+        else:
+            cohort = select_cohort(available, rng=rng, cohort_size=size, sample_rate=cfg.sample_rate)
+        for d in cohort.tolist():
+            self._last_round[d] = r
+        return cohort
+
+    def _charge(self, r: int) -> tuple[float | None, float | None]:
+        """Charge round ``r`` to the privacy ledger: every round that ran counts, even an empty one."""
+        if self.privacy is None:
+            return None, None
+        entry = self.privacy.charge(r)
+        return entry.epsilon, entry.clip_norm
 
     def _init_params(self) -> Params:
         try:
@@ -313,6 +420,25 @@ def _strategy_of(config: SimConfig) -> Strategy:
     if config.strategy == "fedprox" and config.mu is not None:
         options["mu"] = config.mu
     return build_strategy(config.strategy, options)
+
+
+def _privacy_of(config: SimConfig, num_devices: int, strategy: Strategy) -> PrivacySession | None:
+    """The run's DP session, with the sampling assumption that matches how cohorts are chosen."""
+    settings = config.privacy
+    if settings is None:
+        return None
+    if getattr(strategy, "needs_every_update", False):
+        raise ConfigError(f"--dp needs a strategy that sums updates; {config.strategy!r} keeps each one")
+    if config.sample_rate is not None:
+        return PrivacySession(settings, sampling="poisson", sample_rate=config.sample_rate,
+                              expected_reports=config.sample_rate * num_devices,
+                              planned_rounds=config.rounds, seed=config.seed)
+    if config.cohort is not None and config.cohort < num_devices:
+        return PrivacySession(settings, sampling="fixed", population=num_devices, cohort=config.cohort,
+                              expected_reports=float(config.cohort), planned_rounds=config.rounds,
+                              seed=config.seed)
+    return PrivacySession(settings, sampling="full", expected_reports=float(num_devices),
+                          planned_rounds=config.rounds, seed=config.seed)
 
 
 def simulate(
