@@ -41,6 +41,7 @@ __all__ = [
     "derive_key",
     "encrypt_share",
     "expand_mask",
+    "load_private",
     "public_key",
 ]
 
@@ -68,20 +69,27 @@ def _check_bytes(name: str, value: object, length: int) -> bytes:
     return bytes(value)
 
 
-def public_key(private: bytes) -> bytes:
+def load_private(private: bytes | X25519PrivateKey) -> X25519PrivateKey:
+    """A private key object (loading costs about as much as an exchange: load once, reuse)."""
+    if isinstance(private, X25519PrivateKey):
+        return private
+    return X25519PrivateKey.from_private_bytes(_check_bytes("private key", private, KEY_BYTES))
+
+
+def public_key(private: bytes | X25519PrivateKey) -> bytes:
     """The X25519 public key (32 bytes) of a 32-byte private key."""
-    sk = X25519PrivateKey.from_private_bytes(_check_bytes("private key", private, KEY_BYTES))
+    sk = load_private(private)
     return sk.public_key().public_bytes_raw()
 
 
-def agree(private: bytes, peer_public: bytes) -> bytes:
+def agree(private: bytes | X25519PrivateKey, peer_public: bytes) -> bytes:
     """X25519 shared secret of ``private`` and ``peer_public`` (RFC 7748).
 
     Raises:
         SecAggError: a key of the wrong length, or a low-order peer key (the
             all-zero shared secret RFC 7748 section 6.1 says to refuse).
     """
-    sk = X25519PrivateKey.from_private_bytes(_check_bytes("private key", private, KEY_BYTES))
+    sk = load_private(private)
     pk = X25519PublicKey.from_public_bytes(_check_bytes("peer public key", peer_public, KEY_BYTES))
     try:
         return sk.exchange(pk)

@@ -42,6 +42,7 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import lru_cache
 
 import numpy as np
 
@@ -58,6 +59,7 @@ from fedge.secagg.primitives import (
     decrypt_share,
     derive_key,
     encrypt_share,
+    load_private,
     public_key,
 )
 
@@ -138,14 +140,15 @@ def default_parameters(
     return k, k // 2 + 1
 
 
-def neighbour_graph(n: int, k: int, graph_seed: bytes) -> list[tuple[int, ...]]:
+@lru_cache(maxsize=64)
+def neighbour_graph(n: int, k: int, graph_seed: bytes) -> tuple[tuple[int, ...], ...]:
     """Neighbours (1-based indices) of each of ``n`` devices in H(n, k) on a seeded ring.
 
     ``result[i - 1]`` lists device i's neighbours in increasing order. ``k``
     even and below ``n - 1`` gives a k-regular graph; ``k >= n - 1`` the complete graph.
     """
     if k >= n - 1:
-        return [tuple(j for j in range(1, n + 1) if j != i) for i in range(1, n + 1)]
+        return tuple(tuple(j for j in range(1, n + 1) if j != i) for i in range(1, n + 1))
     if k < 2 or k % 2:
         raise ConfigError(f"secagg k must be an even number >= 2 (or n - 1), got {k}")
     ring = np.random.default_rng(np.frombuffer(graph_seed, dtype=np.uint32)).permutation(n) + 1
@@ -156,7 +159,7 @@ def neighbour_graph(n: int, k: int, graph_seed: bytes) -> list[tuple[int, ...]]:
         pos = int(where[i])
         nbrs = {int(ring[(pos + d) % n]) for d in range(-(k // 2), k // 2 + 1) if d}
         out.append(tuple(sorted(nbrs)))
-    return out
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- messages
@@ -192,7 +195,7 @@ class RoundSetup:
         if len(self.graph_seed) != KEY_BYTES:
             raise ConfigError("graph_seed must be 32 bytes")
 
-    def neighbours(self) -> list[tuple[int, ...]]:
+    def neighbours(self) -> tuple[tuple[int, ...], ...]:
         return neighbour_graph(len(self.cohort), self.k, self.graph_seed)
 
     def salt(self) -> bytes:
@@ -286,13 +289,16 @@ class SecAggClient:
         self.index = setup.cohort.index(device) + 1
         self._rand = random_bytes
         self._nbrs = setup.neighbours()[self.index - 1]
-        self._c_sk = random_bytes(KEY_BYTES)
-        self._s_sk = random_bytes(KEY_BYTES)
+        self._c_sk = load_private(random_bytes(KEY_BYTES))
+        self._s_sk_bytes = random_bytes(KEY_BYTES)
+        self._s_sk = load_private(self._s_sk_bytes)
         self._b = random_bytes(KEY_BYTES)
+        self._mine = AdvertiseKeys(c_pk=public_key(self._c_sk), s_pk=public_key(self._s_sk))
         self._phase = Phase.ADVERTISE
         self._keys: dict[int, tuple[bytes, bytes]] = {}
         self._held: dict[int, tuple[int, int]] = {}  # sender -> (b share, sk share)
         self._material: MaskingMaterial | None = None
+        self._share_keys: dict[int, bytes] = {}
 
     def _expect(self, phase: Phase) -> None:
         if self._phase is not phase:
@@ -306,7 +312,7 @@ class SecAggClient:
         """Round 0: the two public keys."""
         self._expect(Phase.ADVERTISE)
         self._phase = Phase.SHARE
-        return AdvertiseKeys(c_pk=public_key(self._c_sk), s_pk=public_key(self._s_sk))
+        return self._mine
 
     def share_keys(self, directory: Mapping[str, AdvertiseKeys]) -> ShareKeys:
         """Round 1: encrypted shares of ``b`` and ``s_sk`` for each neighbour that advertised.
@@ -318,7 +324,7 @@ class SecAggClient:
         self._expect(Phase.SHARE)
         cohort = self.setup.cohort
         mine = directory.get(self.device)
-        if mine is None or mine != AdvertiseKeys(public_key(self._c_sk), public_key(self._s_sk)):
+        if mine is None or mine != self._mine:
             raise SecAggError("bad_directory", "the key directory alters this device's keys",
                               device=self.device)
         for name, keys in directory.items():
@@ -341,7 +347,7 @@ class SecAggClient:
                       for v in present}
         t = self.setup.threshold
         b_sh = shamir.split(self._b, xs=present, threshold=t, random_bytes=self._rand)
-        sk_sh = shamir.split(self._s_sk, xs=present, threshold=t, random_bytes=self._rand)
+        sk_sh = shamir.split(self._s_sk_bytes, xs=present, threshold=t, random_bytes=self._rand)
         out: dict[str, bytes] = {}
         for v in present:
             key = self._share_key(v)
@@ -353,8 +359,12 @@ class SecAggClient:
         return ShareKeys(out)
 
     def _share_key(self, v: int) -> bytes:
-        return derive_key(agree(self._c_sk, self._keys[v][0]), info=INFO_SHARE_KEY,
-                          salt=self.setup.salt())
+        key = self._share_keys.get(v)
+        if key is None:  # one X25519 per neighbour, kept for decrypting its shares
+            key = derive_key(agree(self._c_sk, self._keys[v][0]), info=INFO_SHARE_KEY,
+                             salt=self.setup.salt())
+            self._share_keys[v] = key
+        return key
 
     def receive_shares(self, ciphertexts: Mapping[str, bytes]) -> MaskingMaterial:
         """Round 2 setup: decrypt the shares neighbours sent; return the masking material.
@@ -665,8 +675,9 @@ class SecAggServer:
             if public_key(sk) != self._r.keys[v].s_pk:
                 raise SecAggError("bad_share", "rebuilt mask key does not match its public key; "
                                   "round aborted", device=cohort[v - 1])
+            sk_key = load_private(sk)
             for u in partners:
-                seed = derive_key(agree(sk, self._r.keys[u].s_pk), info=INFO_MASK_SEED, salt=salt)
+                seed = derive_key(agree(sk_key, self._r.keys[u].s_pk), info=INFO_MASK_SEED, salt=salt)
                 # u added sign(u, v) * PRG(s_uv); take it away.
                 add_mask_(total, seed, scratch, sign=-1 if u < v else 1)
         return total
