@@ -67,6 +67,7 @@ __all__ = [
     "EventRow",
     "LedgerRow",
     "RoundRow",
+    "RoundStats",
     "Store",
     "StoreError",
     "TokenError",
@@ -141,6 +142,17 @@ _IS_REVOKED_SQL = ("SELECT c.revoked_at IS NOT NULL OR d.revoked_at IS NOT NULL 
                    "WHERE c.serial = ? AND c.device_id = ?")
 
 ProfileValue = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What ``/metrics`` reports from the store: attempts by state, complete rounds' durations,
+    updates received and events stored."""
+
+    by_state: dict[str, int]
+    durations: list[float]
+    updates: int
+    events: int
 
 
 @dataclass(frozen=True)
@@ -737,6 +749,28 @@ class Store:
         rows = self._query(sql, (*args, int(limit)))
         return [EventRow(int(r[0]), str(r[1]), float(r[2]), float(r[3]), str(r[4]), str(r[5]), str(r[6]),
                          json.loads(r[7])) for r in reversed(rows)]
+
+    def devices_version(self) -> tuple[int, float, float, float]:
+        """Changes whenever a device is added, checks in (as stored), enrols or is revoked (for caches)."""
+        row = self._query("SELECT COUNT(*), COALESCE(MAX(last_seen), 0), COALESCE(MAX(enrolled_at), 0), "
+                          "COALESCE(MAX(revoked_at), 0) FROM devices")[0]
+        return int(row[0]), float(row[1]), float(row[2]), float(row[3])
+
+    def rounds_version(self) -> tuple[int, float]:
+        """(attempts recorded, latest close): it changes whenever a round opens or ends (for caches)."""
+        row = self._query("SELECT COUNT(*), COALESCE(MAX(closed_at), 0) FROM rounds")[0]
+        return int(row[0]), float(row[1])
+
+    def round_stats(self) -> RoundStats:
+        """Counts for ``/metrics``, in one read transaction."""
+        with self._read() as conn:
+            by_state = {str(s): int(n) for s, n in
+                        conn.execute("SELECT state, COUNT(*) FROM rounds GROUP BY state").fetchall()}
+            durations = [float(d) for (d,) in conn.execute(
+                "SELECT closed_at - opened_at FROM rounds WHERE state = 'complete'").fetchall()]
+            updates = int(conn.execute("SELECT COUNT(*) FROM updates").fetchone()[0])
+            events = int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+        return RoundStats(by_state, durations, updates, events)
 
     def refusal_counts(self) -> dict[str, int]:
         rows = self._query("SELECT code, COUNT(*) FROM refusals GROUP BY code ORDER BY code")

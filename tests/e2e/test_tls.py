@@ -247,6 +247,9 @@ def test_mutual_tls_end_to_end_with_every_refusal(
         )
         refused(anonymous.post("/v1/admin/devices/honest-0/revoke"), "unauthorized", 401)
         refused(anonymous.get("/v1/admin/events"), "unauthorized", 401)
+        refused(anonymous.get("/v1/admin/dashboard"), "unauthorized", 401)
+        # The dashboard's page and assets hold no data and are served to anyone.
+        assert anonymous.get("/dashboard").status_code == 200
         # Events need a device certificate like every device endpoint.
         event = {"at": 1.0, "kind": "warning", "message": "x"}
         refused(anonymous.post("/v1/events", json={"protocol": 1, "events": [event]}), "no_certificate", 401)

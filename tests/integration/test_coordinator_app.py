@@ -561,3 +561,63 @@ def test_device_events_are_stored_rate_limited_and_listed(fleet: Fleet) -> None:
 def test_malformed_event_batches_are_refused(fleet: Fleet, events: list[dict[str, object]], why: str) -> None:
     r = fleet.client.post("/v1/events", json={"protocol": 1, "events": events}, headers={DEVICE_HEADER: "a"})
     assert r.status_code == 400 and r.json()["error"] == "bad_request", why
+
+
+def test_metrics_report_rounds_updates_devices_and_events(fleet: Fleet) -> None:
+    for d in "abc":
+        fleet.check_in(d)
+    fleet.plan("a")
+    params, _ = fleet.params(1, "a")
+    for d in "abc":
+        fleet.plan(d)
+        body = encode_update(delta_like(params), round=1, attempt=1, num_examples=5)
+        assert fleet.upload(d, body, 1)[0] == 200
+    wait_until(lambda: fleet.coordinator.state.round == 1)
+    batch = {"protocol": 1, "events": [{"at": 1.0, "kind": "policy", "message": "policy: training allowed"}]}
+    assert fleet.client.post("/v1/events", json=batch, headers={DEVICE_HEADER: "a"}).status_code == 200
+    text = fleet.client.get("/metrics/").text
+    for line in ('fedge_rounds_total{state="complete"} 1.0', "fedge_rounds_complete 1.0",
+                 "fedge_rounds_target 2.0", "fedge_updates_received_total 3.0",
+                 "fedge_device_events_total 1.0",
+                 'fedge_devices{state="known"} 3.0', 'fedge_devices{state="online"} 3.0',
+                 "fedge_round_duration_seconds_count 1.0"):
+        assert line in text, line
+
+
+def test_dashboard_page_assets_and_data(fleet: Fleet) -> None:
+    for d in "abc":
+        profile = {"policy": "ok", "fedge_version": "0.1.0", "cpu_load": 0.2}
+        hello = {"protocol": 1, "num_examples": 10, "profile": profile}
+        fleet.client.post("/v1/check-in", json=hello, headers={DEVICE_HEADER: d})
+    page = fleet.client.get("/dashboard")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert '<script src="/dashboard/dashboard.js"' in page.text
+    assert "http" not in page.text.split("<body>")[1]  # no CDN, nothing fetched from elsewhere
+    for name, kind in (("dashboard.js", "javascript"), ("dashboard.css", "text/css")):
+        r = fleet.client.get(f"/dashboard/{name}")
+        assert r.status_code == 200 and kind in r.headers["content-type"]
+    for bad in ("dashboard.html", "secret.txt", "..%2f..%2fstore%2ffedge.db"):
+        assert fleet.client.get(f"/dashboard/{bad}").status_code == 404
+    data = fleet.client.get("/v1/admin/dashboard").json()
+    assert {d["device"] for d in data["fleet"]} == {"a", "b", "c"}
+    a = next(d for d in data["fleet"] if d["device"] == "a")
+    assert a["policy"] == "ok" and a["version"] == "0.1.0" and a["readings"] == {"cpu_load": 0.2}
+    assert a["online"] and set(data) >= {"state", "rounds", "privacy", "events", "refusals", "open"}
+
+
+def test_the_grafana_dashboard_queries_metrics_fedge_exports(fleet: Fleet) -> None:
+    import json
+    import re
+
+    dashboard = json.loads((Path(__file__).parents[2] / "deploy" / "grafana" / "fedge.json").read_text())
+    exported = set(re.findall(r"^# TYPE (\w+) (\w+)", fleet.client.get("/metrics/").text, flags=re.M))
+    names = {n for n, _ in exported} | {f"{n}_total" for n, kind in exported if kind == "counter"} | \
+        {f"{n}_bucket" for n, kind in exported if kind == "histogram"}
+    agent_side = {"fedge_agent_cpu_load", "fedge_agent_policy_ok"}  # from the agents' textfiles
+    queried = {m for p in dashboard["panels"] for t in p["targets"]
+               for m in re.findall(r"\bfedge_\w+", t["expr"])}
+    # Privacy and open-round gauges exist only with DP, or while a round is open.
+    conditional = {"fedge_privacy_epsilon", "fedge_privacy_budget", "fedge_round_invited",
+                   "fedge_round_reported"}
+    assert queried - names - agent_side - conditional == set()

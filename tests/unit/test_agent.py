@@ -957,3 +957,26 @@ def test_refused_events_are_kept_and_sent_later(tmp_path: Path, data_file: Path)
     assert agent.run() == 0
     starts = [e for e in fake.device_events if e.kind == "start"]
     assert len(starts) == 2  # refused once, then sent again
+
+
+def test_the_agent_writes_a_node_exporter_textfile(
+    tmp_path: Path, data_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeCoordinator([])
+    fake.checkins.append(fake.wait(1.0))
+    prom = tmp_path / "fedge.prom"
+    agent, _ = make_agent(make_config(tmp_path, data_file, metrics_file=prom), fake)
+    assert agent.run() == 0
+    text = prom.read_text()
+    assert "# TYPE fedge_agent_cpu_seconds_total counter" in text
+    assert "fedge_agent_policy_ok 1.0" in text and "fedge_agent_memory_available_bytes " in text
+    values = [line.split() for line in text.splitlines() if not line.startswith("#")]
+    assert all(len(v) == 2 and float(v[1]) >= 0 for v in values)
+    assert not list(tmp_path.glob(".fedge.prom.*.tmp"))
+    # A folder that cannot be written: one warning, and the agent carries on.
+    fake = FakeCoordinator([])
+    fake.checkins.extend([fake.wait(1.0)] * 3)
+    config = make_config(tmp_path, data_file, metrics_file=tmp_path / "missing-dir" / "fedge.prom")
+    with caplog.at_level(logging.WARNING, logger="fedge.agent"):
+        assert make_agent(config, fake)[0].run() == 0
+    assert caplog.text.count("cannot write the metrics file") == 1

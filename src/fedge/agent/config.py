@@ -14,6 +14,7 @@ A config file is flat TOML::
     ca_cert = "ca.crt"               # the fedge CA; or ca_fingerprint = "sha256 hex"
     token_file = "enrol.token"       # or token = "..."; only until the device is enrolled
     # insecure = false               # true accepts a plain http:// coordinator
+    # metrics_file = "/var/lib/node_exporter/textfile_collector/fedge.prom"
 
     [policy]                         # when training may run (fedge.agent.policy)
     require_ac = true
@@ -57,7 +58,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 _DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
 _REQUIRED = ("coordinator", "data", "state_dir")
-_PATH_KEYS = ("data", "state_dir", "ca_cert", "token_file")
+_PATH_KEYS = ("data", "state_dir", "ca_cert", "token_file", "metrics_file")
 
 
 class _InvalidError(Exception):
@@ -95,6 +96,8 @@ class AgentConfig:
             process listings and shell history).
         insecure: accept a plain ``http://`` coordinator (no TLS, no device
             authentication; loopback testing only).
+        metrics_file: where to write the agent's metrics for node exporter's
+            textfile collector (a ``.prom`` file), rewritten after every check-in.
         policy: when training may run (the ``[policy]`` table).
         limits: what training may use (the ``[limits]`` table).
 
@@ -116,6 +119,7 @@ class AgentConfig:
     token: str | None = None
     token_file: Path | None = None
     insecure: bool = False
+    metrics_file: Path | None = None
     policy: Policy = field(default_factory=Policy)
     limits: Limits = field(default_factory=Limits)
 
@@ -334,6 +338,7 @@ _CHECKS: dict[str, Callable[[object], object]] = {
     "token": _secret,
     "token_file": _optional_path,
     "insecure": _flag,
+    "metrics_file": _optional_path,
     "policy": _policy,
     "limits": _limits,
 }

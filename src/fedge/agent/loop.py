@@ -60,6 +60,7 @@ from fedge.agent.monitor import Monitor, Readings
 from fedge.agent.policy import Verdict, verdict
 from fedge.agent.profile import ProfileCache
 from fedge.agent.state import RoundsToday, StateLock, resolve_device_id
+from fedge.agent.textfile import write_textfile
 from fedge.agent.trainer import Trainer, TrainingStopped, agent_overhead
 from fedge.data.dataset import Dataset, DataSpec
 from fedge.data.files import load_file
@@ -222,6 +223,7 @@ class Agent:
         self._profiles: ProfileCache | None = None
         self._last_verdict: Verdict | None = None
         self.events = EventLog()
+        self._metrics_file_failed = False
         self._events_sent_at = -math.inf
 
     @property
@@ -500,7 +502,40 @@ class Agent:
                             extra={"event": "policy"})
             else:
                 logger.info("policy: not training now: %s", "; ".join(v.reasons), extra={"event": "policy"})
-        return CheckIn(num_examples=len(session.data), ready=v.ok, profile=self._profile_fields(readings, v))
+        fields = self._profile_fields(readings, v)
+        if self._config.metrics_file is not None:
+            self._write_metrics(readings, v, fields)
+        return CheckIn(num_examples=len(session.data), ready=v.ok, profile=fields)
+
+    def _write_metrics(self, readings: Readings, v: Verdict, fields: Mapping[str, object]) -> None:
+        assert self._config.metrics_file is not None
+        mb = 1024.0 * 1024.0
+
+        def scaled(value: float | None, factor: float) -> float | None:
+            return None if value is None else value * factor
+
+        rate = fields.get("examples_per_s")
+        try:
+            write_textfile(self._config.metrics_file, {
+                "fedge_agent_policy_ok": 1.0 if v.ok else 0.0,
+                "fedge_agent_rounds_today": float(self._count_today()),
+                "fedge_agent_cpu_load": readings.cpu_load,
+                "fedge_agent_memory_available_bytes": scaled(readings.memory_available_mb, mb),
+                "fedge_agent_battery_percent": readings.battery_percent,
+                "fedge_agent_on_ac": None if readings.on_ac is None else float(readings.on_ac),
+                "fedge_agent_temperature_celsius": readings.temperature_c,
+                "fedge_agent_disk_free_bytes": scaled(readings.disk_free_mb, mb),
+                "fedge_agent_cpu_seconds_total": float(str(fields["agent_cpu_s"])),
+                "fedge_agent_resident_memory_bytes": float(str(fields["agent_rss_mb"])) * mb,
+                "fedge_agent_examples_per_second": float(rate) if isinstance(rate, int | float) else None,
+                "fedge_agent_events_queued": float(len(self.events)),
+            })
+        except OSError as e:
+            if not self._metrics_file_failed:  # once, not on every check-in
+                logger.warning("cannot write the metrics file %s (%s)", self._config.metrics_file, e)
+            self._metrics_file_failed = True
+        else:
+            self._metrics_file_failed = False
 
     def _profile_fields(self, readings: Readings, v: Verdict) -> dict[str, str | int | float | bool]:
         fields: dict[str, str | int | float | bool] = {"fedge_version": __version__}

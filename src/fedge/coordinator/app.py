@@ -23,11 +23,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, make_asgi_app
+from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedge import __version__
+from fedge.coordinator.dashboard import add_dashboard_routes
 from fedge.coordinator.identity import Identity
+from fedge.coordinator.metrics import CoordinatorCollector
 from fedge.coordinator.service import Coordinator
 from fedge.errors import ProtocolError
 from fedge.wire import (
@@ -138,17 +140,7 @@ def create_app(
     the process should then exit and be restarted, resuming from the store.
     """
     registry = CollectorRegistry()
-    refusals = Counter("fedge_refusals_total", "Requests refused, by error code", ["code"], registry=registry)
-    rounds_complete = Gauge("fedge_rounds_complete", "Rounds completed so far", registry=registry)
-    rounds_complete.set_function(lambda: coordinator.state.round)
-    if coordinator.privacy is not None:
-        privacy = coordinator.privacy
-        epsilon = Gauge("fedge_privacy_epsilon", "Epsilon spent so far, at fedge_privacy_delta",
-                        registry=registry)
-        epsilon.set_function(lambda: privacy.epsilon)
-        Gauge("fedge_privacy_delta", "Delta of the reported epsilon", registry=registry).set(
-            privacy.config.delta)
-    coordinator.on_refusal = lambda code: refusals.labels(code=code).inc()
+    registry.register(CoordinatorCollector(coordinator))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -282,6 +274,7 @@ def create_app(
 
     if identity is not None:
         _add_identity_routes(app, identity, admin)
+    add_dashboard_routes(app, coordinator, admin)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

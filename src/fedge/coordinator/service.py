@@ -151,7 +151,6 @@ class Coordinator:
         self.devices: dict[str, _Device] = {}
         self.open: _OpenRound | None = None
         self.refusals: dict[str, int] = dict.fromkeys(REFUSALS, 0)
-        self.on_refusal: Callable[[str], None] | None = None
         self._wake = asyncio.Event()
         self._last_dropped: frozenset[str] = frozenset()
         # For deadline-aware selection: each device's last round trip, and its last invitation.
@@ -243,8 +242,6 @@ class Coordinator:
     def refuse(self, error: ProtocolError, device_id: str | None, round_id: int | None) -> None:
         """Count and record a refusal (the app sends the error back)."""
         self.refusals[error.reason] = self.refusals.get(error.reason, 0) + 1
-        if self.on_refusal is not None:
-            self.on_refusal(error.reason)
         try:
             self.store.record_refusal(
                 code=error.reason, device_id=device_id, round=round_id, at=self._clock()
@@ -497,6 +494,15 @@ class Coordinator:
         if on_done is not None:
             on_done()
 
+    def clock(self) -> float:
+        """The coordinator's clock (wall-clock seconds; a test's own clock in tests)."""
+        return self._clock()
+
+    def online(self, now: float) -> list[str]:
+        """Devices that checked in recently (within three check-in periods, 10 s at least)."""
+        horizon = now - max(3 * self.config.wait_s, 10.0)
+        return sorted(d for d, s in self.devices.items() if s.last_seen >= horizon)
+
     def available(self, now: float) -> list[str]:
         """Devices that checked in recently, say they may train, and hold data."""
         horizon = now - max(3 * self.config.wait_s, 10.0)
@@ -664,10 +670,13 @@ class Coordinator:
             logger.error("central evaluation failed: %s: %s", type(e).__name__, e)
             return {}
 
-    def status(self) -> dict[str, Any]:
+    def history(self) -> list[dict[str, Any]]:
+        """Every ended round attempt as ``/v1/status`` shows it."""
+        return [_row_json(row) for row in self.store.rounds() if row.state != "open"]
+
+    def status(self, *, history: bool = True) -> dict[str, Any]:
         """Where training stands, for ``/v1/status`` and the demo's progress line."""
         rnd = self.open
-        last = self.store.rounds()
         return {
             "state": "done" if self.done else ("running" if rnd is not None else "waiting"),
             "rounds_complete": self.state.round,
@@ -683,7 +692,7 @@ class Coordinator:
             },
             "devices": len(self.devices),
             "available": len(self.available(self._clock())),
-            "history": [_row_json(row) for row in last if row.state != "open"],
+            "history": self.history() if history else None,
             "refusals": {k: v for k, v in self.refusals.items() if v},
             "privacy": None if self.privacy is None else {
                 "epsilon": self.privacy.epsilon, "delta": self.privacy.config.delta,
