@@ -122,6 +122,21 @@ def _add_simulate(sub: Any) -> None:
     g.add_argument("--fairness", type=_fraction, metavar="F",
                    help="with --selection deadline: share of places for the longest-waiting devices "
                    "(default 0.2)")
+    g = p.add_argument_group("secure aggregation (docs/secagg.md)")
+    g.add_argument("--secagg", action="store_true",
+                   help="SecAgg+: every device's key agreement, secret sharing and masking really "
+                   "run; the server sees only the masked sum")
+    g.add_argument("--secagg-k", type=int, metavar="K", help="neighbours per device, even "
+                   "(default: from the cohort size, see docs/secagg.md)")
+    g.add_argument("--secagg-threshold", type=int, metavar="T",
+                   help="shares needed to rebuild a secret (default K/2 + 1)")
+    g.add_argument("--secagg-clip", type=_fraction, metavar="C",
+                   help="each update value is clipped to [-C, C] before quantization (default 1)")
+    g.add_argument("--secagg-bits", type=int, metavar="B", help="signed bits per value on the "
+                   "shared grid (default: the most that cannot wrap for the cohort, up to 24)")
+    g.add_argument("--secagg-dropout", type=_option, action="append", metavar="PHASE=FRACTION",
+                   help="simulated dropout before a phase: advertise, share, upload (after "
+                   "sharing keys) or unmask (after uploading); repeatable")
     g = p.add_argument_group("run")
     g.add_argument("--backend", choices=["inline", "processes", "ray", "auto"],
                    help="inline: one process, bit-for-bit reproducible; processes: every core; "
@@ -164,6 +179,10 @@ def _build_config(args: argparse.Namespace) -> Any:
         merged = dict(values.get("strategy_options", {}))
         merged.update(dict(flags.pop("strategy_options")))
         flags["strategy_options"] = merged
+    if "secagg_dropout" in flags:
+        merged = dict(values.get("secagg_dropout", {}))
+        merged.update(dict(flags.pop("secagg_dropout")))
+        flags["secagg_dropout"] = merged
     values.update(flags)
     return SimConfig(**values)
 

@@ -69,6 +69,9 @@ def merge_partials(parts: Sequence[PartialRound]) -> PartialRound:
         head.train_loss_weight += p.train_loss_weight
         head.train_s += p.train_s
         head.unclipped += p.unclipped
+        if p.masked_sum is not None:  # uint32: wraps mod 2^32, as secure aggregation needs
+            head.masked_sum = p.masked_sum if head.masked_sum is None else (
+                head.masked_sum + p.masked_sum)
     return head
 
 

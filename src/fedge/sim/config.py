@@ -76,6 +76,12 @@ class SimConfig:
     delta: float | None = None
     epsilon_budget: float | None = None
     accountant: str | None = None
+    secagg: bool = False
+    secagg_k: int | None = None
+    secagg_threshold: int | None = None
+    secagg_clip: float = 1.0
+    secagg_bits: int | None = None
+    secagg_dropout: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Types first (the API can pass anything), then ranges.
@@ -122,6 +128,13 @@ class SimConfig:
             raise ConfigError("--selection deadline needs --deadline-s (and --profiles)")
         if not (math.isfinite(self.fairness) and 0 <= self.fairness <= 1):
             raise ConfigError(f"--fairness must be in [0, 1], got {self.fairness}")
+        _check_positive("secagg_clip", self.secagg_clip)
+        if self.secagg_bits is not None:
+            _check_int("secagg_bits", self.secagg_bits, low=2, high=32)
+        if not self.secagg and (self.secagg_k is not None or self.secagg_threshold is not None
+                                or self.secagg_bits is not None or self.secagg_dropout):
+            raise ConfigError("--secagg-k, --secagg-threshold, --secagg-bits and "
+                              "--secagg-dropout need --secagg")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
         self._check_ray()
@@ -165,6 +178,7 @@ class SimConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["strategy_options"] = dict(self.strategy_options)
+        d["secagg_dropout"] = dict(self.secagg_dropout)
         return d
 
     @classmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from fedge.params import Params
 from fedge.privacy.mechanisms import DevicePrivacy, privatize_update
 from fedge.strategies.base import Accumulator, Strategy
 from fedge.tasks.base import Task, TrainConfig
+
+if TYPE_CHECKING:
+    from fedge.sim.secagg import SecAggJob
 
 __all__ = ["DeviceJob", "DeviceRunner", "PartialRound", "device_rng"]
 
@@ -45,6 +49,7 @@ class DeviceJob:
     device_id: int
     local_epochs: int
     privacy: DevicePrivacy | None = None
+    secagg: SecAggJob | None = None  # set: the device uploads only a masked vector
 
 
 @dataclass
@@ -63,6 +68,7 @@ class PartialRound:
     train_loss_weight: float = 0.0
     train_s: float = 0.0
     unclipped: int = 0  # DP: updates whose norm was within the clip (adaptive clipping's count)
+    masked_sum: np.ndarray | None = None  # secure aggregation: sum of masked vectors mod 2^32
 
 
 class DeviceRunner:
@@ -137,7 +143,10 @@ class DeviceRunner:
                 continue
             if job.privacy is not None:
                 delta, weight = self._privatize(job.privacy, delta, round_id, job.device_id, out)
-            out.accumulator.add(delta, float(weight))
+            if job.secagg is not None:  # secure aggregation: only the masked vector leaves
+                out.masked_sum = job.secagg.add_masked(out.masked_sum, delta, int(weight), rng)
+            else:
+                out.accumulator.add(delta, float(weight))
             out.reports.append((job.device_id, float(weight)))
             loss = result.metrics.get("train_loss")
             if isinstance(loss, int | float | np.floating) and np.isfinite(loss):

@@ -26,11 +26,13 @@ from fedge.errors import ConfigError, PrivacyBudgetError, TaskError
 from fedge.params import Params
 from fedge.privacy.session import PrivacySession
 from fedge.rounds import Round, RoundState, choose_stragglers, select_cohort, select_within_deadline
+from fedge.secagg import SecAggError
 from fedge.sim.backend_choice import choose_backend
 from fedge.sim.backends import Backend, build_backend
 from fedge.sim.config import SimConfig
 from fedge.sim.devices import DeviceJob
 from fedge.sim.profiles import FleetModel, build_profiles
+from fedge.sim.secagg import SimSecAgg
 from fedge.strategies import ServerState, Strategy, build_strategy
 from fedge.tasks import load_task
 from fedge.tasks.base import Task, TrainConfig
@@ -166,6 +168,15 @@ class Simulation:
 
             import_ray()  # Without Ray installed, fail before any training.
         self._data_given = data is not None
+        self.secagg: SimSecAgg | None = None
+        if config.secagg:
+            self.secagg = SimSecAgg(
+                strategy=self.strategy, k=config.secagg_k, threshold=config.secagg_threshold,
+                clip=config.secagg_clip, bits=config.secagg_bits,
+                max_weight=max(len(ds) for ds in self.data.devices),
+                dropout=config.secagg_dropout, seed=config.seed, cohort=config.cohort or (
+                    n if config.sample_rate is None else None),
+            )
         self.setup_s = time.perf_counter() - t0
 
     def run(self, on_round: Callable[[RoundRecord], None] | None = None) -> SimResult:
@@ -296,6 +307,9 @@ class Simulation:
             jobs = [j for j in jobs if j.device_id in keep]
             self.fleet.advance(round_s)
             sim_time = self.fleet.now
+        if self.secagg is not None:
+            return self._secure_round(r, state, cohort, stragglers, jobs, backend, t_start,
+                                      sim_time)
         rnd = Round.open(r, cohort.tolist(), min_updates=1)
         part = backend.run_round(r, state.params, jobs) if jobs else None
         if part is not None:
@@ -325,6 +339,47 @@ class Simulation:
             epsilon, clip = self._charge(r)
             record = dataclasses.replace(record, epsilon=epsilon, clip_norm=clip)
         return state, record, part.train_s if part else 0.0
+
+    def _secure_round(
+        self, r: int, state: ServerState, cohort: np.ndarray, stragglers: np.ndarray,
+        jobs: list[DeviceJob], backend: Backend, t_start: float, sim_time: float | None,
+    ) -> tuple[ServerState, RoundRecord, float]:
+        """A round under SecAgg+: see :mod:`fedge.sim.secagg`."""
+        assert self.secagg is not None
+        invited = [j.device_id for j in jobs]
+        train_s, train_loss, rejected, uploaded = 0.0, None, 0, 0
+        try:
+            server, clients, masking, _, grid = self.secagg.prepare(r, state.params, invited)
+            part = backend.run_round(r, state.params, [
+                dataclasses.replace(j, secagg=masking[j.device_id])
+                for j in jobs if j.device_id in masking
+            ]) if masking else None
+            done = [d for d, _ in part.reports] if part else []
+            train_s = part.train_s if part else 0.0
+            rejected = len(part.rejected) if part else 0
+            uploaded = len(done)
+            aggregate = self.secagg.finish(r, server, clients, done,
+                                           part.masked_sum if part else None,
+                                           P.ParamsSpec.of(state.params), grid)
+            if self.privacy is not None and part is not None:
+                aggregate = self.privacy.release(r, aggregate, unclipped=part.unclipped)
+            state = self.strategy.apply(state, aggregate)
+            outcome = RoundState.COMPLETE
+            if part is not None and part.train_loss_weight:
+                train_loss = part.train_loss_sum / part.train_loss_weight
+        except SecAggError as e:
+            logger.warning("round %d abandoned by secure aggregation: %s", r, e)
+            outcome = RoundState.ABANDONED
+        record = RoundRecord(
+            round=r, state=outcome.value, invited=int(cohort.size), reported=uploaded,
+            dropped=int(cohort.size) - uploaded - rejected, rejected=rejected,
+            stragglers=int(stragglers.size), train_loss=train_loss, metrics=None,
+            elapsed_s=time.perf_counter() - t_start, sim_time_s=sim_time,
+        )
+        if self.privacy is not None:
+            epsilon, clip = self._charge(r)
+            record = dataclasses.replace(record, epsilon=epsilon, clip_norm=clip)
+        return state, record, train_s
 
     def _fleet(self, params: Params) -> FleetModel | None:
         cfg = self.config

@@ -1,0 +1,1 @@
+"""Update encodings: clipping, quantization, compression, and the pipeline that orders them."""

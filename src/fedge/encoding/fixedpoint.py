@@ -1,0 +1,193 @@
+"""Fixed-point encoding for secure aggregation: a grid shared by all devices, sums mod 2^32.
+
+Secure aggregation adds integers mod 2^32, so each device turns its float
+update into integers on *one grid every device uses* (a per-device scale would
+make the integer sum meaningless):
+
+1. clip every value to ``[-clip, clip]``;
+2. scale by ``weight / max_weight`` (the device's example count over the largest
+   allowed), so the device encodes its share of FedAvg's weighted sum;
+3. divide by the grid step ``clip / (2^(bits-1) - 1)`` and round
+   *stochastically* (up with probability equal to the fraction), which is
+   unbiased: E[q] = y;
+4. write the integers in two's complement as uint32, and append the weight
+   itself as one more coordinate.
+
+The coordinator's unmasked sum then holds ``sum_i q_i`` (read back as int32)
+and ``W = sum_i w_i`` exactly, so the weighted mean is
+``sum_i q_i * step * max_weight / W``: the FedAvg weights are exact integers
+and the only error is the unbiased rounding, at most ``step * max_weight``
+per device and coordinate before the division by ``W``.
+
+No wrap-around, ever: each device's integer lies in ``[-(2^(bits-1)-1),
+2^(bits-1)-1]``, so the sum of ``cohort_size`` of them fits int32 when
+``cohort_size * (2^(bits-1) - 1) <= 2^31 - 1``, and the weights fit when
+``cohort_size * max_weight <= 2^32 - 1``. :class:`FixedPoint` refuses any other
+configuration with a :class:`~fedge.errors.ConfigError` before the round, and
+:meth:`FixedPoint.encode` refuses a weight above ``max_weight``; nothing saturates silently.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from fedge.errors import ConfigError
+
+__all__ = ["FixedPoint", "max_bits", "pack", "unpack"]
+
+_INT32_MAX = 2**31 - 1
+_UINT32_MAX = 2**32 - 1
+
+
+def max_bits(cohort_size: int) -> int:
+    """The largest bit width whose sum over ``cohort_size`` devices cannot wrap."""
+    if isinstance(cohort_size, bool) or not isinstance(cohort_size, int) or cohort_size < 1:
+        raise ConfigError(f"cohort size must be a positive integer, got {cohort_size!r}")
+    # largest b with cohort_size * (2^(b-1) - 1) <= 2^31 - 1
+    level = _INT32_MAX // cohort_size
+    bits = (level + 1).bit_length()  # 2^(bits-1) <= level + 1
+    if bits < 2:
+        raise ConfigError(f"a cohort of {cohort_size} devices leaves no room for any bits")
+    return min(bits, 32)
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """The shared grid of one round.
+
+    Args:
+        clip: every value is clipped to [-clip, clip] (positive, finite).
+        bits: signed bit width of one device's value (2..32).
+        max_weight: the largest example count a device may report.
+        cohort_size: how many devices' vectors are summed.
+
+    Raises:
+        ConfigError: a bad value, or a combination whose sum could wrap around 2^32.
+    """
+
+    clip: float
+    bits: int
+    max_weight: int
+    cohort_size: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.clip, int | float) and math.isfinite(self.clip) and self.clip > 0):
+            raise ConfigError(f"secagg clip must be a positive finite number, got {self.clip!r}")
+        for name in ("bits", "max_weight", "cohort_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"secagg {name} must be a positive integer, got {v!r}")
+        if not 2 <= self.bits <= 32:
+            raise ConfigError(f"secagg bits must be between 2 and 32, got {self.bits}")
+        level = self.levels
+        if self.cohort_size * level > _INT32_MAX:
+            raise ConfigError(
+                f"secagg: {self.cohort_size} devices x {self.bits}-bit values could wrap "
+                f"around 2^32 (needs cohort * (2^(bits-1) - 1) <= 2^31 - 1); use "
+                f"--secagg-bits {max_bits(self.cohort_size)} or fewer, or a smaller cohort"
+            )
+        if self.cohort_size * self.max_weight > _UINT32_MAX:
+            raise ConfigError(
+                f"secagg: {self.cohort_size} devices x weights up to {self.max_weight} examples "
+                "could wrap the weight sum around 2^32; lower the weight range or the cohort"
+            )
+
+    @property
+    def levels(self) -> int:
+        """Grid points on each side of zero: 2^(bits-1) - 1."""
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def step(self) -> float:
+        """The grid step every device uses."""
+        return self.clip / self.levels
+
+    @property
+    def wire_bits(self) -> int:
+        """Bits per coordinate a masked vector needs on the wire.
+
+        Masks are uniform mod 2^32, hence also mod 2^m for any m <= 32, and the
+        true sum fits m = bits + ceil(log2(cohort_size)) signed bits (and the
+        weight sum ceil(log2(cohort_size * max_weight + 1)) bits), so a device
+        may send only the low m bits of each masked value (:func:`pack`): the
+        coordinator's sum mod 2^m still decodes exactly.
+        """
+        values = self.bits + max(0, (self.cohort_size - 1).bit_length())
+        weights = (self.cohort_size * self.max_weight).bit_length()
+        return min(32, max(values, weights))
+
+    def encode(
+        self, values: npt.NDArray[np.floating], weight: int, rng: np.random.Generator
+    ) -> npt.NDArray[np.uint32]:
+        """``values`` (1-D float) -> uint32 vector of ``len(values) + 1`` (weight last).
+
+        Raises:
+            ConfigError: ``weight`` outside 1..max_weight, or non-finite values.
+        """
+        if isinstance(weight, bool) or not isinstance(weight, int | np.integer) or not (
+            1 <= weight <= self.max_weight
+        ):
+            raise ConfigError(
+                f"secagg: example weight must be in 1..{self.max_weight}, got {weight!r}"
+            )
+        x = np.asarray(values).reshape(-1)
+        if not np.isfinite(x).all():
+            raise ConfigError("secagg: cannot encode non-finite values")
+        out = np.empty(x.size + 1, dtype=np.uint32)
+        y = x.astype(np.float64)  # a copy in float64: the grid may be finer than float32
+        np.clip(y, -self.clip, self.clip, out=y)
+        y *= (int(weight) / self.max_weight) / self.step
+        # |y| <= levels up to float rounding; the clip keeps floor(y + u) in range
+        np.clip(y, -self.levels, self.levels, out=y)
+        # The dither needs only to resolve a step's fraction: 24-bit uniforms
+        # (float32) bias the rounding by at most 2^-24 of a step, at a third
+        # of the cost of float64 uniforms.
+        y += rng.random(x.size, dtype=np.float32)
+        np.floor(y, out=y)
+        # y holds integers in [-levels, levels], which fit int32: cast straight
+        # into the output, whose uint32 view is then the two's complement.
+        np.copyto(out[:-1].view(np.int32), y, casting="unsafe")
+        out[-1] = int(weight)
+        return out
+
+    def decode(self, total: npt.NDArray[np.uint32]) -> tuple[npt.NDArray[np.float64], int]:
+        """An unmasked sum -> (the weighted mean of the values, the total weight).
+
+        Raises:
+            ConfigError: not a uint32 vector, or a zero total weight.
+        """
+        if not isinstance(total, np.ndarray) or total.dtype != np.uint32 or total.ndim != 1:
+            raise ConfigError("secagg: a sum to decode must be a 1-D uint32 vector")
+        weight = int(total[-1])
+        if weight == 0:
+            raise ConfigError("secagg: the decoded sum has zero total weight")
+        sums = total[:-1].view(np.int32).astype(np.float64)
+        sums *= self.step * self.max_weight / weight
+        return sums, weight
+
+
+def pack(vector: npt.NDArray[np.uint32], bits: int) -> bytes:
+    """The low ``bits`` bits of every value, packed little-endian (see ``wire_bits``)."""
+    if not isinstance(vector, np.ndarray) or vector.dtype != np.uint32 or vector.ndim != 1:
+        raise ConfigError("pack needs a 1-D uint32 vector")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 32:
+        raise ConfigError(f"pack bits must be in 1..32, got {bits!r}")
+    planes = np.unpackbits(vector.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+    return np.packbits(planes[:, :bits].reshape(-1), bitorder="little").tobytes()
+
+
+def unpack(raw: bytes, bits: int, length: int) -> npt.NDArray[np.uint32]:
+    """Inverse of :func:`pack`: ``length`` values of ``bits`` bits (mod 2^bits)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 32:
+        raise ConfigError(f"unpack bits must be in 1..32, got {bits!r}")
+    if len(raw) != (length * bits + 7) // 8:
+        raise ConfigError(f"packed vector has {len(raw)} bytes, expected "
+                          f"{(length * bits + 7) // 8} for {length} values of {bits} bits")
+    flat = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[: length * bits]
+    planes = np.zeros((length, 32), dtype=np.uint8)
+    planes[:, :bits] = flat.reshape(length, bits)
+    return np.packbits(planes, axis=1, bitorder="little").reshape(-1).view(np.uint32).copy()
