@@ -87,13 +87,19 @@ def _add_simulate(sub: Any) -> None:
     g.add_argument("--mu", type=_fraction, help="FedProx proximal coefficient "
                    "(default 0; 0.01 with --strategy fedprox)")
     g = p.add_argument_group("server")
-    g.add_argument("--strategy", help="fedavg, fedavgm, fedadagrad, fedadam, fedyogi or fedprox "
-                   "(default fedavg)")
+    g.add_argument("--strategy", help="fedavg, fedavgm, fedadagrad, fedadam, fedyogi, fedprox, or a "
+                   "robust rule: median, trimmed-mean[:BETA], krum, multi-krum[:M], bulyan, "
+                   "norm-bound:M[:INNER] (default fedavg; see docs/robustness.md)")
     g.add_argument("--server-lr", type=_fraction, help="server learning rate (default: the "
                    "strategy's: 1 for fedavg/fedavgm/fedprox, 0.1 fedadagrad, 0.01 fedadam/fedyogi)")
     g.add_argument("--strategy-option", type=_option, action="append", dest="strategy_options",
                    metavar="KEY=VALUE", help="a strategy hyperparameter, e.g. momentum=0.9, "
                    "beta1=0.9, beta2=0.99, tau=0.001 (repeatable)")
+    g = p.add_argument_group("attack")
+    g.add_argument("--attack", metavar="SPEC", help="what malicious devices do: sign-flip:SCALE, "
+                   "scale:FACTOR, gaussian:SIGMA or label-flip (default: no attack)")
+    g.add_argument("--malicious", type=_fraction, metavar="FRACTION",
+                   help="fraction of devices that are malicious, drawn from the seed (with --attack)")
     g = p.add_argument_group("run")
     g.add_argument("--backend", choices=["inline", "processes"],
                    help="inline: one process, bit-for-bit reproducible; processes: every core "

@@ -55,6 +55,8 @@ class SimConfig:
     workers: int | None = None
     eval_every: int = 1
     seed: int = 0
+    attack: str | None = None
+    malicious: float = 0.0
 
     def __post_init__(self) -> None:
         # Types first (the API can pass anything), then ranges.
@@ -93,6 +95,7 @@ class SimConfig:
             )
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
+        _check_attack(self.attack, self.malicious)
 
     def replace(self, **changes: Any) -> SimConfig:
         return dataclasses.replace(self, **changes)
@@ -119,6 +122,20 @@ def _check_int(name: str, value: object, *, low: int, high: int | None = None) -
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"between {low} and {high}"
         raise ConfigError(f"{flag} must be {bound}, got {value}")
+
+
+def _check_attack(attack: str | None, malicious: float) -> None:
+    from fedge.sim.attacks import parse_attack
+
+    if not (math.isfinite(malicious) and 0 <= malicious < 1):
+        raise ConfigError(f"--malicious must be a fraction in [0, 1), got {malicious}")
+    if attack is None and malicious > 0:
+        raise ConfigError("--malicious needs --attack: say what the malicious devices do")
+    if attack is not None:
+        parse_attack(attack)
+        if malicious == 0:
+            raise ConfigError("--attack needs --malicious FRACTION > 0: the share of devices "
+                              "that attack")
 
 
 def _check_positive(name: str, value: float) -> None:

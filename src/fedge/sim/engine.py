@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +26,18 @@ from fedge.data.dataset import FederatedData
 from fedge.errors import ConfigError, TaskError
 from fedge.params import Params
 from fedge.rounds import Round, RoundState, choose_stragglers, select_cohort
+from fedge.sim.attacks import Attack, choose_malicious, flip_labels, parse_attack
 from fedge.sim.backends import Backend, build_backend
 from fedge.sim.config import SimConfig
 from fedge.sim.devices import DeviceJob
-from fedge.strategies import ServerState, Strategy, build_strategy
+from fedge.strategies import (
+    ServerState,
+    Strategy,
+    build_strategy,
+    check_cohort,
+    min_updates,
+    strategy_options,
+)
 from fedge.tasks import load_task
 from fedge.tasks.base import Task, TrainConfig
 
@@ -58,6 +67,7 @@ class RoundRecord:
     train_loss: float | None
     metrics: dict[str, float] | None
     elapsed_s: float
+    malicious: int | None = None  # malicious devices among the reporters, when attacked
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -71,6 +81,8 @@ class RoundRecord:
             "train_loss": self.train_loss,
             "elapsed_s": round(self.elapsed_s, 6),
         }
+        if self.malicious is not None:
+            out["malicious"] = self.malicious
         if self.metrics is not None:
             out.update(self.metrics)
         return out
@@ -87,6 +99,7 @@ class SimResult:
     num_devices: int
     num_examples: int
     timing: dict[str, float] = field(default_factory=dict)
+    attack: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """What ``summary.json`` holds."""
@@ -106,6 +119,7 @@ class SimResult:
             "wall_s": round(self.timing.get("wall_s", 0.0), 4),
             "timing": {k: round(v, 4) for k, v in self.timing.items()},
             "config": self.config.to_dict(),
+            **({"attack": self.attack} if self.attack is not None else {}),
         }
 
 
@@ -125,8 +139,17 @@ class Simulation:
         n = len(self.data.devices)
         if config.cohort is not None and config.cohort > n:
             raise ConfigError(f"--cohort {config.cohort} is larger than the {n} devices")
+        self.attack: Attack | None = None
+        if config.attack is not None:
+            self.attack = Attack(parse_attack(config.attack),
+                                 choose_malicious(n, config.malicious, config.seed))
+            if self.attack.spec.changes_data:
+                self.data = flip_labels(self.data, self.attack.malicious)
         self.task: Task = load_task(config.task, self.data.spec)
-        self.strategy: Strategy = _strategy_of(config)
+        invited, updates, what = _expected_cohort(config, n)
+        self.strategy: Strategy = _strategy_of(config, self.attack, invited, n)
+        # The robust rules' condition on malicious devices, before any training.
+        check_cohort(self.strategy, updates, what=what)
         mu = config.mu if config.mu is not None else self.strategy.device_mu
         self.train_config = TrainConfig(
             local_epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr, mu=mu
@@ -142,7 +165,7 @@ class Simulation:
         backend = build_backend(
             cfg.backend, task=self.task, task_name=cfg.task, spec=self.data.spec,
             strategy=self.strategy, datasets=self.data.devices, base_config=self.train_config,
-            seed=cfg.seed, workers=cfg.workers,
+            seed=cfg.seed, workers=cfg.workers, attack=self.attack,
         )
         history: list[RoundRecord] = []
         train_s = eval_s = 0.0
@@ -184,8 +207,22 @@ class Simulation:
         return SimResult(
             config=cfg, params=state.params, metrics=metrics, history=history,
             num_devices=len(self.data.devices), num_examples=self.data.num_examples,
-            timing=timing,
+            timing=timing, attack=self._attack_summary(),
         )
+
+    def _attack_summary(self) -> dict[str, Any] | None:
+        if self.attack is None:
+            return None
+        f = getattr(self.strategy, "f", None)
+        if f is None:
+            f = getattr(getattr(self.strategy, "inner", None), "f", None)
+        return {
+            "attack": self.attack.spec.text,
+            "malicious_fraction": self.config.malicious,
+            "malicious_devices": len(self.attack.malicious),
+            "malicious_ids": sorted(self.attack.malicious),
+            "strategy_f": f,
+        }
 
     def _round(
         self, r: int, state: ServerState, population: np.ndarray, backend: Backend, t_start: float
@@ -195,6 +232,13 @@ class Simulation:
         cohort = select_cohort(population, rng=rng, cohort_size=cfg.cohort, sample_rate=cfg.sample_rate)
         if cohort.size == 0:  # Poisson sampling can invite nobody; the round is empty.
             return state, RoundRecord(r, RoundState.ABANDONED.value, 0, 0, 0, 0, 0, None, None,
+                                      time.perf_counter() - t_start), 0.0
+        need = min_updates(self.strategy)
+        if cohort.size < need:  # a robust rule's condition cannot hold for so few
+            logger.warning("round %d abandoned: %d devices invited, %s needs %d updates",
+                           r, cohort.size, self.strategy.name, need)
+            return state, RoundRecord(r, RoundState.ABANDONED.value, int(cohort.size), 0,
+                                      int(cohort.size), 0, 0, None, None,
                                       time.perf_counter() - t_start), 0.0
         stragglers = choose_stragglers(cohort, cfg.stragglers, rng)
         # As in the FedProx paper, a straggler manages a uniformly drawn number
@@ -208,7 +252,7 @@ class Simulation:
             for d in cohort.tolist()
             if not (cfg.drop_stragglers and d in short)
         ]
-        rnd = Round.open(r, cohort.tolist(), min_updates=1)
+        rnd = Round.open(r, cohort.tolist(), min_updates=need)
         part = backend.run_round(r, state.params, jobs) if jobs else None
         if part is not None:
             for device, weight in part.reports:
@@ -219,6 +263,9 @@ class Simulation:
             state = self.strategy.apply(state, part.accumulator.result())
             if part.train_loss_weight:
                 train_loss = part.train_loss_sum / part.train_loss_weight
+        elif part is not None and part.reports:
+            logger.warning("round %d abandoned: %d updates, %s needs %d", r, len(part.reports),
+                           self.strategy.name, need)
         elif part is not None and part.rejected:
             logger.warning("round %d abandoned: every update was refused as non-finite", r)
         else:
@@ -228,6 +275,8 @@ class Simulation:
             reported=len(outcome.reported), dropped=len(outcome.dropped),
             rejected=len(part.rejected) if part else 0, stragglers=int(stragglers.size),
             train_loss=train_loss, metrics=None, elapsed_s=time.perf_counter() - t_start,
+            malicious=None if self.attack is None or part is None else
+            sum(d in self.attack.malicious for d, _ in part.reports),
         )
         return state, record, part.train_s if part else 0.0
 
@@ -257,8 +306,31 @@ class Simulation:
         return out
 
 
-def _strategy_of(config: SimConfig) -> Strategy:
+def _expected_cohort(config: SimConfig, n: int) -> tuple[int, int, str]:
+    """Devices invited per round, updates expected per round, and how to say where from."""
+    if config.cohort is not None:
+        invited, what = config.cohort, f"--cohort {config.cohort}"
+    elif config.sample_rate is not None:
+        invited = max(1, round(config.sample_rate * n))
+        what = f"--sample-rate {config.sample_rate:g} of {n} devices (about {invited} a round)"
+    else:
+        invited, what = n, f"all {n} devices every round"
+    updates = invited
+    if config.drop_stragglers and config.stragglers:
+        updates -= round(config.stragglers * invited)
+        what += f", less {invited - updates} dropped stragglers"
+    return invited, updates, what
+
+
+def _strategy_of(config: SimConfig, attack: Attack | None = None, invited: int = 0,
+                 n: int = 1) -> Strategy:
     options = dict(config.strategy_options)
+    if attack is not None and "f" in strategy_options(config.strategy) and "f" not in options:
+        # The rule tolerates as many malicious devices as a round invites on
+        # average (all of them when every device joins every round).
+        options["f"] = float(math.ceil(len(attack.malicious) * invited / n - 1e-9))
+        logger.info("strategy %s: f = %d malicious devices per round, from --malicious",
+                    config.strategy, options["f"])
     if config.server_lr is not None:
         options["server_lr"] = config.server_lr
     if config.strategy == "fedprox" and config.mu is not None:

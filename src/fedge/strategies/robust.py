@@ -118,9 +118,17 @@ def _map_blocks(fn: Callable[[int, int], Any], size: int, block: int = _BLOCK) -
         return list(pool.map(lambda ab: fn(*ab), bounds))
 
 
-def _columns(rows: Sequence[Flat], start: int, stop: int) -> Flat:
-    """Coordinates ``start:stop`` of every row, one coordinate per row: shape (stop - start, n)."""
-    return np.stack([r[start:stop] for r in rows], axis=1)
+def _sorted_columns(rows: Sequence[Flat], start: int, stop: int) -> Flat:
+    """Coordinates ``start:stop`` of every row, one coordinate per row, each row sorted.
+
+    Shape (stop - start, n). A full sort of short rows beats ``partition``
+    here: numpy sorts float rows with SIMD kernels, while partitioning at
+    two positions (the two middle values) runs a scalar selection twice per
+    row (1M rows of 100: 0.1 s against 1.3 s of CPU).
+    """
+    m = np.stack([r[start:stop] for r in rows], axis=1)
+    m.sort(axis=1)
+    return m
 
 
 def _check_f(f: float) -> int:
@@ -178,8 +186,7 @@ class Median(RobustRule):
         lo, hi = (n - 1) // 2, n // 2
 
         def block(a: int, b: int) -> None:
-            m = _columns(rows, a, b)
-            m.partition([lo, hi] if lo != hi else [lo], axis=1)
+            m = _sorted_columns(rows, a, b)
             np.add(m[:, lo], m[:, hi], out=out[a:b], dtype=np.float64)
             out[a:b] *= 0.5
 
@@ -225,9 +232,7 @@ class TrimmedMean(RobustRule):
         out = np.empty(rows[0].size, dtype=np.float64)
 
         def block(a: int, b: int) -> None:
-            m = _columns(rows, a, b)
-            if k:
-                m.partition([k, n - k - 1], axis=1)
+            m = _sorted_columns(rows, a, b) if k else np.stack([r[a:b] for r in rows], axis=1)
             np.sum(m[:, k : n - k], axis=1, dtype=np.float64, out=out[a:b])
 
         _map_blocks(block, out.size)
@@ -386,13 +391,18 @@ class Bulyan(RobustRule):
         out = np.empty(rows[0].size, dtype=np.float64)
 
         def block(a: int, b: int) -> None:
-            m = _columns(sel, a, b).astype(np.float64)
-            s = np.sort(m, axis=1)
+            s = _sorted_columns(sel, a, b).astype(np.float64)
             med = (s[:, lo] + s[:, hi]) * 0.5
-            # The beta values nearest the median, ties to the smaller value:
-            # a stable argsort of the distances over sorted values.
-            near = np.argsort(np.abs(s - med[:, None]), axis=1, kind="stable")[:, :beta]
-            out[a:b] = np.take_along_axis(s, near, axis=1).mean(axis=1)
+            # The beta values nearest the median are a run of beta neighbours
+            # in sorted order: of the theta - beta + 1 runs, the one whose
+            # farthest value is nearest the median (ties: the lower run).
+            runs = theta - beta + 1
+            reach = np.maximum(med[:, None] - s[:, :runs], s[:, beta - 1 :] - med[:, None])
+            start = np.argmin(reach, axis=1)
+            sums = np.zeros((s.shape[0], theta + 1), dtype=np.float64)
+            np.cumsum(s, axis=1, out=sums[:, 1:])
+            rows_at = np.arange(s.shape[0])
+            out[a:b] = (sums[rows_at, start + beta] - sums[rows_at, start]) / beta
 
         _map_blocks(block, out.size)
         return out
