@@ -212,3 +212,14 @@ def test_a_coordinator_round_with_the_median_ignores_an_outlier(tmp_path: Path) 
         for k, v in before.items():
             np.testing.assert_allclose(coordinator.state.params[k], v + np.float32(0.02), rtol=1e-6)
     coordinator.close()
+
+
+def test_norm_bound_noise_follows_the_run_seed_unless_set() -> None:
+    assert Simulation(SimConfig(strategy="norm-bound:1", seed=5)).strategy.seed == 5  # type: ignore[attr-defined]
+    sim = Simulation(SimConfig(strategy="norm-bound:1", seed=5, strategy_options={"seed": 2}))
+    assert sim.strategy.seed == 2  # type: ignore[attr-defined]
+    noisy = SimConfig(rounds=2, strategy="norm-bound:1", strategy_options={"noise": 0.01})
+    a, b = simulate(noisy), simulate(noisy)
+    c = simulate(noisy.replace(seed=1))
+    np.testing.assert_array_equal(a.params["weight"], b.params["weight"])
+    assert a.metrics != c.metrics

@@ -325,7 +325,10 @@ def _expected_cohort(config: SimConfig, n: int) -> tuple[int, int, str]:
 def _strategy_of(config: SimConfig, attack: Attack | None = None, invited: int = 0,
                  n: int = 1) -> Strategy:
     options = dict(config.strategy_options)
-    if attack is not None and "f" in strategy_options(config.strategy) and "f" not in options:
+    known = strategy_options(config.strategy)
+    if "seed" in known and "seed" not in options:  # norm-bound's noise follows --seed
+        options["seed"] = float(config.seed)
+    if attack is not None and "f" in known and "f" not in options:
         # The rule tolerates as many malicious devices as a round invites on
         # average (all of them when every device joins every round).
         options["f"] = float(math.ceil(len(attack.malicious) * invited / n - 1e-9))
