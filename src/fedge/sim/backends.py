@@ -69,6 +69,7 @@ def merge_partials(parts: Sequence[PartialRound]) -> PartialRound:
         head.train_loss_sum += p.train_loss_sum
         head.train_loss_weight += p.train_loss_weight
         head.train_s += p.train_s
+        head.unclipped += p.unclipped
     return head
 
 

@@ -21,9 +21,13 @@ import numpy as np
 
 from fedge.errors import ConfigError
 
+if typing.TYPE_CHECKING:
+    from fedge.privacy.session import PrivacyConfig
+
 __all__ = ["BACKENDS", "SimConfig", "coerce_fields", "load_toml"]
 
 BACKENDS = ("inline", "processes")
+_DP_FIELDS = ("clip_norm", "noise_multiplier", "target_epsilon", "delta", "epsilon_budget", "accountant")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,14 @@ class SimConfig:
     seed: int = 0
     attack: str | None = None
     malicious: float = 0.0
+    # Differential privacy (docs/privacy.md); None: off.
+    dp: str | None = None
+    clip_norm: float | str | None = None
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    epsilon_budget: float | None = None
+    accountant: str | None = None
 
     def __post_init__(self) -> None:
         # Types first (the API can pass anything), then ranges.
@@ -96,6 +108,22 @@ class SimConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
         _check_attack(self.attack, self.malicious)
+        self.privacy  # noqa: B018 - checks the DP settings now, before any round
+
+    @property
+    def privacy(self) -> PrivacyConfig | None:
+        """The DP settings, or ``None`` when ``dp`` is off (then no DP flag may be set)."""
+        given = {name: getattr(self, name) for name in _DP_FIELDS if getattr(self, name) is not None}
+        if self.dp is None:
+            if given:
+                flags = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise ConfigError(f"{flags} need --dp central|distributed|local")
+            return None
+        from fedge.privacy.session import PrivacyConfig
+
+        if "epsilon_budget" in given:
+            given["budget"] = given.pop("epsilon_budget")
+        return PrivacyConfig(mode=self.dp, **given)
 
     def replace(self, **changes: Any) -> SimConfig:
         return dataclasses.replace(self, **changes)
