@@ -61,6 +61,11 @@ class SimConfig:
     seed: int = 0
     attack: str | None = None
     malicious: float = 0.0
+    # Device heterogeneity and the virtual clock (sim/profiles.py).
+    profiles: str | None = None
+    deadline_s: float | None = None
+    selection: str = "random"
+    fairness: float = 0.2
     # Differential privacy (docs/privacy.md); None: off.
     dp: str | None = None
     clip_norm: float | str | None = None
@@ -105,6 +110,16 @@ class SimConfig:
                 "--stragglers needs --local-epochs >= 2: a straggler runs fewer epochs "
                 f"than the others, and {self.local_epochs} leaves none to drop"
             )
+        if self.deadline_s is not None and not (math.isfinite(self.deadline_s) and self.deadline_s > 0):
+            raise ConfigError(f"--deadline-s must be a positive number of seconds, got {self.deadline_s}")
+        if self.deadline_s is not None and self.profiles is None:
+            raise ConfigError("--deadline-s needs --profiles: without device speeds no round has a duration")
+        if self.selection not in ("random", "deadline"):
+            raise ConfigError(f"--selection must be random or deadline, got {self.selection!r}")
+        if self.selection == "deadline" and self.deadline_s is None:
+            raise ConfigError("--selection deadline needs --deadline-s (and --profiles)")
+        if not (math.isfinite(self.fairness) and 0 <= self.fairness <= 1):
+            raise ConfigError(f"--fairness must be in [0, 1], got {self.fairness}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
         _check_attack(self.attack, self.malicious)

@@ -26,11 +26,12 @@ from fedge.data.dataset import FederatedData
 from fedge.errors import ConfigError, PrivacyBudgetError, TaskError
 from fedge.params import Params
 from fedge.privacy.session import PrivacySession
-from fedge.rounds import Round, RoundState, choose_stragglers, select_cohort
+from fedge.rounds import Round, RoundState, choose_stragglers, select_cohort, select_within_deadline
 from fedge.sim.attacks import Attack, choose_malicious, flip_labels, parse_attack
 from fedge.sim.backends import Backend, build_backend
 from fedge.sim.config import SimConfig
 from fedge.sim.devices import DeviceJob
+from fedge.sim.profiles import FleetModel, build_profiles
 from fedge.strategies import (
     ServerState,
     Strategy,
@@ -47,7 +48,7 @@ __all__ = ["RoundRecord", "SimResult", "Simulation", "simulate"]
 logger = logging.getLogger(__name__)
 
 # Purposes of the run's generator streams; never reuse a number.
-_INIT, _SELECT = 1, 2
+_INIT, _SELECT, _PROFILES = 1, 2, 3
 
 
 def _stream(seed: int, purpose: int, round_id: int = 0) -> np.random.Generator:
@@ -70,6 +71,7 @@ class RoundRecord:
     elapsed_s: float
     epsilon: float | None = None  # DP: epsilon spent after this round, at the run's delta
     clip_norm: float | None = None  # DP: the clip norm this round used
+    sim_time_s: float | None = None  # --profiles: the virtual clock when the round ended
     malicious: int | None = None  # malicious devices among the reporters, when attacked
 
     def to_json(self) -> dict[str, Any]:
@@ -89,6 +91,8 @@ class RoundRecord:
         if self.epsilon is not None:
             out["epsilon"] = self.epsilon
             out["clip_norm"] = self.clip_norm
+        if self.sim_time_s is not None:
+            out["sim_time_s"] = round(self.sim_time_s, 3)
         if self.metrics is not None:
             out.update(self.metrics)
         return out
@@ -108,6 +112,7 @@ class SimResult:
     attack: dict[str, Any] | None = None
     privacy: dict[str, Any] | None = None
     stopped: str | None = None  # why the run ended before its last round (the privacy budget)
+    fleet: dict[str, Any] | None = None  # --profiles: simulated time and participation
 
     def summary(self) -> dict[str, Any]:
         """What ``summary.json`` holds."""
@@ -132,6 +137,8 @@ class SimResult:
             "delta": None if self.privacy is None else self.privacy["delta"],
             "privacy": self.privacy,
             "stopped": self.stopped,
+            "simulated_time_s": None if self.fleet is None else self.fleet["simulated_time_s"],
+            "participation": None if self.fleet is None else self.fleet["participation"],
         }
 
 
@@ -163,6 +170,11 @@ class Simulation:
         # The robust rules' condition on malicious devices, before any training.
         check_cohort(self.strategy, updates, what=what)
         self.privacy = _privacy_of(config, n, self.strategy)
+        # --profiles is checked here (a bad spec costs no training); the clock starts in run().
+        self._profiles = (None if config.profiles is None
+                          else build_profiles(config.profiles, n, _stream(config.seed, _PROFILES)))
+        self.fleet: FleetModel | None = None
+        self._last_round: dict[int, int] = {}
         mu = config.mu if config.mu is not None else self.strategy.device_mu
         self.train_config = TrainConfig(
             local_epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr, mu=mu
@@ -175,6 +187,7 @@ class Simulation:
         t_start = time.perf_counter()
         state = self.strategy.init(self._init_params())
         population = np.arange(len(self.data.devices), dtype=np.int64)
+        self.fleet = self._fleet(state.params)
         backend = build_backend(
             cfg.backend, task=self.task, task_name=cfg.task, spec=self.data.spec,
             strategy=self.strategy, datasets=self.data.devices, base_config=self.train_config,
@@ -235,6 +248,9 @@ class Simulation:
             num_devices=len(self.data.devices), num_examples=self.data.num_examples,
             timing=timing, privacy=None if self.privacy is None else self.privacy.summary(),
             stopped=stopped, attack=self._attack_summary(),
+            fleet=None if self.fleet is None else {
+                "simulated_time_s": round(self.fleet.now, 3), "participation": self.fleet.participation(),
+            },
         )
 
     def _attack_summary(self) -> dict[str, Any] | None:
@@ -256,7 +272,7 @@ class Simulation:
     ) -> tuple[ServerState, RoundRecord, float]:
         cfg = self.config
         rng = _stream(cfg.seed, _SELECT, r)
-        cohort = select_cohort(population, rng=rng, cohort_size=cfg.cohort, sample_rate=cfg.sample_rate)
+        cohort = self._cohort(r, population, rng)
         if cohort.size == 0:  # Poisson sampling can invite nobody; the round is empty.
             entry = self._charge(r)
             return state, RoundRecord(r, RoundState.ABANDONED.value, 0, 0, 0, 0, 0, None, None,
@@ -282,6 +298,16 @@ class Simulation:
             for d in cohort.tolist()
             if not (cfg.drop_stragglers and d in short)
         ]
+        sim_time = None
+        if self.fleet is not None:
+            # The virtual clock: who finishes (by speed, link, chance and the deadline), and when.
+            finished, _, round_s = self.fleet.play(
+                [j.device_id for j in jobs], {j.device_id: j.local_epochs for j in jobs}, rng
+            )
+            keep = set(finished)
+            jobs = [j for j in jobs if j.device_id in keep]
+            self.fleet.advance(round_s)
+            sim_time = self.fleet.now
         rnd = Round.open(r, cohort.tolist(), min_updates=need)
         part = backend.run_round(r, state.params, jobs) if jobs else None
         if part is not None:
@@ -310,11 +336,44 @@ class Simulation:
             train_loss=train_loss, metrics=None, elapsed_s=time.perf_counter() - t_start,
             malicious=None if self.attack is None or part is None else
             sum(d in self.attack.malicious for d, _ in part.reports),
+            sim_time_s=sim_time,
         )
         if self.privacy is not None:
             epsilon, clip = self._charge(r)
             record = dataclasses.replace(record, epsilon=epsilon, clip_norm=clip)
         return state, record, part.train_s if part else 0.0
+
+    def _fleet(self, params: Params) -> FleetModel | None:
+        cfg = self.config
+        if self._profiles is None:
+            return None
+        self._last_round.clear()
+        return FleetModel(
+            self._profiles, [len(d) for d in self.data.devices],
+            model_bytes=sum(int(v.nbytes) for v in params.values()), deadline_s=cfg.deadline_s,
+        )
+
+    def _cohort(self, r: int, population: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The round's cohort: from every device, or (with --profiles) from those available now."""
+        cfg = self.config
+        if self.fleet is None:
+            return select_cohort(population, rng=rng, cohort_size=cfg.cohort, sample_rate=cfg.sample_rate)
+        available = self.fleet.wait_for_devices()
+        size = None if cfg.cohort is None else min(cfg.cohort, int(available.size))
+        if cfg.selection == "deadline" and available.size:
+            assert cfg.deadline_s is not None  # SimConfig requires it
+            fleet, ids = self.fleet, available.tolist()
+            picked, _ = select_within_deadline(
+                ids, estimate_s={d: fleet.estimate_s(d, cfg.local_epochs) for d in ids},
+                deadline_s=cfg.deadline_s, size=size or int(available.size), rng=rng,
+                last_round=self._last_round, fairness=cfg.fairness,
+            )
+            cohort = np.asarray(picked, dtype=np.int64)
+        else:
+            cohort = select_cohort(available, rng=rng, cohort_size=size, sample_rate=cfg.sample_rate)
+        for d in cohort.tolist():
+            self._last_round[d] = r
+        return cohort
 
     def _charge(self, r: int) -> tuple[float | None, float | None]:
         """Charge round ``r`` to the privacy ledger: every round that ran counts, even an empty one."""
