@@ -545,7 +545,10 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in keys}
     config = load_agent_config(getattr(args, "config", None), overrides)
     if not args.verbose:
-        logging.getLogger().setLevel(config.log_level.upper())
+        root = logging.getLogger()
+        root.setLevel(config.log_level.upper())
+        for handler in root.handlers:  # the console shows the configured level; events still see INFO
+            handler.setLevel(config.log_level.upper())
     return run_agent(config)
 
 
@@ -701,6 +704,40 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_events(sub: Any) -> None:
+    p = sub.add_parser(
+        "events", help="device events: policy skips, aborts, errors, enrolment, renewal",
+        description=("List the events devices sent to the coordinator (newest last), from its data "
+                     "directory. Works while the coordinator runs."),
+    )
+    _data_dir_args(p)
+    p.add_argument("--device", metavar="ID", help="only this device's events")
+    p.add_argument("--since", type=_duration, metavar="DURATION", help="only the last 30m, 1h, 7d...")
+    p.add_argument("--limit", type=int, default=200, help="at most this many (the newest)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_cmd_events)
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    import json
+
+    from fedge.store import Store
+
+    if not 1 <= args.limit <= 100_000:
+        raise ConfigError(f"--limit must be between 1 and 100000, got {args.limit}")
+    since = None if args.since is None else time.time() - args.since
+    with Store(_data_dir(args)) as store:
+        rows = store.events(device_id=args.device, since=since, limit=args.limit)
+    for row in rows:
+        if args.json:
+            print(json.dumps(row.to_json()))
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.at))
+        extra = "".join(f" {k}={v}" for k, v in row.fields.items() if k != "logger")
+        print(f"{when}  {row.device_id:<20} {row.kind:<9} {row.level:<7} {row.message}{extra}")
+    return EXIT_OK
+
+
 def _add_backup(sub: Any) -> None:
     p = sub.add_parser(
         "backup",
@@ -836,6 +873,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_healthcheck(sub)
     _add_data(sub)
     _add_backup(sub)
+    _add_events(sub)
     return parser
 
 

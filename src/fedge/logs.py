@@ -65,6 +65,7 @@ def configure(*, fmt: str, level: int, service: bool, stream: TextIO | None = No
     if fmt not in FORMATS:
         raise ValueError(f"--log-format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setLevel(level)  # the handler filters: loggers may pass more on (device events)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     elif service:

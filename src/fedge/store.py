@@ -64,8 +64,10 @@ __all__ = [
     "TOKEN_REASONS",
     "CertificateRow",
     "DeviceRow",
+    "EventRow",
     "LedgerRow",
     "RoundRow",
+    "RoundStats",
     "Store",
     "StoreError",
     "TokenError",
@@ -74,7 +76,7 @@ __all__ = [
 ]
 
 #: The schema this build writes (``PRAGMA user_version``); older ones are upgraded, a newer one is refused.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: The :attr:`TokenError.reason` codes of :meth:`Store.consume_token`.
 TOKEN_REASONS = ("unknown_token", "expired_token", "used_token", "wrong_device")
@@ -122,6 +124,13 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     epsilon REAL NOT NULL, delta REAL NOT NULL, at REAL NOT NULL,
     FOREIGN KEY (round, attempt) REFERENCES rounds (round, attempt))""",
     ),
+    4: (
+        """CREATE TABLE events (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, at REAL NOT NULL,
+    received_at REAL NOT NULL, kind TEXT NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL,
+    fields TEXT NOT NULL)""",
+        "CREATE INDEX events_by_time ON events (received_at)",
+        "CREATE INDEX events_by_device ON events (device_id, received_at)",
+    ),
 }
 _ADMIN_TOKEN_KEY = "admin_token_sha256"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -133,6 +142,38 @@ _IS_REVOKED_SQL = ("SELECT c.revoked_at IS NOT NULL OR d.revoked_at IS NOT NULL 
                    "WHERE c.serial = ? AND c.device_id = ?")
 
 ProfileValue = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What ``/metrics`` reports from the store: attempts by state, complete rounds' durations,
+    updates received and events stored."""
+
+    by_state: dict[str, int]
+    durations: list[float]
+    updates: int
+    events: int
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """A notable event a device reported (a policy skip, an abort, an error, enrolment...).
+
+    ``at`` is the device's own clock, ``received_at`` the coordinator's.
+    """
+
+    id: int
+    device_id: str
+    at: float
+    received_at: float
+    kind: str
+    level: str
+    message: str
+    fields: dict[str, ProfileValue]
+
+    def to_json(self) -> dict[str, object]:
+        return {"id": self.id, "device": self.device_id, "at": self.at, "received_at": self.received_at,
+                "kind": self.kind, "level": self.level, "message": self.message, "fields": self.fields}
 
 
 @dataclass(frozen=True)
@@ -679,6 +720,46 @@ class Store:
     def record_refusal(self, *, code: str, device_id: str | None, round: int | None, at: float) -> None:
         """Count one refused request (``code`` is a key of :data:`fedge.wire.REFUSALS`)."""
         self._exec("INSERT INTO refusals VALUES (NULL, ?, ?, ?, ?)", (code, device_id, round, at))
+
+    def record_events(
+        self, device_id: str, events: Sequence[tuple[float, str, str, str, Mapping[str, object]]], *,
+        received_at: float,
+    ) -> None:
+        """Store a device's batch of events, each (at, kind, level, message, fields), in one transaction."""
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO events VALUES (NULL, ?, ?, ?, ?, ?, ?, ?)",
+                [(device_id, at, received_at, kind, level, message, json.dumps(dict(fields)))
+                 for at, kind, level, message, fields in events],
+            )
+
+    def events(self, *, device_id: str | None = None, since: float | None = None,
+               limit: int = 1000) -> list[EventRow]:
+        """The latest ``limit`` events, newest last, optionally of one device and after ``since``."""
+        where: list[str] = []
+        args: list[object] = []
+        if device_id is not None:
+            where.append("device_id = ?")
+            args.append(device_id)
+        if since is not None:
+            where.append("received_at >= ?")
+            args.append(since)
+        sql = ("SELECT id, device_id, at, received_at, kind, level, message, fields FROM events"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?")
+        rows = self._query(sql, (*args, int(limit)))
+        return [EventRow(int(r[0]), str(r[1]), float(r[2]), float(r[3]), str(r[4]), str(r[5]), str(r[6]),
+                         json.loads(r[7])) for r in reversed(rows)]
+
+    def round_stats(self) -> RoundStats:
+        """Counts for ``/metrics``, in one read transaction."""
+        with self._read() as conn:
+            by_state = {str(s): int(n) for s, n in
+                        conn.execute("SELECT state, COUNT(*) FROM rounds GROUP BY state").fetchall()}
+            durations = [float(d) for (d,) in conn.execute(
+                "SELECT closed_at - opened_at FROM rounds WHERE state = 'complete'").fetchall()]
+            updates = int(conn.execute("SELECT COUNT(*) FROM updates").fetchone()[0])
+            events = int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+        return RoundStats(by_state, durations, updates, events)
 
     def refusal_counts(self) -> dict[str, int]:
         rows = self._query("SELECT code, COUNT(*) FROM refusals GROUP BY code ORDER BY code")

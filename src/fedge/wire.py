@@ -39,15 +39,20 @@ from fedge.params import Array, Params, ParamsSpec
 __all__ = [
     "DEVICE_HEADER",
     "DEVICE_ID_PATTERN",
+    "EVENT_KINDS",
+    "EVENT_LEVELS",
     "PROTOCOL_VERSION",
     "REFUSALS",
     "AbortReport",
     "CheckIn",
     "CheckInReply",
+    "DeviceEvent",
     "EnrolReply",
     "EnrolRequest",
     "ErrorBody",
     "EvalReport",
+    "EventBatch",
+    "EventsAck",
     "Message",
     "RenewRequest",
     "TaskInfo",
@@ -93,6 +98,7 @@ REFUSALS: dict[str, int] = {
     "shape_mismatch": 422,  # names, shapes or dtypes differ from the round's params
     "non_finite": 422,  # NaN or infinity in a tensor or a metric
     "bad_weight": 422,  # the example count is not a positive number
+    "rate_limited": 429,  # more events than a device may send in a minute
 }
 
 _ZSTD_LEVEL = 3
@@ -175,6 +181,45 @@ class CheckInReply(Message):
     wait_s: Annotated[float, Field(ge=0)] = 0.0
     task: TaskInfo
     plan: TrainPlan | None = None
+
+
+#: What a device event is about.
+EVENT_KINDS = ("policy", "abort", "error", "warning", "enrolment", "renewal", "start", "stop", "dropped")
+EVENT_LEVELS = ("info", "warning", "error")
+EventField = str | int | float | bool
+
+
+class DeviceEvent(BaseModel):
+    """One notable event on a device (see :mod:`fedge.agent.events`); never params or secrets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    at: Annotated[float, Field(ge=0)]
+    kind: Literal["policy", "abort", "error", "warning", "enrolment", "renewal", "start", "stop", "dropped"]
+    level: Literal["info", "warning", "error"] = "info"
+    message: Annotated[str, Field(min_length=1, max_length=500)]
+    fields: Annotated[dict[Annotated[str, Field(max_length=64)], EventField], Field(max_length=16)] = Field(
+        default_factory=dict
+    )
+
+    @field_validator("at")
+    @classmethod
+    def _finite_time(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("at must be a finite time")
+        return v
+
+
+class EventBatch(Message):
+    """A device's batch of events, oldest first."""
+
+    events: Annotated[list[DeviceEvent], Field(min_length=1, max_length=100)]
+
+
+class EventsAck(Message):
+    """The coordinator stored a batch of events."""
+
+    stored: Annotated[int, Field(ge=0)]
 
 
 class AbortReport(Message):

@@ -307,6 +307,14 @@ def test_every_refusal_over_http_leaves_the_coordinator_and_the_rounds_running(
     probe.check_in(b)
     agents = [procs.agent(f"agent-{i}", url, path) for i, path in enumerate(data.devices)]
 
+    # Device events: a burst past the rate (200) is refused whole; the rounds go on.
+    event = {"at": 1.0, "kind": "warning", "message": "probe"}
+    for _ in range(2):
+        probe.ok(c.post(f"{url}/v1/events", json={"protocol": 1, "events": [event] * 100},
+                        headers={DEVICE_HEADER: b}))
+    probe.refused("rate_limited", c.post(f"{url}/v1/events", json={"protocol": 1, "events": [event]},
+                                         headers={DEVICE_HEADER: b}))
+
     # Before any round: identity and JSON.
     probe.refused("unknown_device", c.post(f"{url}/v1/check-in", json={"protocol": 1, "num_examples": 1}))
     probe.refused(

@@ -246,6 +246,10 @@ def test_mutual_tls_end_to_end_with_every_refusal(
             401,
         )
         refused(anonymous.post("/v1/admin/devices/honest-0/revoke"), "unauthorized", 401)
+        refused(anonymous.get("/v1/admin/events"), "unauthorized", 401)
+        # Events need a device certificate like every device endpoint.
+        event = {"at": 1.0, "kind": "warning", "message": "x"}
+        refused(anonymous.post("/v1/events", json={"protocol": 1, "events": [event]}), "no_certificate", 401)
 
     # A certificate from another CA, and an expired one from the right CA: the handshake fails.
     now = dt.datetime.now(dt.UTC)
@@ -316,6 +320,11 @@ def test_mutual_tls_end_to_end_with_every_refusal(
         assert r.json()["error"] in ("not_invited", "unknown_round", "closed"), r.text
         devices = {d["device_id"]: d for d in coord.admin.get("/v1/admin/devices").json()}
         assert devices["mallory"]["num_examples"] == 5  # the check-in was counted as mallory's
+        # Events are filed under the certificate's device, whatever a header says.
+        batch = {"protocol": 1, "events": [{"at": 1.0, "kind": "warning", "message": "from mallory"}]}
+        assert m.post("/v1/events", json=batch, headers={"X-Fedge-Device": "honest-0"}).status_code == 200
+        (filed,) = [e for e in coord.admin.get("/v1/admin/events").json() if e["message"] == "from mallory"]
+        assert filed["device"] == "mallory"
         assert devices["honest-0"]["num_examples"] != 5
 
         # Revocation: the next request is refused, without a restart.

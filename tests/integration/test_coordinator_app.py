@@ -519,3 +519,66 @@ def test_deadline_selection_leaves_out_devices_that_cannot_finish(tmp_path: Path
         assert sorted(coordinator.open.round.cohort) == ["fast-1", "fast-2", "fast-3"]
         assert coordinator.estimate_round_s("slow") == pytest.approx(200.0)
     coordinator.close()
+
+
+def _event(i: int = 0, **over: object) -> dict[str, object]:
+    return {"at": 1000.0 + i, "kind": "warning", "level": "warning", "message": f"event {i}", **over}
+
+
+def test_device_events_are_stored_rate_limited_and_listed(fleet: Fleet) -> None:
+    def send(device: str, events: list[dict[str, object]]) -> tuple[int, dict[str, object]]:
+        r = fleet.client.post("/v1/events", json={"protocol": 1, "events": events},
+                              headers={DEVICE_HEADER: device})
+        return r.status_code, r.json()
+
+    assert send("a", [_event(i) for i in range(100)]) == (200, {"protocol": 1, "stored": 100})
+    assert send("a", [_event(i) for i in range(100)])[0] == 200  # the burst allows 200
+    status, body = send("a", [_event(0)])
+    assert (status, body["error"]) == (429, "rate_limited")
+    fleet.clock.now += 30  # half a minute refills 60
+    assert send("a", [_event(i) for i in range(60)])[0] == 200
+    assert send("b", [_event(7, kind="policy", level="info", fields={"cpu_load": 0.9})])[0] == 200
+    rows = fleet.client.get("/v1/admin/events", params={"device": "b"}).json()
+    assert [(r["device"], r["kind"], r["fields"]) for r in rows] == [("b", "policy", {"cpu_load": 0.9})]
+    assert len(fleet.client.get("/v1/admin/events", params={"limit": 5}).json()) == 5
+    later = fleet.client.get("/v1/admin/events", params={"since": fleet.clock.now - 1}).json()
+    assert len(later) == 61
+    assert fleet.client.get("/v1/admin/events", params={"limit": 0}).status_code == 400
+
+
+@pytest.mark.parametrize(("events", "why"), [
+    ([], "no events"),
+    ([_event(i) for i in range(101)], "too many"),
+    ([_event(kind="gossip")], "unknown kind"),
+    ([_event(level="fatal")], "unknown level"),
+    ([_event(message="")], "empty message"),
+    ([_event(message="x" * 501)], "long message"),
+    ([_event(at=-1.0)], "negative time"),
+    ([_event(fields={f"k{i}": i for i in range(17)})], "too many fields"),
+    ([_event(fields={"nested": {"a": 1}})], "nested field"),
+    ([_event(extra="x")], "unknown key"),
+])
+def test_malformed_event_batches_are_refused(fleet: Fleet, events: list[dict[str, object]], why: str) -> None:
+    r = fleet.client.post("/v1/events", json={"protocol": 1, "events": events}, headers={DEVICE_HEADER: "a"})
+    assert r.status_code == 400 and r.json()["error"] == "bad_request", why
+
+
+def test_metrics_report_rounds_updates_devices_and_events(fleet: Fleet) -> None:
+    for d in "abc":
+        fleet.check_in(d)
+    fleet.plan("a")
+    params, _ = fleet.params(1, "a")
+    for d in "abc":
+        fleet.plan(d)
+        body = encode_update(delta_like(params), round=1, attempt=1, num_examples=5)
+        assert fleet.upload(d, body, 1)[0] == 200
+    wait_until(lambda: fleet.coordinator.state.round == 1)
+    batch = {"protocol": 1, "events": [{"at": 1.0, "kind": "policy", "message": "policy: training allowed"}]}
+    assert fleet.client.post("/v1/events", json=batch, headers={DEVICE_HEADER: "a"}).status_code == 200
+    text = fleet.client.get("/metrics/").text
+    for line in ('fedge_rounds_total{state="complete"} 1.0', "fedge_rounds_complete 1.0",
+                 "fedge_rounds_target 2.0", "fedge_updates_received_total 3.0",
+                 "fedge_device_events_total 1.0",
+                 'fedge_devices{state="known"} 3.0', 'fedge_devices{state="online"} 3.0',
+                 "fedge_round_duration_seconds_count 1.0"):
+        assert line in text, line

@@ -135,3 +135,34 @@ def test_backup_refuses_a_folder_without_a_store_and_an_existing_destination(tmp
     (tmp_path / "out").mkdir()
     with pytest.raises(ConfigError, match="exists; a backup goes into a new folder"):
         backup_data_dir(tmp_path / "data", tmp_path / "out")
+
+
+def test_events_cli_lists_filters_and_prints_json(tmp_path: Path) -> None:
+    import json as _json
+    import time as _time
+
+    data = tmp_path / "data"
+    now = _time.time()
+    with Store(data) as store:
+        store.record_events("gw-1", [(now - 10, "policy", "info", "policy: not training now: not on AC power",
+                                      {"logger": "fedge.agent.loop"})], received_at=now - 7200)
+        store.record_events("gw-2", [(now - 5, "abort", "warning", "training stopped: too hot",
+                                      {"temperature_c": 81.5})], received_at=now - 60)
+
+    def events(*args: str) -> subprocess.CompletedProcess[str]:
+        code = "import sys; from fedge.cli import main; sys.exit(main())"
+        return subprocess.run([sys.executable, "-c", code, "events", "--data-dir", str(data), *args],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    listing = events()
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert len(lines) == 2 and "gw-1" in lines[0] and "not on AC power" in lines[0]
+    assert "temperature_c=81.5" in lines[1] and "logger=" not in lines[0]
+    recent = events("--since", "1h", "--json").stdout.splitlines()
+    assert [_json.loads(x)["device"] for x in recent] == ["gw-2"]
+    assert len(events("--device", "gw-1").stdout.splitlines()) == 1
+    bad = events("--since", "soon")
+    assert bad.returncode == 2 and "expected a duration" in bad.stderr
+    bad = events("--limit", "0")
+    assert bad.returncode == 2 and "--limit must be between 1 and 100000" in bad.stderr

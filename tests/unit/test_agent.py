@@ -43,7 +43,10 @@ from fedge.wire import (
     AbortReport,
     CheckIn,
     CheckInReply,
+    DeviceEvent,
     EvalReport,
+    EventBatch,
+    EventsAck,
     TaskInfo,
     TrainPlan,
     Update,
@@ -83,7 +86,7 @@ class FakeCoordinator:
         self.etag = payload_etag(self.payload)
         self.checkins: deque[Script] = deque(checkins)
         self.overrides: dict[str, deque[Response | Exception]] = {
-            "params": deque(), "metrics": deque(), "update": deque(), "abort": deque(),
+            "params": deque(), "metrics": deque(), "update": deque(), "abort": deque(), "events": deque(),
         }
         self.hooks: dict[str, Callable[[], None]] = {}
         self.events: list[tuple[object, ...]] = []
@@ -93,6 +96,7 @@ class FakeCoordinator:
         self.update_bodies: list[bytes] = []
         self.hellos: list[CheckIn] = []
         self.aborts: list[AbortReport] = []
+        self.device_events: list[DeviceEvent] = []
 
     def plan(self, round_id: int = 1, attempt: int = 1, **fields: object) -> CheckInReply:
         values: dict[str, object] = {
@@ -112,6 +116,13 @@ class FakeCoordinator:
         self.devices.append(req.headers.get(DEVICE_HEADER.lower()))
         if req.method == "POST" and req.path == "/v1/check-in":
             return self._check_in(req)
+        if req.method == "POST" and req.path == "/v1/events":
+            assert req.content is not None
+            batch = parse_message(EventBatch, req.content)
+            self.device_events.extend(batch.events)
+            if self.overrides["events"]:
+                return self._answer(self.overrides["events"].popleft())
+            return ok_json(EventsAck(stored=len(batch.events)))
         m = re.fullmatch(r"/v1/rounds/(\d+)/(params|metrics|update|abort)", req.path)
         assert m is not None, req.path
         round_id, route = int(m[1]), m[2]
@@ -576,7 +587,7 @@ def test_device_id_is_generated_once_and_reused(tmp_path: Path, data_file: Path)
     kept = (config.state_dir / DEVICE_ID_FILE).read_text().strip()
     assert re.fullmatch(r"dev-[0-9a-f]{12}", kept)
     assert make_agent(config, fake)[0].run() == 0
-    assert fake.devices == [kept, kept]
+    assert len(fake.hellos) == 2 and set(fake.devices) == {kept}  # check-ins and events alike
     assert make_agent(make_config(tmp_path, data_file, device_id="gw-1"), fake)[0].run() == 0
     assert fake.devices[-1] == "gw-1"
     assert (config.state_dir / DEVICE_ID_FILE).read_text().strip() == kept
@@ -914,3 +925,35 @@ def test_bad_policy_and_limits_in_the_config_file_are_refused(
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_agent_config(path, {})
+
+
+# ------------------------------------------------------------------ events
+
+
+def test_events_go_to_the_coordinator_after_a_check_in(tmp_path: Path, data_file: Path) -> None:
+    fake = FakeCoordinator([])
+    fake.checkins.append(fake.wait(1.0))
+    config = make_config(tmp_path, data_file, policy=parse_policy({"min_memory_mb": 1e9}))
+    agent, _ = make_agent(config, fake)
+    assert agent.run() == 0
+    kinds = [e.kind for e in fake.device_events]
+    assert kinds[:2] == ["start", "policy"]
+    assert fake.device_events[1].message.startswith("policy: not training now: memory available")
+
+
+def test_refused_events_are_kept_and_sent_later(tmp_path: Path, data_file: Path) -> None:
+    fake = FakeCoordinator([])
+    fake.checkins.extend([fake.wait(1.0)] * 3)
+    refusal = Response(429, {"content-type": "application/json"},
+                       b'{"error": "rate_limited", "detail": "slow down"}')
+    fake.overrides["events"].append(refusal)
+    clock = [0.0]
+
+    def tick() -> float:
+        clock[0] += 6.0
+        return clock[0]
+
+    agent, _ = make_agent(make_config(tmp_path, data_file), fake, clock=tick)
+    assert agent.run() == 0
+    starts = [e for e in fake.device_events if e.kind == "start"]
+    assert len(starts) == 2  # refused once, then sent again

@@ -51,11 +51,12 @@ def test_a_bad_entry_leaves_the_round_open(tmp_path: Path) -> None:
 
 
 def test_a_version_2_store_gains_the_ledger(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     with Store(tmp_path) as store:
         complete(store, 1, None)
     with contextlib.closing(sqlite3.connect(tmp_path / "fedge.db")) as conn, conn:
         conn.execute("DROP TABLE privacy_ledger")  # what a version-2 build left
+        conn.execute("DROP TABLE events")
         conn.execute("PRAGMA user_version=2")
     with Store(tmp_path) as store:
         assert store.last_complete_round() == 1
@@ -63,4 +64,4 @@ def test_a_version_2_store_gains_the_ledger(tmp_path: Path) -> None:
         complete(store, 2, entry(2))
         assert store.privacy_ledger() == [entry(2)]
     with contextlib.closing(sqlite3.connect(tmp_path / "fedge.db")) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

@@ -154,7 +154,7 @@ def schema_of(db: Path) -> dict[str, list[tuple[str, str]]]:
 
 
 def test_fresh_store_is_created_at_the_current_version(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 3  # 3 added the privacy ledger (tests/unit/test_privacy_store.py)
+    assert SCHEMA_VERSION == 4  # 3 added the privacy ledger, 4 the device events
     Store(tmp_path).close()
     assert user_version(tmp_path / "fedge.db") == SCHEMA_VERSION
     schema = schema_of(tmp_path / "fedge.db")

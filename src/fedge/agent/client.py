@@ -30,6 +30,8 @@ from fedge.wire import (
     CheckInReply,
     ErrorBody,
     EvalReport,
+    EventBatch,
+    EventsAck,
     UpdateAck,
     parse_message,
 )
@@ -111,6 +113,17 @@ class CoordinatorClient:
         if not served:
             raise ProtocolError("bad_payload", f"GET {path}: the params response carries no ETag")
         return ParamsReply(etag=served, body=r.body)
+
+    def send_events(self, batch: EventBatch) -> EventsAck:
+        """``POST /v1/events`` with a batch of device events.
+
+        Raises:
+            TransportError: no answer, or a 5xx.
+            RefusalError: a 4xx (``rate_limited``: send them later).
+            ProtocolError: the reply is not a valid :class:`~fedge.wire.EventsAck`.
+        """
+        r = self._call("POST", "/v1/events", content=batch.model_dump_json().encode(), json_body=True)
+        return parse_message(EventsAck, r.body)
 
     def send_abort(self, report: AbortReport) -> UpdateAck:
         """``POST /v1/rounds/{round}/abort``: this device stopped training the round, and why.

@@ -299,26 +299,24 @@ def _flag(value: object) -> bool:
     return value
 
 
-def _policy(value: object) -> Policy:
-    if isinstance(value, Policy):
-        return value
-    if not isinstance(value, dict):
-        raise _InvalidError(f"must be a table ([policy]), got {value!r}")
-    try:
-        return parse_policy(value, source="[policy]")
-    except ConfigError as e:
-        raise _InvalidError(str(e).removeprefix("[policy]: ")) from None
+def _table(name: str, kind: type[Any], parse: Callable[..., Any]) -> Callable[[object], Any]:
+    """The check of a ``[name]`` table: a ``kind`` value passes, a mapping is parsed."""
+
+    def check(value: object) -> Any:
+        if isinstance(value, kind):
+            return value
+        if not isinstance(value, dict):
+            raise _InvalidError(f"must be a table ([{name}]), got {value!r}")
+        try:
+            return parse(value, source=f"[{name}]")
+        except ConfigError as e:
+            raise _InvalidError(str(e).removeprefix(f"[{name}]: ")) from None
+
+    return check
 
 
-def _limits(value: object) -> Limits:
-    if isinstance(value, Limits):
-        return value
-    if not isinstance(value, dict):
-        raise _InvalidError(f"must be a table ([limits]), got {value!r}")
-    try:
-        return parse_limits(value, source="[limits]")
-    except ConfigError as e:
-        raise _InvalidError(str(e).removeprefix("[limits]: ")) from None
+_policy = _table("policy", Policy, parse_policy)
+_limits = _table("limits", Limits, parse_limits)
 
 
 _CHECKS: dict[str, Callable[[object], object]] = {

@@ -279,7 +279,8 @@ class MutualTlsTransport:
         self._token = None  # used up: never kept in memory longer than needed
         self.close()
         logger.info(
-            "enrolled as device %s; certificate in %s", self.identity.device_id, self.identity.cert_file
+            "enrolled as device %s; certificate in %s", self.identity.device_id, self.identity.cert_file,
+            extra={"event": "enrolment"},
         )
 
     def _renew(self, timeout_s: float) -> None:
@@ -299,7 +300,7 @@ class MutualTlsTransport:
             return
         self.identity.save(parse_message(EnrolReply, response.body))
         self.close()  # reconnect with the new certificate
-        logger.info("renewed this device's certificate")
+        logger.info("renewed this device's certificate", extra={"event": "renewal"})
 
 
 _JSON = {"content-type": "application/json", "x-fedge-protocol": str(PROTOCOL_VERSION)}

@@ -50,10 +50,12 @@ from types import FrameType
 from typing import TypeVar
 
 import numpy as np
+from pydantic import ValidationError
 
 from fedge import __version__
 from fedge.agent.client import CoordinatorClient, RefusalError
 from fedge.agent.config import AgentConfig
+from fedge.agent.events import EventHandler, EventLog
 from fedge.agent.monitor import Monitor, Readings
 from fedge.agent.policy import Verdict, verdict
 from fedge.agent.profile import ProfileCache
@@ -70,6 +72,7 @@ from fedge.wire import (
     AbortReport,
     CheckIn,
     EvalReport,
+    EventBatch,
     TaskInfo,
     TrainPlan,
     decode_params,
@@ -88,6 +91,9 @@ _WAIT_JITTER = 0.1
 _BODY_SLACK = 1024 * 1024
 # A metrics report holds at most this many names (EvalReport's limit).
 _MAX_METRICS = 64
+# Device events go in batches of at most this many, at most every _EVENT_EVERY_S unless a batch is full.
+_EVENT_BATCH = 50
+_EVENT_EVERY_S = 10.0
 # The capability benchmark's time bound (it trains one epoch of 256 synthetic examples).
 _BENCH_MAX_S = 10.0
 
@@ -215,6 +221,8 @@ class Agent:
         self._trainer = Trainer(config.limits, config.policy, self._monitor, rounds_today=self._count_today)
         self._profiles: ProfileCache | None = None
         self._last_verdict: Verdict | None = None
+        self.events = EventLog()
+        self._events_sent_at = -math.inf
 
     @property
     def stopping(self) -> bool:
@@ -243,6 +251,21 @@ class Agent:
                 malformed; the data file is missing or malformed; or the data
                 does not fit the task the coordinator announces.
         """
+        # Events are made from the agent's log records at INFO and above, whatever level the
+        # console shows (the CLI filters its own handler, not the loggers).
+        handler = EventHandler(self.events)
+        agent_logger = logging.getLogger("fedge.agent")
+        saved = agent_logger.level
+        if agent_logger.getEffectiveLevel() > logging.INFO:
+            agent_logger.setLevel(logging.INFO)
+        agent_logger.addHandler(handler)
+        try:
+            return self._run()
+        finally:
+            agent_logger.removeHandler(handler)
+            agent_logger.setLevel(saved)
+
+    def _run(self) -> int:
         with StateLock(self._config.state_dir):
             device_id = resolve_device_id(self._config.state_dir, self._config.device_id)
             self._rounds_today = RoundsToday(self._config.state_dir)
@@ -251,6 +274,7 @@ class Agent:
             logger.info(
                 "agent %s: %d examples from %s; coordinator %s",
                 device_id, len(data), self._config.data, self._config.coordinator,
+                extra={"event": "start"},
             )
             client = CoordinatorClient(
                 self._transport, device_id=device_id, timeout_s=self._config.request_timeout_s
@@ -276,6 +300,7 @@ class Agent:
                 self._retry_later("unusable check-in reply", e, level=logging.ERROR)
                 continue
             received_at = self._clock()
+            self._send_events(session)
             if reply.action != "train":
                 # A train reply resets the count only once its round ends well, so a
                 # coordinator that answers check-ins but fails uploads is not hammered.
@@ -352,7 +377,7 @@ class Agent:
             )
         except TrainingStopped as stop:
             self._finished = _key(plan)
-            logger.warning("%s: training stopped: %s", label, stop)
+            logger.warning("%s: training stopped: %s", label, stop, extra={"event": "abort"})
             session.client.send_abort(AbortReport(round=plan.round, attempt=plan.attempt,
                                                   reasons=[r[:200] for r in stop.reasons[:16]]))
             return
@@ -435,6 +460,28 @@ class Agent:
 
     # ------------------------------------------------------------ runtime
 
+    def _send_events(self, session: _Session) -> None:
+        """Send queued events after a check-in: a batch when 50 wait or 10 s have passed.
+
+        A refused or failed batch goes back to the queue; events never hold up a round.
+        """
+        now = self._clock()
+        waiting = len(self.events)
+        if not waiting or (waiting < _EVENT_BATCH and now - self._events_sent_at < _EVENT_EVERY_S):
+            return
+        batch = self.events.take(_EVENT_BATCH)
+        self._events_sent_at = now
+        try:
+            message = EventBatch.model_validate({"events": batch})
+        except ValidationError as e:  # cannot happen with EventLog's events; never worth a crash
+            logger.debug("dropping a malformed event batch: %s", e)
+            return
+        try:
+            session.client.send_events(message)
+        except (TransportError, RefusalError, ProtocolError) as e:
+            self.events.put_back(batch)
+            logger.debug("events not sent (%s); kept for later", e)
+
     def _own_cpu_s(self) -> float:
         t = os.times()
         return t.user + t.system + t.children_user + t.children_system + self._trainer.child_cpu_s()
@@ -449,9 +496,10 @@ class Agent:
         last, self._last_verdict = self._last_verdict, v
         if last is None or (last.ok, last.reasons) != (v.ok, v.reasons):
             if v.ok:
-                logger.info("policy: training allowed%s", f" ({'; '.join(v.notes)})" if v.notes else "")
+                logger.info("policy: training allowed%s", f" ({'; '.join(v.notes)})" if v.notes else "",
+                            extra={"event": "policy"})
             else:
-                logger.info("policy: not training now: %s", "; ".join(v.reasons))
+                logger.info("policy: not training now: %s", "; ".join(v.reasons), extra={"event": "policy"})
         return CheckIn(num_examples=len(session.data), ready=v.ok, profile=self._profile_fields(readings, v))
 
     def _profile_fields(self, readings: Readings, v: Verdict) -> dict[str, str | int | float | bool]:

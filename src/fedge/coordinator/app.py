@@ -23,11 +23,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, make_asgi_app
+from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedge import __version__
 from fedge.coordinator.identity import Identity
+from fedge.coordinator.metrics import CoordinatorCollector
 from fedge.coordinator.service import Coordinator
 from fedge.errors import ProtocolError
 from fedge.wire import (
@@ -40,6 +41,8 @@ from fedge.wire import (
     EnrolReply,
     EnrolRequest,
     EvalReport,
+    EventBatch,
+    EventsAck,
     Message,
     RenewRequest,
     TokenReply,
@@ -136,17 +139,7 @@ def create_app(
     the process should then exit and be restarted, resuming from the store.
     """
     registry = CollectorRegistry()
-    refusals = Counter("fedge_refusals_total", "Requests refused, by error code", ["code"], registry=registry)
-    rounds_complete = Gauge("fedge_rounds_complete", "Rounds completed so far", registry=registry)
-    rounds_complete.set_function(lambda: coordinator.state.round)
-    if coordinator.privacy is not None:
-        privacy = coordinator.privacy
-        epsilon = Gauge("fedge_privacy_epsilon", "Epsilon spent so far, at fedge_privacy_delta",
-                        registry=registry)
-        epsilon.set_function(lambda: privacy.epsilon)
-        Gauge("fedge_privacy_delta", "Delta of the reported epsilon", registry=registry).set(
-            privacy.config.delta)
-    coordinator.on_refusal = lambda code: refusals.labels(code=code).inc()
+    registry.register(CoordinatorCollector(coordinator))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -260,6 +253,23 @@ def create_app(
         """Progress: rounds complete, the open round, devices, history, refusals (admin)."""
         admin(request)
         return coordinator.status()
+
+    @app.post("/v1/events", response_model=EventsAck, openapi_extra=_schema(EventBatch))
+    async def events(request: Request) -> Response:
+        """A device's batch of notable events (policy skips, aborts, errors, enrolment, renewal)."""
+        device = device_identity(request, identity)
+        batch = parse_message(EventBatch, await read_body(request, _JSON_LIMIT))
+        return _json(coordinator.submit_events(device, batch))
+
+    @app.get("/v1/admin/events")
+    async def list_events(request: Request, device: str | None = None, since: float | None = None,
+                          limit: int = 200) -> list[dict[str, object]]:
+        """Admin: the latest events, newest last; ``device`` and ``since`` (unix time) narrow them."""
+        admin(request)
+        if not 1 <= limit <= 10_000:
+            raise _refusal("bad_request", f"limit must be between 1 and 10000, got {limit}")
+        rows = coordinator.store.events(device_id=device, since=since, limit=limit)
+        return [row.to_json() for row in rows]
 
     if identity is not None:
         _add_identity_routes(app, identity, admin)

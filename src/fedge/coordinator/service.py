@@ -53,6 +53,8 @@ from fedge.wire import (
     CheckIn,
     CheckInReply,
     EvalReport,
+    EventBatch,
+    EventsAck,
     TaskInfo,
     TrainPlan,
     UpdateAck,
@@ -71,6 +73,9 @@ _INIT, _SELECT = 1, 2
 
 
 _STORE_SEEN_S = 60.0
+# Device events: each device may send this many a minute on average, in bursts of EVENTS_BURST.
+EVENTS_PER_MINUTE = 120
+EVENTS_BURST = 200
 
 
 @dataclass
@@ -146,11 +151,11 @@ class Coordinator:
         self.devices: dict[str, _Device] = {}
         self.open: _OpenRound | None = None
         self.refusals: dict[str, int] = dict.fromkeys(REFUSALS, 0)
-        self.on_refusal: Callable[[str], None] | None = None
         self._wake = asyncio.Event()
         self._last_dropped: frozenset[str] = frozenset()
         # For deadline-aware selection: each device's last round trip, and its last invitation.
         self._round_trip_s: dict[str, float] = {}
+        self._event_buckets: dict[str, list[float]] = {}  # device -> [tokens, last refill]
         self._last_invited: dict[str, int] = {}
         self._jitter = random.Random(config.seed)
         self._warm_up()
@@ -237,8 +242,6 @@ class Coordinator:
     def refuse(self, error: ProtocolError, device_id: str | None, round_id: int | None) -> None:
         """Count and record a refusal (the app sends the error back)."""
         self.refusals[error.reason] = self.refusals.get(error.reason, 0) + 1
-        if self.on_refusal is not None:
-            self.on_refusal(error.reason)
         try:
             self.store.record_refusal(
                 code=error.reason, device_id=device_id, round=round_id, at=self._clock()
@@ -371,8 +374,31 @@ class Coordinator:
             self._wake.set()
         return UpdateAck(round=round_id, attempt=rnd.attempt)
 
-    def submit_eval(self, device_id: str, round_id: int, report: EvalReport) -> UpdateAck:
-        """Record a device's evaluation of the round's params on its own data."""
+    def submit_events(self, device_id: str, batch: EventBatch) -> EventsAck:
+        """Store a device's events, within its rate: ``EVENTS_PER_MINUTE`` on average, bursts of
+        ``EVENTS_BURST``. A batch over the rate is refused whole (429), so a device never floods
+        the store; the agent keeps its events and sends them later."""
+        now = self._clock()
+        bucket = self._event_buckets.get(device_id)
+        if bucket is None:
+            bucket = self._event_buckets[device_id] = [float(EVENTS_BURST), now]
+        tokens = min(float(EVENTS_BURST), bucket[0] + (now - bucket[1]) * EVENTS_PER_MINUTE / 60.0)
+        bucket[1] = now
+        if len(batch.events) > tokens:
+            bucket[0] = tokens
+            raise ProtocolError(
+                "rate_limited",
+                f"device {device_id} sent more than {EVENTS_PER_MINUTE} events a minute; send them later",
+                REFUSALS["rate_limited"],
+            )
+        bucket[0] = tokens - len(batch.events)
+        self.store.record_events(
+            device_id, [(e.at, e.kind, e.level, e.message, e.fields) for e in batch.events], received_at=now
+        )
+        return EventsAck(stored=len(batch.events))
+
+    def _report_round(self, device_id: str, round_id: int, report: EvalReport | AbortReport) -> _OpenRound:
+        """The open round a device's JSON report is for; refused unless its round and attempt match."""
         rnd = self._round_for(device_id, round_id)
         if report.round != round_id:
             raise ProtocolError(
@@ -382,6 +408,11 @@ class Coordinator:
             raise ProtocolError(
                 "closed", f"round {round_id} attempt {report.attempt} has ended", REFUSALS["closed"]
             )
+        return rnd
+
+    def submit_eval(self, device_id: str, round_id: int, report: EvalReport) -> UpdateAck:
+        """Record a device's evaluation of the round's params on its own data."""
+        rnd = self._report_round(device_id, round_id, report)
         if device_id in rnd.evaluated:
             raise ProtocolError(
                 "duplicate",
@@ -406,15 +437,7 @@ class Coordinator:
         The round closes as soon as every invited device has reported or
         stopped, instead of waiting for the deadline.
         """
-        rnd = self._round_for(device_id, round_id)
-        if report.round != round_id:
-            raise ProtocolError(
-                "bad_request", f"the report is for round {report.round}, sent to round {round_id}"
-            )
-        if report.attempt != rnd.attempt:
-            raise ProtocolError(
-                "closed", f"round {round_id} attempt {report.attempt} has ended", REFUSALS["closed"]
-            )
+        rnd = self._report_round(device_id, round_id, report)
         if device_id in rnd.round.reported or device_id in rnd.aborted:
             raise ProtocolError(
                 "duplicate", f"device {device_id} already reported to round {round_id}", REFUSALS["duplicate"]
@@ -470,6 +493,15 @@ class Coordinator:
             logger.info("training complete: %d rounds", self.state.round)
         if on_done is not None:
             on_done()
+
+    def clock(self) -> float:
+        """The coordinator's clock (wall-clock seconds; a test's own clock in tests)."""
+        return self._clock()
+
+    def online(self, now: float) -> list[str]:
+        """Devices that checked in recently (within three check-in periods, 10 s at least)."""
+        horizon = now - max(3 * self.config.wait_s, 10.0)
+        return sorted(d for d, s in self.devices.items() if s.last_seen >= horizon)
 
     def available(self, now: float) -> list[str]:
         """Devices that checked in recently, say they may train, and hold data."""
