@@ -88,8 +88,9 @@ def _add_simulate(sub: Any) -> None:
     g.add_argument("--mu", type=_fraction, help="FedProx proximal coefficient "
                    "(default 0; 0.01 with --strategy fedprox)")
     g = p.add_argument_group("server")
-    g.add_argument("--strategy", help="fedavg, fedavgm, fedadagrad, fedadam, fedyogi or fedprox "
-                   "(default fedavg)")
+    g.add_argument("--strategy", help="fedavg, fedavgm, fedadagrad, fedadam, fedyogi, fedprox, or a "
+                   "robust rule: median, trimmed-mean[:BETA], krum, multi-krum[:M], bulyan, "
+                   "norm-bound:M[:INNER] (default fedavg; see docs/robustness.md)")
     g.add_argument("--server-lr", type=_fraction, help="server learning rate (default: the "
                    "strategy's: 1 for fedavg/fedavgm/fedprox, 0.1 fedadagrad, 0.01 fedadam/fedyogi)")
     g.add_argument("--strategy-option", type=_option, action="append", dest="strategy_options",
@@ -109,6 +110,11 @@ def _add_simulate(sub: Any) -> None:
     g.add_argument("--epsilon-budget", type=_fraction, metavar="E",
                    help="stop before a round that would take epsilon past E (default: --target-epsilon)")
     g.add_argument("--accountant", choices=["rdp", "pld"], help="privacy accountant (default rdp)")
+    g = p.add_argument_group("attack")
+    g.add_argument("--attack", metavar="SPEC", help="what malicious devices do: sign-flip:SCALE, "
+                   "scale:FACTOR, gaussian:SIGMA or label-flip (default: no attack)")
+    g.add_argument("--malicious", type=_fraction, metavar="FRACTION",
+                   help="fraction of devices that are malicious, drawn from the seed (with --attack)")
     g = p.add_argument_group("device heterogeneity and the virtual clock (docs/simulator.md)")
     g.add_argument("--profiles", metavar="SPEC|FILE",
                    help="device profiles: lognormal-speed:SPREAD[:MEDIAN], diurnal[:HOURS], dropout:P, "

@@ -1,6 +1,14 @@
 """The contract every strategy in ``fedge.strategies.STRATEGIES`` must pass, then
 known answers per strategy and the name registry.
 
+The robust rules (median, trimmed mean, Krum, Multi-Krum, Bulyan) need a
+minimum number of updates for their condition on malicious devices, so the
+contract feeds every round at least :func:`fedge.strategies.min_updates`
+updates (copies of the same delta where the test is about one delta). They
+give each device an equal vote and keep every update, so the weighting and
+memory checks follow the strategy's ``needs_every_update``. Their own known
+answers and refusals are in ``test_robust.py``.
+
 The known answers follow Reddi et al., "Adaptive Federated Optimization"
 (ICLR 2021), Algorithm 2: no bias correction, ``v`` starts at ``tau ** 2``,
 ``x <- x + lr * m / (sqrt(v) + tau)`` with the mean delta as pseudo-gradient.
@@ -24,7 +32,16 @@ from fedge.strategies import (
     ServerState,
     Strategy,
     build_strategy,
+    min_updates,
     strategy_options,
+)
+
+# Every registered name, with its ':ARG' where it needs one; a few specs twice
+# with another argument (a robust rule around FedAvg's server step, norm
+# bounding around a robust rule).
+CONTRACT_SPECS = sorted(
+    [n for n in STRATEGIES if n != "norm-bound"]
+    + ["trimmed-mean:0.1", "multi-krum:2", "norm-bound:100", "norm-bound:100:median"]
 )
 
 
@@ -35,7 +52,12 @@ def aggregate(strategy: Strategy, template: Params, *updates: tuple[Params, floa
     return acc.result()
 
 
-@pytest.fixture(params=sorted(STRATEGIES))
+def a_round_of(strategy: Strategy, template: Params, delta: Params, weight: float) -> Aggregate:
+    """A round in which every device sent ``delta``: as many as the strategy needs (FedAvg: one)."""
+    return aggregate(strategy, template, *[(delta, weight)] * min_updates(strategy))
+
+
+@pytest.fixture(params=CONTRACT_SPECS)
 def strategy(request: pytest.FixtureRequest) -> Strategy:
     return build_strategy(request.param)
 
@@ -64,6 +86,12 @@ def test_is_a_strategy_with_its_registry_name(strategy: Strategy, params: Params
     assert strategy.name in STRATEGIES
     assert isinstance(strategy.accumulator(params), Accumulator)
     assert strategy.device_mu >= 0
+    # What other parts read (secure aggregation, memory planning): one rule
+    # cannot both need every update and work on their sum alone.
+    assert isinstance(strategy.needs_every_update, bool)  # type: ignore[attr-defined]
+    assert isinstance(strategy.secagg_compatible, bool)  # type: ignore[attr-defined]
+    assert strategy.secagg_compatible is not strategy.needs_every_update  # type: ignore[attr-defined]
+    assert min_updates(strategy) >= 1
 
 
 def test_init_copies_params(strategy: Strategy, params: Params) -> None:
@@ -87,7 +115,7 @@ def test_init_keeps_names_shapes_and_dtypes(strategy: Strategy, params: Params) 
 def test_mean_of_identical_deltas_is_that_delta(strategy: Strategy, params: Params) -> None:
     d = delta_of(1.0)
     many = aggregate(strategy, params, (d, 1.0), (d, 2.0), (d, 5.0))
-    one = aggregate(strategy, params, (d, 1.0))
+    one = a_round_of(strategy, params, d, 1.0)
     assert many.count == 3 and many.total_weight == 8.0
     assert_params_close(many.delta, d)
     state = strategy.init(params)
@@ -99,14 +127,14 @@ def test_zero_delta_leaves_params_unchanged_on_first_round(
 ) -> None:
     zero = {k: np.zeros_like(v) for k, v in params.items()}
     state = strategy.init(params)
-    new = strategy.apply(state, aggregate(strategy, params, (zero, 3.0)))
+    new = strategy.apply(state, a_round_of(strategy, params, zero, 3.0))
     assert_params_equal(new.params, params)
 
 
 def test_nonzero_delta_moves_params_along_its_sign(strategy: Strategy, params: Params) -> None:
     # Every rule here steps in the direction of the (first) mean delta.
     d = delta_of(1.0)
-    new = strategy.apply(strategy.init(params), aggregate(strategy, params, (d, 1.0)))
+    new = strategy.apply(strategy.init(params), a_round_of(strategy, params, d, 1.0))
     for k in params:
         moved = new.params[k].astype(np.float64) - params[k]
         assert np.all(np.sign(moved) == np.sign(d[k])), k
@@ -141,19 +169,23 @@ def test_merge_equals_adding_everything_into_one(strategy: Strategy, params: Par
 def test_merge_of_an_empty_accumulator_changes_nothing(
     strategy: Strategy, params: Params
 ) -> None:
+    k = min_updates(strategy)
     acc = strategy.accumulator(params)
-    acc.add(delta_of(1.0), 4.0)
+    for _ in range(k):
+        acc.add(delta_of(1.0), 4.0)
     acc.merge(strategy.accumulator(params))
     result = acc.result()
-    assert result.count == 1 and result.total_weight == 4.0
+    assert result.count == k and result.total_weight == 4.0 * k
     assert_params_close(result.delta, delta_of(1.0))
     empty = strategy.accumulator(params)
     empty.merge(acc)
-    assert empty.count == 1
+    assert empty.count == k
     assert_params_close(empty.result().delta, delta_of(1.0))
 
 
 def test_weights_act_as_example_counts(strategy: Strategy, params: Params) -> None:
+    if strategy.needs_every_update:  # type: ignore[attr-defined]
+        pytest.skip("a robust rule gives every device one vote: see the next test")
     d1, d2 = delta_of(1.0), delta_of(-2.0)
     agg = aggregate(strategy, params, (d1, 1.0), (d2, 3.0))
     assert agg.total_weight == 4.0
@@ -164,31 +196,52 @@ def test_weights_act_as_example_counts(strategy: Strategy, params: Params) -> No
     assert agg.delta["w"][0, 0] == pytest.approx(-0.125)
 
 
-def test_accumulator_memory_is_o_model(strategy: Strategy) -> None:
+def test_robust_rules_ignore_example_weights(strategy: Strategy, params: Params) -> None:
+    # Devices report their own example counts, so a rule meant to withstand
+    # malicious devices must not let a claimed count buy influence.
+    if not strategy.needs_every_update:  # type: ignore[attr-defined]
+        pytest.skip("weighted by example counts: see the previous test")
+    updates = [delta_of(1.0), delta_of(-2.0), delta_of(0.25)]
+    weighted = aggregate(strategy, params, *zip(updates, [1.0, 30.0, 5.0], strict=True))
+    equal = aggregate(strategy, params, *((u, 1.0) for u in updates))
+    assert weighted.total_weight == 36.0 and weighted.count == 3
+    assert_params_close(weighted.delta, equal.delta)
+
+
+def test_accumulator_memory_is_as_declared(strategy: Strategy) -> None:
+    # O(model) for the streaming rules; the robust rules keep every update
+    # (O(count x model), as ``needs_every_update`` declares), and no more.
     n = 10_000
     template = {"w": np.zeros(n, dtype=np.float32)}
     model_bytes = template["w"].nbytes
     base = np.linspace(-1.0, 1.0, n, dtype=np.float32)
+    keeps_all = strategy.needs_every_update  # type: ignore[attr-defined]
+    count = 200 if keeps_all else 1000
     acc = strategy.accumulator(template)
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
         start, _ = tracemalloc.get_traced_memory()
-        for i in range(1000):
-            # A fresh array each time: an accumulator that kept its inputs would hold 1000.
+        for i in range(count):
+            # A fresh array each time: an accumulator that kept its inputs would hold them all.
             acc.add({"w": base * np.float32(i % 7 + 1)}, 1.0 + i % 3)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert acc.count == 1000
-    assert peak - start < 6 * model_bytes, (peak - start) / model_bytes
+    assert acc.count == count
+    used = (peak - start) / model_bytes
+    if keeps_all:
+        assert count * 0.99 < used < count + 6, used
+    else:
+        assert used < 6, used
 
 
 def test_apply_never_mutates_its_inputs(strategy: Strategy, params: Params) -> None:
     state = strategy.init(params)
     # Two rounds, so that optimizer slots hold non-trivial values.
-    state = strategy.apply(state, aggregate(strategy, params, (delta_of(1.0), 1.0)))
-    agg = aggregate(strategy, params, (delta_of(-2.0), 1.0), (delta_of(0.5), 2.0))
+    state = strategy.apply(state, a_round_of(strategy, params, delta_of(1.0), 1.0))
+    agg = aggregate(strategy, params, (delta_of(-2.0), 1.0), (delta_of(0.5), 2.0),
+                    (delta_of(0.25), 1.0))
     params_before = deep_copy(state.params)
     slots_before = {name: deep_copy(slot) for name, slot in state.opt_state.items()}
     delta_before = deep_copy(agg.delta)
@@ -207,7 +260,7 @@ def test_apply_never_mutates_its_inputs(strategy: Strategy, params: Params) -> N
 
 def test_apply_is_deterministic(strategy: Strategy, params: Params) -> None:
     state = strategy.init(params)
-    agg = aggregate(strategy, params, (delta_of(1.0), 1.0))
+    agg = a_round_of(strategy, params, delta_of(1.0), 1.0)
     assert_params_equal(strategy.apply(state, agg).params, strategy.apply(state, agg).params)
 
 
@@ -215,14 +268,14 @@ def test_round_increments(strategy: Strategy, params: Params) -> None:
     state = strategy.init(params)
     assert state.round == 0
     for expected in (1, 2, 3):
-        state = strategy.apply(state, aggregate(strategy, params, (delta_of(1.0), 1.0)))
+        state = strategy.apply(state, a_round_of(strategy, params, delta_of(1.0), 1.0))
         assert state.round == expected
 
 
 def test_params_keep_their_dtype(strategy: Strategy, params: Params) -> None:
     state = strategy.init(params)
     for _ in range(2):
-        state = strategy.apply(state, aggregate(strategy, params, (delta_of(1.0), 1.0)))
+        state = strategy.apply(state, a_round_of(strategy, params, delta_of(1.0), 1.0))
     for k in params:
         assert state.params[k].dtype == np.float32, k
 
@@ -276,7 +329,9 @@ def test_add_refuses_a_bad_weight(strategy: Strategy, params: Params, weight: fl
     with pytest.raises(ValueError, match="weight"):
         acc.add(delta_of(1.0), weight)
     assert acc.count == 0
-    acc.add(delta_of(1.0), 1.0)  # the accumulator still works, and holds only this
+    for _ in range(min_updates(strategy)):  # the accumulator still works, and holds only these
+        acc.add(delta_of(1.0), 1.0)
+    assert acc.count == min_updates(strategy)
     assert_params_close(acc.result().delta, delta_of(1.0))
 
 
@@ -421,7 +476,7 @@ def test_fedprox_exposes_device_mu_and_otherwise_equals_fedavg(params: Params) -
     assert dict(prox.init(params).opt_state) == {}
 
 
-@pytest.mark.parametrize("name", sorted(set(STRATEGIES) - {"fedprox"}))
+@pytest.mark.parametrize("name", sorted(set(CONTRACT_SPECS) - {"fedprox"}))
 def test_only_fedprox_asks_for_a_proximal_term(name: str) -> None:
     assert build_strategy(name).device_mu == 0.0
 
@@ -434,12 +489,15 @@ def test_fedprox_accepts_mu_zero() -> None:
 
 
 def test_registry_names() -> None:
-    assert set(STRATEGIES) == {"fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox"}
+    assert set(STRATEGIES) == {
+        "fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox",
+        "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "norm-bound",
+    }
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_build_by_name_gives_that_strategy(name: str) -> None:
-    assert build_strategy(name).name == name
+@pytest.mark.parametrize("spec", CONTRACT_SPECS)
+def test_build_by_name_gives_that_strategy(spec: str) -> None:
+    assert build_strategy(spec).name == spec.partition(":")[0]
 
 
 def test_unknown_strategy_lists_known_names() -> None:
@@ -519,9 +577,18 @@ def test_strategy_options_returns_defaults() -> None:
     }
     assert strategy_options("fedyogi") == strategy_options("fedadam")
     assert strategy_options("fedprox") == {"mu": 0.01, "server_lr": 1.0}
+    assert strategy_options("median") == {"f": 0.0, "server_lr": 1.0}
+    assert strategy_options("krum") == strategy_options("bulyan") == strategy_options("median")
+    assert strategy_options("trimmed-mean") == {"beta": 0.2, "f": 0.0, "server_lr": 1.0}
+    assert strategy_options("multi-krum") == {"m": 0.0, "f": 0.0, "server_lr": 1.0}
+    # norm-bound's own options, and those of the strategy it wraps.
+    assert strategy_options("norm-bound:1") == {"noise": 0.0, "seed": 0.0, "server_lr": 1.0}
+    assert strategy_options("norm-bound:1:krum") == {
+        "noise": 0.0, "seed": 0.0, "f": 0.0, "server_lr": 1.0,
+    }
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", CONTRACT_SPECS)
 def test_every_default_option_builds(name: str) -> None:
     # Passing each default explicitly is the same as passing nothing.
     assert build_strategy(name, strategy_options(name)) == build_strategy(name)

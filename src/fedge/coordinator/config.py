@@ -9,8 +9,8 @@ The file has up to seven tables; every key is optional except the task's shape
     num_classes = 10           #   and the model evaluated on it after each round
 
     [strategy]
-    name = "fedavg"            # any simulator strategy
-    options = { server_lr = 1.0 }
+    name = "fedavg"            # any simulator strategy, e.g. "trimmed-mean:0.2", "norm-bound:1"
+    options = { server_lr = 1.0 }  # a robust rule's f: { f = 2 } (malicious devices per round)
 
     [rounds]
     count = 20                 # rounds to complete
@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 from fedge.errors import ConfigError
 from fedge.rounds import SELECTIONS
 from fedge.sim.config import coerce_fields, load_toml
+from fedge.strategies import build_strategy, check_cohort, min_updates
 
 if TYPE_CHECKING:
     from fedge.privacy.session import PrivacyConfig
@@ -197,6 +198,7 @@ class CoordinatorConfig:
                 "task.num_features and task.num_classes are required unless task.eval_data names "
                 "a data file to read them from"
             )
+        _check_strategy(self)
         self.privacy  # noqa: B018 - checks the [privacy] table now
 
     @property
@@ -246,6 +248,28 @@ class CoordinatorConfig:
         d = dataclasses.asdict(self)
         d["strategy_options"] = dict(self.strategy_options)
         return d
+
+
+def _check_strategy(config: CoordinatorConfig) -> None:
+    """Build the strategy once so a bad name or option, or a robust rule's condition on
+    malicious devices that the round sizes break, fails at load and not at round 1.
+
+    A round is aggregated from as few as ``min_updates`` updates, so that is
+    the ``n`` the rule's f-condition must hold for; ``min_devices`` must allow
+    a cohort that large too.
+    """
+    options = dict(config.strategy_options)
+    if config.strategy == "fedprox" and config.mu is not None:
+        options["mu"] = config.mu
+    strategy = build_strategy(config.strategy, options)
+    n = config.effective_min_updates
+    check_cohort(strategy, n, what=f"rounds.min_updates (a round may close with {n} updates)")
+    need = min_updates(strategy)
+    if config.effective_min_devices < need:
+        raise ConfigError(
+            f"rounds.min_devices ({config.effective_min_devices}) must be at least the {need} "
+            f"updates strategy {config.strategy} needs per round"
+        )
 
 
 def _at_least(name: str, value: int, low: int) -> None:

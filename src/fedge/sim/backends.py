@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from fedge.data.dataset import Dataset, DataSpec
 from fedge.errors import BackendError, ConfigError, DataError, FedgeError, TaskError
 from fedge.params import Params
+from fedge.sim.attacks import Attack
 from fedge.sim.devices import DeviceJob, DeviceRunner, PartialRound
 from fedge.strategies.base import Strategy
 from fedge.tasks import load_task
@@ -97,10 +98,10 @@ def _worker_main(conn: Connection) -> None:
     the driver can raise the same kind of error in its own process.
     """
     try:
-        task_name, spec, strategy, base, seed, datasets = conn.recv()
+        task_name, spec, strategy, base, seed, datasets, attack = conn.recv()
         runner = DeviceRunner(
             task=load_task(task_name, spec), strategy=strategy, datasets=datasets,
-            base_config=base, seed=seed,
+            base_config=base, seed=seed, attack=attack,
         )
         conn.send(("ready", None))
         while True:
@@ -165,6 +166,7 @@ class ProcessBackend:
         base_config: TrainConfig,
         seed: int,
         workers: int,
+        attack: Attack | None = None,
     ) -> None:
         self.workers = max(1, min(workers, len(datasets)))
         ctx = mp.get_context("spawn")
@@ -184,7 +186,7 @@ class ProcessBackend:
                 mine: Mapping[int, Dataset] = {
                     d: ds for d, ds in enumerate(datasets) if d % self.workers == w
                 }
-                conn.send((task_name, spec, strategy, base_config, seed, mine))
+                conn.send((task_name, spec, strategy, base_config, seed, mine, attack))
             for w in range(self.workers):
                 self._receive(w)
         except BaseException:
@@ -246,15 +248,16 @@ def build_backend(
     base_config: TrainConfig,
     seed: int,
     workers: int | None,
+    attack: Attack | None = None,
 ) -> Backend:
     """The backend called ``name`` (``inline`` or ``processes``), ready for rounds."""
     if name == "inline":
         runner = DeviceRunner(task=task, strategy=strategy, datasets=dict(enumerate(datasets)),
-                              base_config=base_config, seed=seed)
+                              base_config=base_config, seed=seed, attack=attack)
         return InlineBackend(runner)
     return ProcessBackend(
         task_name=task_name, spec=spec, strategy=strategy, datasets=datasets,
-        base_config=base_config, seed=seed, workers=workers or _usable_cores(),
+        base_config=base_config, seed=seed, workers=workers or _usable_cores(), attack=attack,
     )
 
 

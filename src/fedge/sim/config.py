@@ -63,6 +63,8 @@ class SimConfig:
     ray_on_failure: str = "retry"
     eval_every: int = 1
     seed: int = 0
+    attack: str | None = None
+    malicious: float = 0.0
     # Device heterogeneity and the virtual clock (sim/profiles.py).
     profiles: str | None = None
     deadline_s: float | None = None
@@ -138,6 +140,7 @@ class SimConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
         self._check_ray()
+        _check_attack(self.attack, self.malicious)
         self.privacy  # noqa: B018 - checks the DP settings now, before any round
 
     def _check_ray(self) -> None:
@@ -206,6 +209,20 @@ def _check_int(name: str, value: object, *, low: int, high: int | None = None) -
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"between {low} and {high}"
         raise ConfigError(f"{flag} must be {bound}, got {value}")
+
+
+def _check_attack(attack: str | None, malicious: float) -> None:
+    from fedge.sim.attacks import parse_attack
+
+    if not (math.isfinite(malicious) and 0 <= malicious < 1):
+        raise ConfigError(f"--malicious must be a fraction in [0, 1), got {malicious}")
+    if attack is None and malicious > 0:
+        raise ConfigError("--malicious needs --attack: say what the malicious devices do")
+    if attack is not None:
+        parse_attack(attack)
+        if malicious == 0:
+            raise ConfigError("--attack needs --malicious FRACTION > 0: the share of devices "
+                              "that attack")
 
 
 def _check_positive(name: str, value: float) -> None:

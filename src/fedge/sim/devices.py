@@ -22,6 +22,7 @@ from fedge.data.dataset import Dataset
 from fedge.errors import TaskError
 from fedge.params import Params
 from fedge.privacy.mechanisms import DevicePrivacy, privatize_update
+from fedge.sim.attacks import Attack
 from fedge.strategies.base import Accumulator, Strategy
 from fedge.tasks.base import Task, TrainConfig
 
@@ -82,8 +83,10 @@ class DeviceRunner:
         datasets: Mapping[int, Dataset],
         base_config: TrainConfig,
         seed: int,
+        attack: Attack | None = None,
     ) -> None:
         self._task = task
+        self._attack = attack
         self._strategy = strategy
         self._datasets = datasets
         self._base = base_config
@@ -138,6 +141,8 @@ class DeviceRunner:
                 delta = P.subtract(result.params, params)
             except (ValueError, TypeError, AttributeError) as e:
                 raise TaskError(f"task train returned malformed params: {e}") from e
+            if self._attack is not None:  # a malicious device's update (sim/attacks.py)
+                delta = self._attack.apply(job.device_id, delta, rng)
             if not all(np.isfinite(v).all() for v in delta.values()):
                 out.rejected.append(job.device_id)
                 continue

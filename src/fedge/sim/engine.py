@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,13 +28,21 @@ from fedge.params import Params
 from fedge.privacy.session import PrivacySession
 from fedge.rounds import Round, RoundState, choose_stragglers, select_cohort, select_within_deadline
 from fedge.secagg import SecAggError
+from fedge.sim.attacks import Attack, choose_malicious, flip_labels, parse_attack
 from fedge.sim.backend_choice import choose_backend
 from fedge.sim.backends import Backend, build_backend
 from fedge.sim.config import SimConfig
 from fedge.sim.devices import DeviceJob
 from fedge.sim.profiles import FleetModel, build_profiles
 from fedge.sim.secagg import SimSecAgg
-from fedge.strategies import ServerState, Strategy, build_strategy
+from fedge.strategies import (
+    ServerState,
+    Strategy,
+    build_strategy,
+    check_cohort,
+    min_updates,
+    strategy_options,
+)
 from fedge.tasks import load_task
 from fedge.tasks.base import Task, TrainConfig
 
@@ -66,6 +75,7 @@ class RoundRecord:
     epsilon: float | None = None  # DP: epsilon spent after this round, at the run's delta
     clip_norm: float | None = None  # DP: the clip norm this round used
     sim_time_s: float | None = None  # --profiles: the virtual clock when the round ended
+    malicious: int | None = None  # malicious devices among the reporters, when attacked
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -79,6 +89,8 @@ class RoundRecord:
             "train_loss": self.train_loss,
             "elapsed_s": round(self.elapsed_s, 6),
         }
+        if self.malicious is not None:
+            out["malicious"] = self.malicious
         if self.epsilon is not None:
             out["epsilon"] = self.epsilon
             out["clip_norm"] = self.clip_norm
@@ -100,6 +112,7 @@ class SimResult:
     num_devices: int
     num_examples: int
     timing: dict[str, float] = field(default_factory=dict)
+    attack: dict[str, Any] | None = None
     privacy: dict[str, Any] | None = None
     stopped: str | None = None  # why the run ended before its last round (the privacy budget)
     fleet: dict[str, Any] | None = None  # --profiles: simulated time and participation
@@ -125,6 +138,7 @@ class SimResult:
             "backend": {"name": self.backend, **self.backend_info},
             "timing": {k: round(v, 4) for k, v in self.timing.items()},
             "config": self.config.to_dict(),
+            **({"attack": self.attack} if self.attack is not None else {}),
             "epsilon": None if self.privacy is None else self.privacy["epsilon"],
             "delta": None if self.privacy is None else self.privacy["delta"],
             "privacy": self.privacy,
@@ -150,8 +164,17 @@ class Simulation:
         n = len(self.data.devices)
         if config.cohort is not None and config.cohort > n:
             raise ConfigError(f"--cohort {config.cohort} is larger than the {n} devices")
+        self.attack: Attack | None = None
+        if config.attack is not None:
+            self.attack = Attack(parse_attack(config.attack),
+                                 choose_malicious(n, config.malicious, config.seed))
+            if self.attack.spec.changes_data:
+                self.data = flip_labels(self.data, self.attack.malicious)
         self.task: Task = load_task(config.task, self.data.spec)
-        self.strategy: Strategy = _strategy_of(config)
+        invited, updates, what = _expected_cohort(config, n)
+        self.strategy: Strategy = _strategy_of(config, self.attack, invited, n)
+        # The robust rules' condition on malicious devices, before any training.
+        check_cohort(self.strategy, updates, what=what)
         self.privacy = _privacy_of(config, n, self.strategy)
         # --profiles is checked here (a bad spec costs no training); the clock starts in run().
         self._profiles = (None if config.profiles is None
@@ -244,7 +267,7 @@ class Simulation:
             config=cfg, params=state.params, metrics=metrics, history=history,
             num_devices=len(self.data.devices), num_examples=self.data.num_examples,
             timing=timing, privacy=None if self.privacy is None else self.privacy.summary(),
-            stopped=stopped,
+            stopped=stopped, attack=self._attack_summary(),
             fleet=None if self.fleet is None else {
                 "simulated_time_s": round(self.fleet.now, 3), "participation": self.fleet.participation(),
             },
@@ -257,22 +280,37 @@ class Simulation:
         if name == "ray":
             from fedge.sim.ray_backend import DataRecipe, RayBackend
 
-            # Workers rebuild the data themselves from the same settings, unless
-            # the caller handed the data over as values.
-            recipe = None if self._data_given else DataRecipe(
+            # Workers rebuild the data themselves from the same settings, unless the
+            # caller handed the data over as values or an attack changed it (label flips).
+            poisoned = self.attack is not None and self.attack.spec.changes_data
+            recipe = None if self._data_given or poisoned else DataRecipe(
                 cfg.data, cfg.partition, cfg.devices, cfg.seed
             )
             return RayBackend(
                 task_name=cfg.task, spec=self.data.spec, strategy=self.strategy,
                 datasets=self.data.devices, recipe=recipe, base_config=self.train_config,
                 seed=cfg.seed, address=cfg.ray_address, cpus_per_device=cfg.ray_cpus_per_device,
-                workers=cfg.workers, on_failure=cfg.ray_on_failure,
+                workers=cfg.workers, on_failure=cfg.ray_on_failure, attack=self.attack,
             )
         return build_backend(
             name, task=self.task, task_name=cfg.task, spec=self.data.spec,
             strategy=self.strategy, datasets=self.data.devices, base_config=self.train_config,
-            seed=cfg.seed, workers=cfg.workers,
+            seed=cfg.seed, workers=cfg.workers, attack=self.attack,
         )
+
+    def _attack_summary(self) -> dict[str, Any] | None:
+        if self.attack is None:
+            return None
+        f = getattr(self.strategy, "f", None)
+        if f is None:
+            f = getattr(getattr(self.strategy, "inner", None), "f", None)
+        return {
+            "attack": self.attack.spec.text,
+            "malicious_fraction": self.config.malicious,
+            "malicious_devices": len(self.attack.malicious),
+            "malicious_ids": sorted(self.attack.malicious),
+            "strategy_f": f,
+        }
 
     def _round(
         self, r: int, state: ServerState, population: np.ndarray, backend: Backend, t_start: float
@@ -283,6 +321,14 @@ class Simulation:
         if cohort.size == 0:  # Poisson sampling can invite nobody; the round is empty.
             entry = self._charge(r)
             return state, RoundRecord(r, RoundState.ABANDONED.value, 0, 0, 0, 0, 0, None, None,
+                                      time.perf_counter() - t_start, *entry), 0.0
+        need = min_updates(self.strategy)
+        if cohort.size < need:  # a robust rule's condition cannot hold for so few
+            logger.warning("round %d abandoned: %d devices invited, %s needs %d updates",
+                           r, cohort.size, self.strategy.name, need)
+            entry = self._charge(r)
+            return state, RoundRecord(r, RoundState.ABANDONED.value, int(cohort.size), 0,
+                                      int(cohort.size), 0, 0, None, None,
                                       time.perf_counter() - t_start, *entry), 0.0
         stragglers = choose_stragglers(cohort, cfg.stragglers, rng)
         # As in the FedProx paper, a straggler manages a uniformly drawn number
@@ -310,7 +356,7 @@ class Simulation:
         if self.secagg is not None:
             return self._secure_round(r, state, cohort, stragglers, jobs, backend, t_start,
                                       sim_time)
-        rnd = Round.open(r, cohort.tolist(), min_updates=1)
+        rnd = Round.open(r, cohort.tolist(), min_updates=need)
         part = backend.run_round(r, state.params, jobs) if jobs else None
         if part is not None:
             for device, weight in part.reports:
@@ -324,6 +370,9 @@ class Simulation:
             state = self.strategy.apply(state, aggregate)
             if part.train_loss_weight:
                 train_loss = part.train_loss_sum / part.train_loss_weight
+        elif part is not None and part.reports:
+            logger.warning("round %d abandoned: %d updates, %s needs %d", r, len(part.reports),
+                           self.strategy.name, need)
         elif part is not None and part.rejected:
             logger.warning("round %d abandoned: every update was refused as non-finite", r)
         else:
@@ -333,6 +382,8 @@ class Simulation:
             reported=len(outcome.reported), dropped=len(outcome.dropped),
             rejected=len(part.rejected) if part else 0, stragglers=int(stragglers.size),
             train_loss=train_loss, metrics=None, elapsed_s=time.perf_counter() - t_start,
+            malicious=None if self.attack is None or part is None else
+            sum(d in self.attack.malicious for d, _ in part.reports),
             sim_time_s=sim_time,
         )
         if self.privacy is not None:
@@ -446,8 +497,34 @@ class Simulation:
         return out
 
 
-def _strategy_of(config: SimConfig) -> Strategy:
+def _expected_cohort(config: SimConfig, n: int) -> tuple[int, int, str]:
+    """Devices invited per round, updates expected per round, and how to say where from."""
+    if config.cohort is not None:
+        invited, what = config.cohort, f"--cohort {config.cohort}"
+    elif config.sample_rate is not None:
+        invited = max(1, round(config.sample_rate * n))
+        what = f"--sample-rate {config.sample_rate:g} of {n} devices (about {invited} a round)"
+    else:
+        invited, what = n, f"all {n} devices every round"
+    updates = invited
+    if config.drop_stragglers and config.stragglers:
+        updates -= round(config.stragglers * invited)
+        what += f", less {invited - updates} dropped stragglers"
+    return invited, updates, what
+
+
+def _strategy_of(config: SimConfig, attack: Attack | None = None, invited: int = 0,
+                 n: int = 1) -> Strategy:
     options = dict(config.strategy_options)
+    known = strategy_options(config.strategy)
+    if "seed" in known and "seed" not in options:  # norm-bound's noise follows --seed
+        options["seed"] = float(config.seed)
+    if attack is not None and "f" in known and "f" not in options:
+        # The rule tolerates as many malicious devices as a round invites on
+        # average (all of them when every device joins every round).
+        options["f"] = float(math.ceil(len(attack.malicious) * invited / n - 1e-9))
+        logger.info("strategy %s: f = %d malicious devices per round, from --malicious",
+                    config.strategy, options["f"])
     if config.server_lr is not None:
         options["server_lr"] = config.server_lr
     if config.strategy == "fedprox" and config.mu is not None:

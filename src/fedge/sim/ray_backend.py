@@ -53,6 +53,7 @@ import numpy as np
 from fedge.data.dataset import Dataset, DataSpec
 from fedge.errors import BackendError, ConfigError, DataError, FedgeError, TaskError
 from fedge.params import Params
+from fedge.sim.attacks import Attack
 from fedge.sim.backends import _WORKER_ENV, _usable_cores, merge_partials
 from fedge.sim.devices import DeviceJob, DeviceRunner, PartialRound
 from fedge.strategies.base import Strategy
@@ -137,6 +138,7 @@ class _DeviceActor:
         source: DataRecipe | Mapping[int, Dataset],
         index: int,
         count: int,
+        attack: Attack | None = None,
     ) -> None:
         # An exception out of __init__ reaches the driver as a bare message
         # (Ray keeps no cause for a dead actor); kept and raised by ready(),
@@ -147,7 +149,7 @@ class _DeviceActor:
             datasets = source.shard(index, count) if isinstance(source, DataRecipe) else dict(source)
             self._runner = DeviceRunner(
                 task=load_task(task_name, spec), strategy=strategy, datasets=datasets,
-                base_config=base_config, seed=seed,
+                base_config=base_config, seed=seed, attack=attack,
             )
             self._devices = len(datasets)
         except Exception as e:
@@ -235,9 +237,11 @@ class RayBackend:
         cpus_per_device: float,
         workers: int | None,
         on_failure: str,
+        attack: Attack | None = None,
     ) -> None:
         ray = import_ray()
         self._ray = ray
+        self._attack = attack
         if on_failure not in ("retry", "dropout"):
             raise ConfigError(f"on_failure must be 'retry' or 'dropout', got {on_failure!r}")
         self._tolerate = on_failure == "dropout"
@@ -332,7 +336,7 @@ class RayBackend:
                 # Held for the backend's life: a restarted actor reads its shard again.
                 self._shards.append(source)
             self._actors.append(actor_cls.remote(
-                task_name, spec, strategy, base_config, seed, source, index, count
+                task_name, spec, strategy, base_config, seed, source, index, count, self._attack
             ))
         self._failures = [0] * count
         pending = [a.ready.remote() for a in self._actors]

@@ -135,6 +135,13 @@ class Strategy(Protocol):
 
     ``device_mu`` is the FedProx proximal coefficient the strategy asks every
     device to train with (0 for all but FedProx).
+
+    Strategies also carry two flags that are not part of this protocol (so
+    that a user's own strategy need not define them; read them with
+    ``getattr`` defaults): ``needs_every_update`` (default False: the
+    accumulator keeps every update, O(cohort x model) memory, as the robust
+    rules do) and ``secagg_compatible`` (default True: the strategy works on
+    the sum of updates that secure aggregation reveals).
     """
 
     @property

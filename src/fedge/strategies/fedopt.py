@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -134,11 +134,18 @@ class _Adaptive:
 
 @dataclass(frozen=True)
 class FedOpt:
-    """A strategy: example-weighted mean of deltas, then one server-optimizer step."""
+    """A strategy: example-weighted mean of deltas, then one server-optimizer step.
+
+    It needs only the (weighted) sum of updates, so it aggregates in O(model)
+    memory and works on the sum that secure aggregation reveals.
+    """
 
     name: str
     optimizer: ServerOptimizer
     device_mu: float = 0.0
+
+    needs_every_update: ClassVar[bool] = False
+    secagg_compatible: ClassVar[bool] = True
 
     def init(self, params: Params) -> ServerState:
         p = P.copy(params)
