@@ -23,6 +23,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
 from fedge.data.dataset import Dataset, DataSpec
+from fedge.encoding import EncodingConfig
 from fedge.errors import BackendError, ConfigError, DataError, FedgeError, TaskError
 from fedge.params import Params
 from fedge.sim.devices import DeviceJob, DeviceRunner, PartialRound
@@ -68,6 +69,7 @@ def merge_partials(parts: Sequence[PartialRound]) -> PartialRound:
         head.train_loss_sum += p.train_loss_sum
         head.train_loss_weight += p.train_loss_weight
         head.train_s += p.train_s
+        head.bytes_up += p.bytes_up
     return head
 
 
@@ -93,10 +95,10 @@ def _worker_main(conn: Connection) -> None:
     the driver can raise the same kind of error in its own process.
     """
     try:
-        task_name, spec, strategy, base, seed, datasets = conn.recv()
+        task_name, spec, strategy, base, seed, datasets, encoding = conn.recv()
         runner = DeviceRunner(
             task=load_task(task_name, spec), strategy=strategy, datasets=datasets,
-            base_config=base, seed=seed,
+            base_config=base, seed=seed, encoding=encoding,
         )
         conn.send(("ready", None))
         while True:
@@ -161,6 +163,7 @@ class ProcessBackend:
         base_config: TrainConfig,
         seed: int,
         workers: int,
+        encoding: EncodingConfig | None = None,
     ) -> None:
         self.workers = max(1, min(workers, len(datasets)))
         ctx = mp.get_context("spawn")
@@ -180,7 +183,7 @@ class ProcessBackend:
                 mine: Mapping[int, Dataset] = {
                     d: ds for d, ds in enumerate(datasets) if d % self.workers == w
                 }
-                conn.send((task_name, spec, strategy, base_config, seed, mine))
+                conn.send((task_name, spec, strategy, base_config, seed, mine, encoding))
             for w in range(self.workers):
                 self._receive(w)
         except BaseException:
@@ -242,15 +245,16 @@ def build_backend(
     base_config: TrainConfig,
     seed: int,
     workers: int | None,
+    encoding: EncodingConfig | None = None,
 ) -> Backend:
     """The backend called ``name`` (``inline`` or ``processes``), ready for rounds."""
     if name == "inline":
         runner = DeviceRunner(task=task, strategy=strategy, datasets=dict(enumerate(datasets)),
-                              base_config=base_config, seed=seed)
+                              base_config=base_config, seed=seed, encoding=encoding)
         return InlineBackend(runner)
     return ProcessBackend(
         task_name=task_name, spec=spec, strategy=strategy, datasets=datasets,
-        base_config=base_config, seed=seed, workers=workers or _usable_cores(),
+        base_config=base_config, seed=seed, workers=workers or _usable_cores(), encoding=encoding,
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fedge.encoding import EncodingConfig, Pipeline, build_pipeline
 from fedge.errors import ConfigError
 
 __all__ = ["BACKENDS", "SimConfig", "coerce_fields", "load_toml"]
@@ -55,6 +56,9 @@ class SimConfig:
     workers: int | None = None
     eval_every: int = 1
     seed: int = 0
+    compress: str = "none"
+    compress_bucket: int | None = None
+    compress_range: float | None = None
 
     def __post_init__(self) -> None:
         # Types first (the API can pass anything), then ranges.
@@ -93,6 +97,18 @@ class SimConfig:
             )
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
+        self.encoding_pipeline()  # refuses a bad --compress now, before any data is loaded
+
+    @property
+    def encoding(self) -> EncodingConfig:
+        """The update encoding (``--compress`` and its options)."""
+        return EncodingConfig(self.compress, self.compress_bucket, self.compress_range)
+
+    def encoding_pipeline(self) -> Pipeline:
+        """The encoding pipeline, checked against the run's other settings."""
+        # No simulator setting turns on secure aggregation yet; when one does,
+        # it is passed here so that the pipeline refuses what breaks sums.
+        return build_pipeline(self.encoding, secure_aggregation=False)
 
     def replace(self, **changes: Any) -> SimConfig:
         return dataclasses.replace(self, **changes)

@@ -18,8 +18,10 @@ import numpy as np
 
 from fedge import params as P
 from fedge.data.dataset import Dataset
+from fedge.encoding import EncodingConfig
 from fedge.errors import TaskError
 from fedge.params import Params
+from fedge.sim.traffic import UpdateEncoder
 from fedge.strategies.base import Accumulator, Strategy
 from fedge.tasks.base import Task, TrainConfig
 
@@ -60,6 +62,7 @@ class PartialRound:
     train_loss_sum: float = 0.0
     train_loss_weight: float = 0.0
     train_s: float = 0.0
+    bytes_up: int = 0  # the devices' update payloads as they would go over the wire
 
 
 class DeviceRunner:
@@ -73,6 +76,7 @@ class DeviceRunner:
         datasets: Mapping[int, Dataset],
         base_config: TrainConfig,
         seed: int,
+        encoding: EncodingConfig | None = None,
     ) -> None:
         self._task = task
         self._strategy = strategy
@@ -80,6 +84,7 @@ class DeviceRunner:
         self._base = base_config
         self._seed = seed
         self._configs: dict[int, TrainConfig] = {}
+        self._encoder = UpdateEncoder(encoding or EncodingConfig())
 
     def _config(self, epochs: int) -> TrainConfig:
         cfg = self._configs.get(epochs)
@@ -132,6 +137,15 @@ class DeviceRunner:
             if not all(np.isfinite(v).all() for v in delta.values()):
                 out.rejected.append(job.device_id)
                 continue
+            sent, nbytes = self._encoder.encode(
+                job.device_id, round_id, delta, num_examples=int(weight),
+                metrics=_upload_metrics(result.metrics, clock() - t0), rng=rng,
+            )
+            out.bytes_up += nbytes
+            if sent is None:
+                out.rejected.append(job.device_id)
+                continue
+            delta = sent
             out.accumulator.add(delta, float(weight))
             out.reports.append((job.device_id, float(weight)))
             loss = result.metrics.get("train_loss")
@@ -139,3 +153,13 @@ class DeviceRunner:
                 out.train_loss_sum += float(loss) * float(weight)
                 out.train_loss_weight += float(weight)
         return out
+
+
+def _upload_metrics(metrics: Mapping[str, object], train_s: float) -> dict[str, float]:
+    """The metrics an agent sends with its update: the finite numeric ones, and its train time."""
+    out = {
+        str(k): float(v) for k, v in metrics.items()
+        if isinstance(v, int | float | np.floating) and not isinstance(v, bool) and np.isfinite(v)
+    }
+    out["train_s"] = train_s
+    return out

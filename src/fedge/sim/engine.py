@@ -28,6 +28,7 @@ from fedge.rounds import Round, RoundState, choose_stragglers, select_cohort
 from fedge.sim.backends import Backend, build_backend
 from fedge.sim.config import SimConfig
 from fedge.sim.devices import DeviceJob
+from fedge.sim.traffic import params_payload_size
 from fedge.strategies import ServerState, Strategy, build_strategy
 from fedge.tasks import load_task
 from fedge.tasks.base import Task, TrainConfig
@@ -58,6 +59,8 @@ class RoundRecord:
     train_loss: float | None
     metrics: dict[str, float] | None
     elapsed_s: float
+    bytes_up: int = 0
+    bytes_down: int = 0
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -70,6 +73,8 @@ class RoundRecord:
             "stragglers": self.stragglers,
             "train_loss": self.train_loss,
             "elapsed_s": round(self.elapsed_s, 6),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
         }
         if self.metrics is not None:
             out.update(self.metrics)
@@ -103,6 +108,9 @@ class SimResult:
             "devices": self.num_devices,
             "examples": self.num_examples,
             "params": P.num_values(self.params),
+            # Measured: each payload serialized by the wire codec (zstd included).
+            "bytes_up": sum(r.bytes_up for r in self.history),
+            "bytes_down": sum(r.bytes_down for r in self.history),
             "wall_s": round(self.timing.get("wall_s", 0.0), 4),
             "timing": {k: round(v, 4) for k, v in self.timing.items()},
             "config": self.config.to_dict(),
@@ -142,7 +150,7 @@ class Simulation:
         backend = build_backend(
             cfg.backend, task=self.task, task_name=cfg.task, spec=self.data.spec,
             strategy=self.strategy, datasets=self.data.devices, base_config=self.train_config,
-            seed=cfg.seed, workers=cfg.workers,
+            seed=cfg.seed, workers=cfg.workers, encoding=cfg.encoding,
         )
         history: list[RoundRecord] = []
         train_s = eval_s = 0.0
@@ -209,6 +217,8 @@ class Simulation:
             if not (cfg.drop_stragglers and d in short)
         ]
         rnd = Round.open(r, cohort.tolist(), min_updates=1)
+        # Every invited device downloads the round's params (the same payload).
+        bytes_down = params_payload_size(state.params, r) * int(cohort.size)
         part = backend.run_round(r, state.params, jobs) if jobs else None
         if part is not None:
             for device, weight in part.reports:
@@ -228,6 +238,7 @@ class Simulation:
             reported=len(outcome.reported), dropped=len(outcome.dropped),
             rejected=len(part.rejected) if part else 0, stragglers=int(stragglers.size),
             train_loss=train_loss, metrics=None, elapsed_s=time.perf_counter() - t_start,
+            bytes_up=part.bytes_up if part else 0, bytes_down=bytes_down,
         )
         return state, record, part.train_s if part else 0.0
 
