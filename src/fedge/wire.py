@@ -313,7 +313,7 @@ def encode_params(
     meta = {f"{_META_PREFIX}protocol": str(PROTOCOL_VERSION)}
     meta.update(metadata or {})
     tensors = {name: np.ascontiguousarray(a) for name, a in params.items()}
-    return _compressor(level).compress(save(tensors, metadata=meta))
+    return bytes(_compressor(level).compress(save(tensors, metadata=meta)))
 
 
 _local = threading.local()

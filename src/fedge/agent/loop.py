@@ -51,9 +51,11 @@ import numpy as np
 
 from fedge.agent.client import CoordinatorClient, RefusalError
 from fedge.agent.config import AgentConfig
+from fedge.agent.residual import load_residual, save_residual
 from fedge.agent.state import StateLock, resolve_device_id
 from fedge.data.dataset import Dataset, DataSpec
 from fedge.data.files import load_file
+from fedge.encoding import EncodingConfig, Pipeline, build_pipeline
 from fedge.errors import ConfigError, ProtocolError, TaskError, TransportError
 from fedge.params import Params, ParamsSpec, check_finite, subtract
 from fedge.tasks import Task, TrainConfig, TrainResult, load_task
@@ -190,6 +192,7 @@ class Agent:
         self._cached: tuple[str, Params] | None = None
         self._pending: _Pending | None = None
         self._finished: tuple[int, int, str] | None = None
+        self._pipeline: Pipeline | None = None
 
     @property
     def stopping(self) -> bool:
@@ -329,8 +332,10 @@ class Agent:
         # The local training time goes with the update, so the coordinator can
         # tell training from protocol overhead in a round's duration.
         metrics = {**_finite_metrics(result.metrics, label, "training"), "train_s": train_s}
+        tensors, encoding = self._encode(plan, task, delta, rng)
         body = encode_update(
-            delta, round=plan.round, attempt=plan.attempt, num_examples=result.num_examples, metrics=metrics,
+            tensors, round=plan.round, attempt=plan.attempt, num_examples=result.num_examples,
+            metrics=metrics, encoding=encoding,
         )
         elapsed = self._clock() - received_at
         if elapsed > plan.deadline_s:
@@ -342,6 +347,36 @@ class Agent:
         pending = _Pending(_key(plan), body, result.num_examples, train_s)
         self._pending = pending
         self._upload(session, plan, pending, label)
+
+    def _encode(
+        self, plan: TrainPlan, task: _TaskState, delta: Params, rng: np.random.Generator
+    ) -> tuple[Params, str]:
+        """Encode ``delta`` as the coordinator's plan says; keep top-k's residual in the state dir.
+
+        Raises:
+            ProtocolError: the plan names an encoding this build cannot make.
+        """
+        info = plan.encoding
+        config = EncodingConfig(info.compress, info.bucket_size, info.shared_range)
+        if self._pipeline is None or self._pipeline.config != config:
+            try:
+                self._pipeline = build_pipeline(config, secure_aggregation=False)
+            except ConfigError as e:
+                raise ProtocolError("bad_plan", f"the train plan's encoding is unusable: {e}") from None
+        pipe = self._pipeline
+        if pipe.identity:
+            return delta, pipe.name
+        state_dir = self._config.state_dir
+        residual = None
+        if pipe.error_feedback:
+            residual = load_residual(state_dir, spec=task.spec, encoding=pipe.name)
+        encoded = pipe.encode(delta, rng=rng, residual=residual)
+        if encoded.residual is not None:
+            try:
+                save_residual(state_dir, encoded.residual, encoding=pipe.name)
+            except OSError as e:
+                logger.warning("cannot keep the error-feedback residual (%s); it is lost", e.strerror)
+        return encoded.tensors, pipe.name
 
     def _upload(self, session: _Session, plan: TrainPlan, pending: _Pending, label: str) -> None:
         try:

@@ -204,10 +204,11 @@ def create_app(
     )
     async def params(request: Request, round: int) -> Response:
         """The open round's params: zstd-compressed safetensors, with a strong ETag."""
-        device_identity(request, identity)
+        device = device_identity(request, identity)
         payload, etag = coordinator.params_payload(round)
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"ETag": etag})
+        coordinator.count_download(device, round, len(payload))
         # Streamed in chunks: each waits for the connection to drain, so a
         # cohort downloading at once holds ~one chunk per connection in memory
         # rather than a whole (TLS-encrypted) copy each.

@@ -48,6 +48,7 @@ from fedge.wire import (
     REFUSALS,
     CheckIn,
     CheckInReply,
+    EncodingInfo,
     EvalReport,
     TaskInfo,
     TrainPlan,
@@ -93,6 +94,9 @@ class _OpenRound:
     train_s: float | None = None  # the slowest reported local training time
     evaluated: set[str] = field(default_factory=set)
     closing: bool = False
+    # Bytes per device: update bodies received, params payloads sent.
+    bytes_in: dict[str, int] = field(default_factory=dict)
+    bytes_out: dict[str, int] = field(default_factory=dict)
 
 
 class Coordinator:
@@ -118,6 +122,10 @@ class Coordinator:
             options["mu"] = config.mu
         self.strategy: Strategy = build_strategy(config.strategy, options)
         self.mu = config.mu if config.mu is not None else self.strategy.device_mu
+        self.encoding = config.encoding_pipeline()
+        self.encoding_info = EncodingInfo(
+            compress=config.compress, bucket_size=config.compress_bucket, shared_range=config.compress_range
+        )
         self.task_info = TaskInfo(
             name=config.task, num_features=self.spec.num_features, num_classes=self.spec.num_classes
         )
@@ -243,6 +251,7 @@ class Coordinator:
                 lr=self.config.lr,
                 mu=self.mu,
                 evaluate=True,
+                encoding=self.encoding_info,
             )
             return CheckInReply(action="train", task=self.task_info, plan=plan)
         # Spread the next check-ins over +-25% of wait_s: devices that came
@@ -262,6 +271,12 @@ class Coordinator:
             raise ProtocolError("unknown_round", f"round {round_id} is not open", REFUSALS["unknown_round"])
         return rnd.payload, rnd.etag
 
+    def count_download(self, device_id: str, round_id: int, size: int) -> None:
+        """Count ``size`` bytes of params sent to ``device_id`` for round ``round_id``."""
+        rnd = self.open
+        if rnd is not None and rnd.round.round_id == round_id:
+            rnd.bytes_out[device_id] = rnd.bytes_out.get(device_id, 0) + size
+
     async def submit_update(self, device_id: str, round_id: int, body: bytes) -> UpdateAck:
         """Check, decode and accumulate one device's update.
 
@@ -270,6 +285,8 @@ class Coordinator:
                 round and the process carry on.
         """
         rnd = self._round_for(device_id, round_id)
+        # Counted before decoding: a refused body crossed the wire too.
+        rnd.bytes_in[device_id] = rnd.bytes_in.get(device_id, 0) + len(body)
         update, digest = await asyncio.to_thread(self._decode, body)
         if update.round != round_id:
             raise ProtocolError(
@@ -353,7 +370,9 @@ class Coordinator:
         return rnd
 
     def _decode(self, body: bytes) -> tuple[Any, str]:
-        update = decode_update(body, spec=self.params_spec, max_bytes=self.config.max_body_bytes)
+        update = decode_update(
+            body, spec=self.params_spec, max_bytes=self.config.max_body_bytes, encoding=self.encoding
+        )
         return update, hashlib.sha256(body).hexdigest()
 
     # ------------------------------------------------------------ the driver
@@ -439,6 +458,9 @@ class Coordinator:
             metrics["train_loss"] = sum(v * w for v, w in rnd.train_loss) / total
         if rnd.train_s is not None:
             metrics["train_s"] = rnd.train_s
+        metrics["bytes_up"] = float(sum(rnd.bytes_in.values()))
+        metrics["bytes_down"] = float(sum(rnd.bytes_out.values()))
+        self._record_traffic(rnd, now)
         state = None
         if outcome.state is RoundState.COMPLETE:
             with np.errstate(over="ignore", invalid="ignore"):
@@ -486,6 +508,15 @@ class Coordinator:
                     rnd.round.min_updates,
                 )
         self.open = None
+
+    def _record_traffic(self, rnd: _OpenRound, now: float) -> None:
+        """One metrics row per attempt: bytes up and down of every device (``up:ID``, ``down:ID``)."""
+        traffic = {f"up:{d}": float(n) for d, n in sorted(rnd.bytes_in.items())}
+        traffic.update({f"down:{d}": float(n) for d, n in sorted(rnd.bytes_out.items())})
+        if traffic:
+            self.store.record_metrics(
+                rnd.round.round_id, rnd.attempt, None, kind="traffic", num_examples=0, metrics=traffic, at=now
+            )
 
     def _evaluate(self, params: P.Params) -> dict[str, float]:
         assert self.eval_data is not None

@@ -262,8 +262,8 @@ def build_pipeline(config: EncodingConfig, *, secure_aggregation: bool) -> Pipel
     sparsifier: TopK | None = None
     coder_name: str | None = None
     if spec != "none":
-        for i, part in enumerate(spec.split("+")):
-            part = part.strip()
+        for i, raw in enumerate(spec.split("+")):
+            part = raw.strip()
             if part.startswith("topk"):
                 if i != 0:
                     raise ConfigError(

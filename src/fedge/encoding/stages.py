@@ -58,12 +58,19 @@ def _bad(reason: str, detail: str) -> ProtocolError:
 class ValueCoder(Protocol):
     """Turns a flat float vector into wire parts, and back."""
 
-    #: The stage's name in a ``--compress`` spec (``fp16``, ``q8``...).
-    name: str
-    #: True when the grid depends on the device's own values (per-device
-    #: scales): two devices' codes then mean different things, so their sum
-    #: means nothing and secure aggregation cannot sum them.
-    per_device_scale: bool
+    @property
+    def name(self) -> str:
+        """The stage's name in a ``--compress`` spec (``fp16``, ``q8``...)."""
+        ...
+
+    @property
+    def per_device_scale(self) -> bool:
+        """True when the grid depends on the device's own values (per-device scales).
+
+        Two devices' codes then mean different things, so their sum means
+        nothing and secure aggregation cannot sum them.
+        """
+        ...
 
     def layout(self, n: int) -> Layout:
         """The parts that encode ``n`` values."""
@@ -221,7 +228,7 @@ class StochasticQuantizer:
         if self.bits == 4:
             if n % 2:
                 codes = np.append(codes, np.uint8(0))
-            codes = codes[0::2] | (codes[1::2] << 4)
+            codes = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
         out["q"] = codes
         return out
 
