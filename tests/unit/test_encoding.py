@@ -376,7 +376,9 @@ def _infinite_half(t: dict[str, np.ndarray]) -> None:
 
 @pytest.mark.parametrize(("compress", "reason", "tamper", "detail"), CASES,
                          ids=[c[2].__name__.strip("_") for c in CASES])  # type: ignore[attr-defined]
-def test_malformed_encoded_updates_are_refused(compress: str, reason: str, tamper: object, detail: str) -> None:
+def test_malformed_encoded_updates_are_refused(
+    compress: str, reason: str, tamper: object, detail: str
+) -> None:
     p = pipe(compress)
     t = encoded(p)
     tamper(t)  # type: ignore[operator]
