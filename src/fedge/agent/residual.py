@@ -52,13 +52,15 @@ def load_residual(state_dir: Path, *, spec: ParamsSpec, encoding: str) -> Params
     except (SafetensorError, ValueError, struct.error) as e:
         logger.warning("the error-feedback residual %s is unreadable (%s); starting afresh", path, e)
         return None
-    if meta.get(_META_ENCODING) != encoding or ParamsSpec.of(tensors) != spec:
+    # safetensors stores tensors sorted by name; the spec's order is the model's.
+    kept = {name: tensors[name] for name in spec.names if name in tensors}
+    if meta.get(_META_ENCODING) != encoding or set(tensors) != set(spec.names) or ParamsSpec.of(kept) != spec:
         logger.info("the error-feedback residual was made for another encoding or model; starting afresh")
         return None
-    if not all(np.isfinite(a).all() for a in tensors.values()):
+    if not all(np.isfinite(a).all() for a in kept.values()):
         logger.warning("the error-feedback residual holds non-finite values; starting afresh")
         return None
-    return {name: tensors[name] for name in spec.names}
+    return kept
 
 
 def save_residual(state_dir: Path, residual: Params, *, encoding: str) -> None:
