@@ -18,7 +18,6 @@ import statistics
 import time
 
 from _common import machine
-
 from fedge.sim import simulate
 
 SETTINGS = ["none", "fp16", "q8", "q4", "topk:0.01"]

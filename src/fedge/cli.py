@@ -102,6 +102,9 @@ def _add_simulate(sub: Any) -> None:
                    help="q8/q4: one quantization scale per N values (default: one per tensor)")
     g.add_argument("--compress-range", type=_fraction, metavar="R",
                    help="q8/q4: quantize on the shared grid [-R, R] (no per-device scales)")
+    g.add_argument("--count-bytes", choices=["wire", "raw", "off"],
+                   help="bytes up/down: wire = every payload serialized and zstd-compressed (exact), "
+                   "raw = before zstd (cheaper on large models), off (default wire)")
     g = p.add_argument_group("run")
     g.add_argument("--backend", choices=["inline", "processes"],
                    help="inline: one process, bit-for-bit reproducible; processes: every core "

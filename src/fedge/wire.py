@@ -305,15 +305,20 @@ def payload_etag(body: bytes) -> str:
 
 
 def encode_params(
-    params: Mapping[str, Array], metadata: Mapping[str, str] | None = None, *, level: int = _ZSTD_LEVEL
+    params: Mapping[str, Array], metadata: Mapping[str, str] | None = None, *, level: int | None = _ZSTD_LEVEL
 ) -> bytes:
-    """Serialize ``params`` as zstd-compressed safetensors, ``metadata`` in its header."""
+    """Serialize ``params`` as zstd-compressed safetensors, ``metadata`` in its header.
+
+    ``level=None`` skips zstd: the bare safetensors bytes, which no decoder
+    here accepts (the simulator measures their size when told to).
+    """
     from safetensors.numpy import save
 
     meta = {f"{_META_PREFIX}protocol": str(PROTOCOL_VERSION)}
     meta.update(metadata or {})
     tensors = {name: np.ascontiguousarray(a) for name, a in params.items()}
-    return bytes(_compressor(level).compress(save(tensors, metadata=meta)))
+    raw = save(tensors, metadata=meta)
+    return raw if level is None else bytes(_compressor(level).compress(raw))
 
 
 _local = threading.local()
@@ -341,6 +346,7 @@ def encode_update(
     num_examples: int,
     metrics: Mapping[str, float] | None = None,
     encoding: str = "none",
+    level: int | None = _ZSTD_LEVEL,
 ) -> bytes:
     """Serialize a device's update for round ``round``, attempt ``attempt``.
 
@@ -357,7 +363,7 @@ def encode_update(
     }
     if encoding != "none":
         meta[f"{_META_PREFIX}encoding"] = encoding
-    return encode_params(delta, meta)
+    return encode_params(delta, meta, level=level)
 
 
 def decode_params(body: bytes, *, spec: ParamsSpec | None, max_bytes: int) -> tuple[Params, dict[str, str]]:

@@ -162,3 +162,24 @@ def test_bad_compress_flags_are_one_line_and_exit_2(
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fedge: error: ") and needle in lines[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_count_bytes_raw_and_off() -> None:
+    from fedge.sim import config as sim_config
+    from fedge.sim import traffic
+
+    assert sim_config.COUNT_BYTES == traffic.COUNT_BYTES
+    wire = simulate(**SMALL).summary()  # type: ignore[arg-type]
+    raw = simulate(count_bytes="raw", **SMALL).summary()  # type: ignore[arg-type]
+    off = simulate(count_bytes="off", **SMALL).summary()  # type: ignore[arg-type]
+    assert (wire["bytes_counted"], raw["bytes_counted"], off["bytes_counted"]) == ("wire", "raw", "off")
+    # float32 deltas compress a little: before zstd is more, but not by much.
+    assert wire["bytes_up"] < raw["bytes_up"] < 1.3 * wire["bytes_up"]
+    assert wire["bytes_down"] < raw["bytes_down"]
+    assert off["bytes_up"] == off["bytes_down"] == 0
+    # Counting changes nothing else.
+    assert wire["accuracy"] == raw["accuracy"] == off["accuracy"]
+    with pytest.raises(ConfigError, match="--count-bytes must be one of wire, raw, off"):
+        SimConfig(count_bytes="zstd")
+    with pytest.raises(ValueError, match="count must be one of"):
+        UpdateEncoder(EncodingConfig(), count="some")

@@ -95,10 +95,10 @@ def _worker_main(conn: Connection) -> None:
     the driver can raise the same kind of error in its own process.
     """
     try:
-        task_name, spec, strategy, base, seed, datasets, encoding = conn.recv()
+        task_name, spec, strategy, base, seed, datasets, encoding, count_bytes = conn.recv()
         runner = DeviceRunner(
             task=load_task(task_name, spec), strategy=strategy, datasets=datasets,
-            base_config=base, seed=seed, encoding=encoding,
+            base_config=base, seed=seed, encoding=encoding, count_bytes=count_bytes,
         )
         conn.send(("ready", None))
         while True:
@@ -164,6 +164,7 @@ class ProcessBackend:
         seed: int,
         workers: int,
         encoding: EncodingConfig | None = None,
+        count_bytes: str = "wire",
     ) -> None:
         self.workers = max(1, min(workers, len(datasets)))
         ctx = mp.get_context("spawn")
@@ -183,7 +184,7 @@ class ProcessBackend:
                 mine: Mapping[int, Dataset] = {
                     d: ds for d, ds in enumerate(datasets) if d % self.workers == w
                 }
-                conn.send((task_name, spec, strategy, base_config, seed, mine, encoding))
+                conn.send((task_name, spec, strategy, base_config, seed, mine, encoding, count_bytes))
             for w in range(self.workers):
                 self._receive(w)
         except BaseException:
@@ -246,15 +247,18 @@ def build_backend(
     seed: int,
     workers: int | None,
     encoding: EncodingConfig | None = None,
+    count_bytes: str = "wire",
 ) -> Backend:
     """The backend called ``name`` (``inline`` or ``processes``), ready for rounds."""
     if name == "inline":
         runner = DeviceRunner(task=task, strategy=strategy, datasets=dict(enumerate(datasets)),
-                              base_config=base_config, seed=seed, encoding=encoding)
+                              base_config=base_config, seed=seed, encoding=encoding,
+                              count_bytes=count_bytes)
         return InlineBackend(runner)
     return ProcessBackend(
         task_name=task_name, spec=spec, strategy=strategy, datasets=datasets,
         base_config=base_config, seed=seed, workers=workers or _usable_cores(), encoding=encoding,
+        count_bytes=count_bytes,
     )
 
 

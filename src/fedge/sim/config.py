@@ -25,6 +25,9 @@ from fedge.errors import ConfigError
 __all__ = ["BACKENDS", "SimConfig", "coerce_fields", "load_toml"]
 
 BACKENDS = ("inline", "processes")
+# What the simulator counts as a payload's size (fedge.sim.traffic.COUNT_BYTES;
+# repeated here so that the config module imports no codec).
+COUNT_BYTES = ("wire", "raw", "off")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class SimConfig:
     compress: str = "none"
     compress_bucket: int | None = None
     compress_range: float | None = None
+    count_bytes: str = "wire"
 
     def __post_init__(self) -> None:
         # Types first (the API can pass anything), then ranges.
@@ -97,6 +101,10 @@ class SimConfig:
             )
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
+        if self.count_bytes not in COUNT_BYTES:
+            raise ConfigError(
+                f"--count-bytes must be one of {', '.join(COUNT_BYTES)}, got {self.count_bytes!r}"
+            )
         self.encoding_pipeline()  # refuses a bad --compress now, before any data is loaded
 
     @property

@@ -77,6 +77,7 @@ class DeviceRunner:
         base_config: TrainConfig,
         seed: int,
         encoding: EncodingConfig | None = None,
+        count_bytes: str = "wire",
     ) -> None:
         self._task = task
         self._strategy = strategy
@@ -84,7 +85,7 @@ class DeviceRunner:
         self._base = base_config
         self._seed = seed
         self._configs: dict[int, TrainConfig] = {}
-        self._encoder = UpdateEncoder(encoding or EncodingConfig())
+        self._encoder = UpdateEncoder(encoding or EncodingConfig(), count=count_bytes)
 
     def _config(self, epochs: int) -> TrainConfig:
         cfg = self._configs.get(epochs)

@@ -108,9 +108,11 @@ class SimResult:
             "devices": self.num_devices,
             "examples": self.num_examples,
             "params": P.num_values(self.params),
-            # Measured: each payload serialized by the wire codec (zstd included).
+            # Measured: each payload serialized by the wire codec; "bytes_counted"
+            # says whether zstd is included ("wire"), not ("raw"), or nothing was ("off").
             "bytes_up": sum(r.bytes_up for r in self.history),
             "bytes_down": sum(r.bytes_down for r in self.history),
+            "bytes_counted": self.config.count_bytes,
             "wall_s": round(self.timing.get("wall_s", 0.0), 4),
             "timing": {k: round(v, 4) for k, v in self.timing.items()},
             "config": self.config.to_dict(),
@@ -150,7 +152,7 @@ class Simulation:
         backend = build_backend(
             cfg.backend, task=self.task, task_name=cfg.task, spec=self.data.spec,
             strategy=self.strategy, datasets=self.data.devices, base_config=self.train_config,
-            seed=cfg.seed, workers=cfg.workers, encoding=cfg.encoding,
+            seed=cfg.seed, workers=cfg.workers, encoding=cfg.encoding, count_bytes=cfg.count_bytes,
         )
         history: list[RoundRecord] = []
         train_s = eval_s = 0.0
@@ -218,7 +220,7 @@ class Simulation:
         ]
         rnd = Round.open(r, cohort.tolist(), min_updates=1)
         # Every invited device downloads the round's params (the same payload).
-        bytes_down = params_payload_size(state.params, r) * int(cohort.size)
+        bytes_down = params_payload_size(state.params, r, count=cfg.count_bytes) * int(cohort.size)
         part = backend.run_round(r, state.params, jobs) if jobs else None
         if part is not None:
             for device, weight in part.reports:
