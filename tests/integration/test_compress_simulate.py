@@ -183,3 +183,36 @@ def test_count_bytes_raw_and_off() -> None:
         SimConfig(count_bytes="zstd")
     with pytest.raises(ValueError, match="count must be one of"):
         UpdateEncoder(EncodingConfig(), count="some")
+
+
+@pytest.mark.parametrize("compress", ["none", "q4", "topk:0.1+fp16"])
+def test_the_simulators_payload_sizes_are_the_wire_codecs(compress: str) -> None:
+    """The simulator frames payloads itself (no pydantic import); the sizes must be fedge.wire's."""
+    from fedge.sim.traffic import update_payload_size
+    from fedge.wire import PROTOCOL_VERSION, encode_params
+
+    assert str(PROTOCOL_VERSION) == "1"
+    rng = np.random.default_rng(0)
+    delta = {"w": rng.normal(size=(20, 7)).astype(np.float32), "b": np.zeros(7, np.float32)}
+    tensors = UpdateEncoder(EncodingConfig(compress)).pipeline.encode(delta, rng=rng).tensors
+    name = UpdateEncoder(EncodingConfig(compress)).pipeline.name
+    metrics = {"train_loss": 0.25, "train_s": 0.0123}
+    for level, count in ((None, "raw"), (3, "wire")):
+        body = encode_update(tensors, round=4, attempt=1, num_examples=9, metrics=metrics, encoding=name,
+                             level=level)
+        size = update_payload_size(tensors, round_id=4, num_examples=9, metrics=metrics, encoding=name,
+                                   count=count)
+        # Exact before zstd; after it, within the few bytes the header's key order can move it.
+        assert abs(size - len(body)) <= (0 if level is None else 16)
+        down = encode_params(delta, {"fedge.kind": "params", "fedge.round": "2"}, level=level)
+        assert abs(params_payload_size(delta, 2, count=count) - len(down)) <= (0 if level is None else 16)
+
+
+def test_the_simulator_does_not_import_pydantic() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedge.sim import simulate; simulate(rounds=1, devices=3); "
+            "print('pydantic' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

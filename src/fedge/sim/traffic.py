@@ -1,10 +1,13 @@
 """What simulated devices send: their updates encoded as on the wire, and the bytes that takes.
 
 Each simulated device's delta goes through the federation's encoding
-pipeline (:mod:`fedge.encoding`) and is then serialized by the real wire
-codec, :func:`fedge.wire.encode_update` (safetensors, zstd level 3, with the
-same metadata an agent sends), and the payload's length is the device's
-bytes up for the round: a measurement, not an estimate. The coordinator side
+pipeline (:mod:`fedge.encoding`) and is then serialized as
+:func:`fedge.wire.encode_update` serializes it (safetensors with the same
+metadata an agent sends, zstd level 3), and the payload's length is the
+device's bytes up for the round: a measurement, not an estimate. The
+framing is repeated here rather than imported because :mod:`fedge.wire`
+imports pydantic, which would cost the simulator ~0.3 s of start-up and
+10 MB; a test checks that both produce the same bytes. The coordinator side
 is simulated by decoding the wire tensors with the same pipeline, so the
 strategy aggregates exactly what a coordinator would.
 
@@ -26,28 +29,67 @@ device (a device always trains on the same worker).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from fedge.encoding import EncodingConfig, Pipeline, build_pipeline
 from fedge.errors import ProtocolError
 from fedge.params import Params, ParamsSpec
-from fedge.wire import encode_params, encode_update
 
-__all__ = ["COUNT_BYTES", "UpdateEncoder", "params_payload_size"]
+__all__ = ["COUNT_BYTES", "UpdateEncoder", "params_payload_size", "update_payload_size"]
 
 #: What the simulator counts as a payload's bytes: zstd included, before zstd, or nothing.
 COUNT_BYTES = ("wire", "raw", "off")
-_LEVEL = {"wire": 3, "raw": None}
+# fedge.wire's protocol version and zstd level (tests/integration/test_compress_simulate.py
+# checks that these sizes are those of fedge.wire's own payloads).
+_PROTOCOL = "1"
+_ZSTD_LEVEL = 3
+_compressor: Any = None
+
+
+def _payload_size(tensors: Mapping[str, np.ndarray], meta: dict[str, str], count: str) -> int:
+    """The size of a wire payload: safetensors with ``meta``, zstd-compressed unless ``count`` is raw."""
+    global _compressor
+    from safetensors.numpy import save
+
+    raw = save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+               metadata={"fedge.protocol": _PROTOCOL, **meta})
+    if count == "raw":
+        return len(raw)
+    if _compressor is None:
+        import zstandard
+
+        _compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    return len(_compressor.compress(raw))
 
 
 def params_payload_size(params: Mapping[str, np.ndarray], round_id: int, *, count: str = "wire") -> int:
     """Bytes of round ``round_id``'s params download, encoded as the coordinator encodes it."""
     if count == "off":
         return 0
-    meta = {"fedge.kind": "params", "fedge.round": str(round_id)}
-    return len(encode_params(params, meta, level=_LEVEL[count]))
+    return _payload_size(params, {"fedge.kind": "params", "fedge.round": str(round_id)}, count)
+
+
+def update_payload_size(
+    tensors: Mapping[str, np.ndarray], *, round_id: int, num_examples: int, metrics: Mapping[str, float],
+    encoding: str, count: str = "wire",
+) -> int:
+    """Bytes of a device's upload, as :func:`fedge.wire.encode_update` (attempt 1) makes it."""
+    if count == "off":
+        return 0
+    meta = {
+        "fedge.kind": "update",
+        "fedge.round": str(round_id),
+        "fedge.attempt": "1",
+        "fedge.num_examples": str(num_examples),
+        "fedge.metrics": json.dumps({k: float(v) for k, v in metrics.items()}),
+    }
+    if encoding != "none":
+        meta["fedge.encoding"] = encoding
+    return _payload_size(tensors, meta, count)
 
 
 class UpdateEncoder:
@@ -83,12 +125,10 @@ class UpdateEncoder:
         encoded = pipe.encode(delta, rng=rng, residual=self._residuals.get(device_id))
         if encoded.residual is not None:
             self._residuals[device_id] = encoded.residual
-        size = 0
-        if self.count != "off":
-            size = len(encode_update(
-                encoded.tensors, round=round_id, attempt=1, num_examples=num_examples,
-                metrics=metrics, encoding=pipe.name, level=_LEVEL[self.count],
-            ))
+        size = update_payload_size(
+            encoded.tensors, round_id=round_id, num_examples=num_examples, metrics=metrics,
+            encoding=pipe.name, count=self.count,
+        )
         if pipe.identity:
             return delta, size
         try:
