@@ -47,23 +47,23 @@ COUNT_BYTES = ("wire", "raw", "off")
 # checks that these sizes are those of fedge.wire's own payloads).
 _PROTOCOL = "1"
 _ZSTD_LEVEL = 3
-_compressor: Any = None
+_compressors: dict[str, Any] = {}  # one per process: making one costs more than a small payload
 
 
 def _payload_size(tensors: Mapping[str, np.ndarray], meta: dict[str, str], count: str) -> int:
     """The size of a wire payload: safetensors with ``meta``, zstd-compressed unless ``count`` is raw."""
-    global _compressor
     from safetensors.numpy import save
 
     raw = save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                metadata={"fedge.protocol": _PROTOCOL, **meta})
     if count == "raw":
         return len(raw)
-    if _compressor is None:
+    compressor = _compressors.get("zstd")
+    if compressor is None:
         import zstandard
 
-        _compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
-    return len(_compressor.compress(raw))
+        compressor = _compressors["zstd"] = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    return len(compressor.compress(raw))
 
 
 def params_payload_size(params: Mapping[str, np.ndarray], round_id: int, *, count: str = "wire") -> int:
