@@ -455,3 +455,14 @@ def test_corrupted_tensor_bytes_are_decoded_or_refused_never_a_crash(
         assert e.reason in {"bad_payload", "non_finite", "shape_mismatch"}
     else:
         assert all(np.isfinite(v).all() for v in update.delta.values())
+
+
+def test_values_beyond_float16_are_sent_as_infinity_and_refused_by_the_receiver() -> None:
+    x = {"w": np.array([1e6, 1.0, 0.0, 0.5], dtype=F32)}
+    p = pipe("topk:0.5+fp16")
+    enc = p.encode(x, rng=np.random.default_rng(0))  # the device does not fail
+    assert enc.residual is not None
+    np.testing.assert_array_equal(enc.residual["w"], [0.0, 0.0, 0.0, 0.5])
+    with pytest.raises(ProtocolError) as e:
+        p.decode(enc.tensors, ParamsSpec.of(x))
+    assert e.value.reason == "non_finite"

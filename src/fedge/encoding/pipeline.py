@@ -186,7 +186,13 @@ class Pipeline:
                 parts.update(coded)
                 # The residual is everything the receiver will not reconstruct:
                 # the coordinates left out and the value coder's rounding error.
-                sent = coder.decode(coded, values.size)
+                try:
+                    sent = coder.decode(coded, values.size)
+                except ProtocolError:
+                    # Values beyond the coder's range (float16 overflow): the
+                    # receiver refuses this update as non-finite, as it would
+                    # any diverged one; the residual keeps only what was left out.
+                    sent = values.astype(np.float64)
                 u[idx] -= sent.astype(np.float32)
                 kept[name] = u.reshape(np.shape(a))
             else:
