@@ -1,6 +1,7 @@
 # fedge: two commands on a fresh Linux machine with Python 3.11.
 #   make demo   set up .venv and run the main demo
 #   make test   set up .venv and run ruff, mypy --strict and the test suite
+#   make test-containers   build the container images and run them with Podman
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.fedge-installed
 # The CPU build of PyTorch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test test-containers lint typecheck unit bench clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make: $(PYTHON) not found; set PYTHON=/path/to/python3.11" >&2; exit 2; }
@@ -30,7 +31,11 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict src
 
 unit: $(STAMP)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -m "not containers"
+
+# Builds the images from offline bundles and runs them with Podman (root; see docs/deployment.md).
+test-containers: $(STAMP)
+	$(VENV)/bin/pytest -m containers
 
 test: lint typecheck unit
 

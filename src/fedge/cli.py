@@ -105,6 +105,20 @@ def _add_simulate(sub: Any) -> None:
     g.add_argument("--count-bytes", choices=["wire", "raw", "off"],
                    help="bytes up/down: wire = every payload serialized and zstd-compressed (exact), "
                    "raw = before zstd (cheaper on large models), off (default wire)")
+    g = p.add_argument_group("differential privacy (docs/privacy.md)")
+    g.add_argument("--dp", choices=["central", "distributed", "local"],
+                   help="clip every update and add Gaussian noise: to the sum on the server (central), "
+                   "as shares under secure aggregation (distributed) or on each device (local)")
+    g.add_argument("--clip-norm", metavar="C|adaptive",
+                   help="L2 bound on an update, or 'adaptive' (Andrew et al. 2021) (default 1.0)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--noise-multiplier", type=_fraction, metavar="Z", help="noise stddev / clip norm")
+    x.add_argument("--target-epsilon", type=_fraction, metavar="E",
+                   help="calibrate the noise multiplier so that --rounds rounds reach epsilon E")
+    g.add_argument("--delta", type=_fraction, help="delta of the reported epsilon (default 1e-5)")
+    g.add_argument("--epsilon-budget", type=_fraction, metavar="E",
+                   help="stop before a round that would take epsilon past E (default: --target-epsilon)")
+    g.add_argument("--accountant", choices=["rdp", "pld"], help="privacy accountant (default rdp)")
     g = p.add_argument_group("run")
     g.add_argument("--backend", choices=["inline", "processes"],
                    help="inline: one process, bit-for-bit reproducible; processes: every core "
@@ -132,7 +146,7 @@ def _build_config(args: argparse.Namespace) -> Any:
     flags = {
         k: v for k, v in vars(args).items()
         if k not in {"config", "out", "no_plot", "quiet", "func", "command", "verbose", "started_at",
-                     "log_level"}
+                     "log_level", "log_format"}
     }
     if "strategy_options" in flags:
         merged = dict(values.get("strategy_options", {}))
@@ -188,16 +202,21 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         writer.close()
         raise
     paths = writer.finish(result, plot="no_plot" not in args, started_at=args.started_at)
+    if result.stopped is not None:
+        print(f"fedge: {result.stopped}", file=sys.stderr)
     _print_result(result, paths)
     return EXIT_OK
 
 
 def _print_result(result: SimResult, paths: dict[str, Path]) -> None:
     m = result.metrics
+    privacy = "" if result.privacy is None else (
+        f"  epsilon {result.privacy['epsilon']:.4g} at delta {result.privacy['delta']:g}"
+    )
     print(
         f"final accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}  "
         f"after {len(result.history)} rounds, {result.num_devices} devices, "
-        f"{result.timing['wall_s']:.2f} s"
+        f"{result.timing['wall_s']:.2f} s{privacy}"
     )
     print(f"outputs in {paths['summary'].parent}/ ({', '.join(p.name for p in paths.values())})")
 
@@ -253,6 +272,12 @@ class _Progress:
             self._bar.stop()
 
 
+def _log_format_flag(p: argparse.ArgumentParser) -> None:
+    """``--log-format`` after a service's subcommand too: ``fedge agent --log-format json``."""
+    p.add_argument("--log-format", choices=("console", "json"), default=argparse.SUPPRESS,
+                   help="console lines, or one JSON object per line (journald, Fluentd, rsyslog)")
+
+
 def _add_coordinator(sub: Any) -> None:
     p = sub.add_parser(
         "coordinator",
@@ -275,6 +300,7 @@ def _add_coordinator(sub: Any) -> None:
                    help="serve plain HTTP and trust the X-Fedge-Device header (loopback only; warns)")
     p.add_argument("--insecure-allow-remote", action="store_true",
                    help="with --insecure, allow a non-loopback listen address")
+    _log_format_flag(p)
     p.set_defaults(func=_cmd_coordinator, log_level=logging.INFO)
 
 
@@ -456,6 +482,7 @@ def _add_agent(sub: Any) -> None:
                    help="the enrolment token itself (visible in process listings: prefer --token-file)")
     p.add_argument("--insecure", action="store_true",
                    help="accept a plain http:// coordinator (no TLS, no authentication; warns)")
+    _log_format_flag(p)
     p.set_defaults(func=_cmd_agent, log_level=logging.INFO)
 
 
@@ -530,6 +557,211 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_privacy(sub: Any) -> None:
+    p = sub.add_parser(
+        "privacy", help="privacy accounting: epsilon of a plan, noise for a target",
+        description="Privacy accounting for DP-FedAvg rounds (Poisson-subsampled Gaussian), "
+        "over Google's dp-accounting. See docs/privacy.md.",
+    )
+    psub = p.add_subparsers(dest="privacy_command", metavar="COMMAND")
+    psub.required = True
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--sample-rate", type=_fraction, required=True, metavar="Q",
+                       help="probability that a device joins a round (1: no amplification)")
+        q.add_argument("--rounds", type=int, required=True, metavar="T", help="number of rounds")
+        q.add_argument("--delta", type=_fraction, required=True, metavar="D", help="target delta")
+        q.add_argument("--accountant", choices=["rdp", "pld"], default="rdp", help="accountant (default rdp)")
+
+    q = psub.add_parser("epsilon", help="epsilon after T rounds with noise multiplier Z",
+                        description="Epsilon at delta D after T rounds, each a Gaussian mechanism with "
+                        "noise multiplier Z on a Poisson sample of rate Q.")
+    q.add_argument("--noise-multiplier", type=_fraction, required=True, metavar="Z",
+                   help="noise stddev / clip norm")
+    common(q)
+    q.set_defaults(func=_cmd_privacy_epsilon)
+    q = psub.add_parser("calibrate", help="the noise multiplier that reaches a target epsilon",
+                        description="The smallest noise multiplier whose epsilon after T rounds at "
+                        "delta D and sample rate Q is at most E.")
+    q.add_argument("--target-epsilon", type=_fraction, required=True, metavar="E", help="target epsilon")
+    common(q)
+    q.set_defaults(func=_cmd_privacy_calibrate)
+
+
+def _cmd_privacy_epsilon(args: argparse.Namespace) -> int:
+    from fedge.privacy.accounting import epsilon_for
+
+    eps = epsilon_for(noise_multiplier=args.noise_multiplier, sample_rate=args.sample_rate,
+                      rounds=args.rounds, delta=args.delta, accountant=args.accountant)
+    print(f"epsilon {eps:.6g} at delta {args.delta:g} after {args.rounds} rounds "
+          f"(noise multiplier {args.noise_multiplier:g}, sample rate {args.sample_rate:g}, "
+          f"{args.accountant})")
+    return EXIT_OK
+
+
+def _cmd_privacy_calibrate(args: argparse.Namespace) -> int:
+    from fedge.privacy.accounting import calibrate_noise_multiplier, epsilon_for
+
+    z = calibrate_noise_multiplier(target_epsilon=args.target_epsilon, sample_rate=args.sample_rate,
+                                   rounds=args.rounds, delta=args.delta, accountant=args.accountant)
+    eps = epsilon_for(noise_multiplier=z, sample_rate=args.sample_rate, rounds=args.rounds,
+                      delta=args.delta, accountant=args.accountant)
+    print(f"noise multiplier {z:.6g} (epsilon {eps:.6g} at delta {args.delta:g} after {args.rounds} "
+          f"rounds, sample rate {args.sample_rate:g}, {args.accountant})")
+    return EXIT_OK
+
+
+def _add_bundle(sub: Any) -> None:
+    p = sub.add_parser(
+        "bundle",
+        help="write an offline install bundle (wheelhouse + install script) for air-gapped devices",
+        description=(
+            "Write fedge's wheel and every dependency's wheel for the target platforms into "
+            "--out/wheels, with pinned, hashed requirements per architecture and install.sh, so a "
+            "device with no network installs with `sh install.sh` (pip install --no-index "
+            "--require-hashes). Building the bundle needs the package index; installing it does not."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the bundle folder (new or empty)")
+    p.add_argument("--platform", action="append", metavar="TAG", dest="platforms",
+                   help="a wheel platform tag, e.g. manylinux_2_17_aarch64; repeat for several "
+                   "(default: this machine's)")
+    p.add_argument("--python", default="3.11", metavar="X.Y", help="the devices' Python version")
+    p.add_argument("--extras", default="agent", metavar="LIST",
+                   help="fedge extras to include, comma-separated (agent, coordinator, sim, torch, ray)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--source", type=Path, metavar="DIR", help="the fedge checkout to build from "
+                   "(default: the one this fedge runs from)")
+    g.add_argument("--wheel", type=Path, metavar="FILE", help="fedge's wheel, already built")
+    p.set_defaults(func=_cmd_bundle)
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    from fedge.bundle import build_bundle
+
+    extras = [e.strip() for e in args.extras.split(",") if e.strip()]
+    manifest = build_bundle(
+        args.out, platforms=args.platforms, python=args.python, extras=extras, source=args.source,
+        wheel=args.wheel, progress=lambda line: print(f"fedge bundle: {line}", file=sys.stderr),
+    )
+    print(f"bundle: {manifest.out_dir} (fedge {manifest.fedge_version}; install with "
+          f"`sh {manifest.out_dir}/install.sh --prefix /opt/fedge`)")
+    return EXIT_OK
+
+
+def _add_backup(sub: Any) -> None:
+    p = sub.add_parser(
+        "backup",
+        help="copy a coordinator's data directory while it runs",
+        description=("Write a consistent copy of the coordinator's store (SQLite online backup), its "
+                     "checkpoints, CA, server certificate and admin token to a new folder. The copy is a "
+                     "data directory: to restore, stop the coordinator and put it in place of the old one."),
+    )
+    _data_dir_args(p)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="the new backup folder")
+    p.set_defaults(func=_cmd_backup)
+
+
+def _cmd_backup(args: argparse.Namespace) -> int:
+    from fedge.backup import backup_data_dir
+
+    counts = backup_data_dir(Path(_data_dir(args)), args.out)
+    print(f"backup: {args.out} (store, {counts['checkpoints']} checkpoints, "
+          f"{counts['files']} identity files)")
+    return EXIT_OK
+
+
+def _add_data(sub: Any) -> None:
+    d = sub.add_parser("data", help="prepare device data files",
+                       description="Prepare data for rehearsals: split a data set into per-device files.")
+    d_sub = d.add_subparsers(dest="data_command", metavar="COMMAND")
+    d_sub.required = True
+    p = d_sub.add_parser(
+        "split", help="write one .npz file per device, and test.npz",
+        description=("Partition a data set over devices as the simulator does and write device-0.npz, "
+                     "device-1.npz, ... and test.npz (arrays x and y) to --out: one agent's local data "
+                     "each, and the coordinator's evaluation data."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", default="digits", help="digits, synthetic:ALPHA,BETA, or a .npz/.csv file")
+    p.add_argument("--partition", default="dirichlet:0.5",
+                   help="iid, dirichlet:ALPHA, shards:K or powerlaw:A")
+    p.add_argument("--devices", type=int, required=True, help="number of device files")
+    p.add_argument("--seed", type=int, default=0, help="seed of the partition")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    p.set_defaults(func=_cmd_data_split)
+
+
+def _cmd_data_split(args: argparse.Namespace) -> int:
+    from fedge.data.export import write_split
+
+    if args.devices < 1:
+        raise ConfigError(f"--devices must be >= 1, got {args.devices}")
+    paths, test = write_split(args.out, data=args.data, partition=args.partition, devices=args.devices,
+                              seed=args.seed)
+    print(f"wrote {len(paths)} device files and {test.name} to {args.out}")
+    return EXIT_OK
+
+
+def _add_healthcheck(sub: Any) -> None:
+    p = sub.add_parser(
+        "healthcheck",
+        help="exit 0 if the local coordinator or agent is alive (for container healthchecks)",
+        description=(
+            "Probe a service on this machine. coordinator: GET /healthz on its own port over "
+            "loopback (TLS verified against the CA in its data directory). agent: check that an "
+            "agent holds the lock on its state directory. Exit 0 when healthy, 1 when not."
+        ),
+    )
+    hc = p.add_subparsers(dest="target", metavar="TARGET")
+    hc.required = True
+    c = hc.add_parser("coordinator", help="probe the coordinator", argument_default=argparse.SUPPRESS)
+    c.add_argument("--config", type=Path, metavar="FILE.toml", help="the coordinator's settings")
+    c.add_argument("--port", type=int, help="its port (default: from the config)")
+    c.add_argument("--data-dir", help="its data directory (default: from the config)")
+    c.add_argument("--insecure", action="store_true", help="it serves plain HTTP")
+    c.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    c.set_defaults(func=_cmd_healthcheck)
+    a = hc.add_parser("agent", help="probe the agent", argument_default=argparse.SUPPRESS)
+    a.add_argument("--config", type=Path, metavar="FILE.toml", help="the agent's settings")
+    a.add_argument("--state-dir", metavar="DIR", help="its state directory (default: from the config)")
+    a.set_defaults(func=_cmd_healthcheck)
+
+
+def _cmd_healthcheck(args: argparse.Namespace) -> int:
+    from fedge.healthcheck import check_agent, check_coordinator
+
+    if args.target == "agent":
+        if "state_dir" in args:
+            state_dir = Path(args.state_dir)
+        elif "config" in args:
+            from fedge.agent.config import load_agent_config
+
+            state_dir = Path(load_agent_config(args.config, {}).state_dir)
+        else:
+            raise ConfigError("fedge healthcheck agent: give --state-dir DIR or --config FILE.toml")
+        healthy, why = check_agent(state_dir)
+    else:
+        from fedge.coordinator.config import load_coordinator_config
+        from fedge.coordinator.identity import tls_files
+
+        given = {k: v for k, v in vars(args).items() if k in {"port", "data_dir", "insecure"}}
+        if "config" in args:
+            config = load_coordinator_config(args.config, given)
+            host, port, insecure, data_dir = config.host, config.port, config.insecure, config.data_dir
+        elif "port" in given:
+            host, port = "127.0.0.1", int(given["port"])
+            insecure, data_dir = bool(given.get("insecure", False)), str(given.get("data_dir", "fedge-data"))
+        else:
+            raise ConfigError("fedge healthcheck coordinator: give --config FILE.toml or --port PORT")
+        healthy, why = check_coordinator(host=host, port=port, insecure=insecure,
+                                         ca_file=tls_files(data_dir).ca_cert, timeout_s=args.timeout)
+    print(f"fedge healthcheck: {'healthy' if healthy else 'unhealthy'}: {why}",
+          file=sys.stdout if healthy else sys.stderr)
+    return EXIT_OK if healthy else EXIT_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedge",
@@ -537,6 +769,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fedge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--log-format", choices=("console", "json"),
+                        default=os.environ.get("FEDGE_LOG_FORMAT", "console"),
+                        help="console lines, or one JSON object per line for journald, Fluentd and "
+                        "rsyslog (default: $FEDGE_LOG_FORMAT, else console)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_simulate(sub)
@@ -544,6 +780,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent(sub)
     _add_demo(sub)
     _add_admin(sub)
+    _add_privacy(sub)
+    _add_bundle(sub)
+    _add_healthcheck(sub)
+    _add_data(sub)
+    _add_backup(sub)
     return parser
 
 
@@ -560,14 +801,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Services log what they do (INFO, with time and origin); one-shot
     # commands only warn.
     service = getattr(args, "log_level", logging.WARNING) < logging.WARNING
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else getattr(args, "log_level", logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if service
-        else "fedge: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs every request at INFO: noise in a service's log.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from fedge.logs import FORMATS, configure
+
+    if args.log_format not in FORMATS:  # only $FEDGE_LOG_FORMAT can bring one (argparse checks the flag)
+        print(f"fedge: error: FEDGE_LOG_FORMAT must be one of {', '.join(FORMATS)}, got "
+              f"{args.log_format!r}", file=sys.stderr)
+        return EXIT_USAGE
+    configure(fmt=args.log_format, service=service,
+              level=logging.DEBUG if args.verbose else getattr(args, "log_level", logging.WARNING))
     try:
         return int(args.func(args))
     except ConfigError as e:

@@ -13,6 +13,7 @@ caller can catch one level of the tree and nothing else::
     ├── TransportError     the other side cannot be reached or answered with a server error
     ├── StoreError         the coordinator's store is unreadable, corrupt or of another run
     ├── CoordinatorError   the coordinator's round driver failed (restart: it resumes from the store)
+    ├── PrivacyBudgetError the next round would spend more privacy than the (epsilon, delta) budget
     └── BackendError       a simulator backend or worker process failed
 
 ``ConfigError`` subclasses ``ValueError`` so that plain Python callers that
@@ -28,6 +29,7 @@ __all__ = [
     "CoordinatorError",
     "DataError",
     "FedgeError",
+    "PrivacyBudgetError",
     "ProtocolError",
     "RoundError",
     "StoreError",
@@ -101,3 +103,21 @@ class StoreError(FedgeError):
 
 class CoordinatorError(FedgeError):
     """The coordinator's round driver failed; everything up to the last complete round is in the store."""
+
+
+class PrivacyBudgetError(FedgeError):
+    """The next round would spend more privacy than the budget allows; no round is started.
+
+    ``spent`` is the epsilon spent so far and ``would_be`` the epsilon after
+    one more round, both at ``delta``.
+    """
+
+    def __init__(self, *, budget: float, spent: float, would_be: float, delta: float) -> None:
+        self.budget = budget
+        self.spent = spent
+        self.would_be = would_be
+        self.delta = delta
+        super().__init__(
+            f"privacy budget reached: epsilon spent {spent:.4g} of {budget:.4g} at delta {delta:g}; "
+            f"one more round would make it {would_be:.4g}, so no further round runs"
+        )

@@ -20,6 +20,12 @@ restarts at the last complete round, losing and repeating none:
   the same round number opens again as a new attempt. Attempt numbers only
   grow, so an update sent to a dead attempt is never taken for a live one.
 
+The privacy ledger (schema version 3) has one row per complete round run
+under differential privacy: the mechanism (noise multiplier, sampling, clip)
+and epsilon after it. The row is inserted in the transaction that marks the
+round complete, so a round's cost is on record exactly when its model is: a
+coordinator restarted after its budget ran out refuses the next round again.
+
 Identity (schema version 2) lives here too: enrolment tokens (their sha256
 only, never the token), the certificates the fedge CA issued, and device
 revocation. Those writes are rare and security-relevant, so they commit with
@@ -58,6 +64,7 @@ __all__ = [
     "TOKEN_REASONS",
     "CertificateRow",
     "DeviceRow",
+    "LedgerRow",
     "RoundRow",
     "Store",
     "StoreError",
@@ -67,7 +74,7 @@ __all__ = [
 ]
 
 #: The schema this build writes (``PRAGMA user_version``); older ones are upgraded, a newer one is refused.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: The :attr:`TokenError.reason` codes of :meth:`Store.consume_token`.
 TOKEN_REASONS = ("unknown_token", "expired_token", "used_token", "wrong_device")
@@ -108,6 +115,13 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     not_before REAL NOT NULL, not_after REAL NOT NULL, issued_at REAL NOT NULL, revoked_at REAL)""",
         "CREATE INDEX certificates_by_device ON certificates (device_id)",
     ),
+    3: (
+        """CREATE TABLE privacy_ledger (round INTEGER PRIMARY KEY, attempt INTEGER NOT NULL,
+    mode TEXT NOT NULL, noise_multiplier REAL NOT NULL, sampling TEXT NOT NULL, sample_rate REAL NOT NULL,
+    population INTEGER, cohort INTEGER, clip_norm REAL NOT NULL, next_clip_norm REAL NOT NULL,
+    epsilon REAL NOT NULL, delta REAL NOT NULL, at REAL NOT NULL,
+    FOREIGN KEY (round, attempt) REFERENCES rounds (round, attempt))""",
+    ),
 }
 _ADMIN_TOKEN_KEY = "admin_token_sha256"
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -119,6 +133,23 @@ _IS_REVOKED_SQL = ("SELECT c.revoked_at IS NOT NULL OR d.revoked_at IS NOT NULL 
                    "WHERE c.serial = ? AND c.device_id = ?")
 
 ProfileValue = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """One round's privacy cost as the store keeps it (see :mod:`fedge.privacy.session`)."""
+
+    round: int
+    mode: str
+    noise_multiplier: float
+    sampling: str
+    sample_rate: float
+    population: int | None
+    cohort: int | None
+    clip_norm: float
+    next_clip_norm: float
+    epsilon: float
+    delta: float
 
 
 @dataclass(frozen=True)
@@ -672,8 +703,12 @@ class Store:
     def complete_round(
         self, round: int, attempt: int, state: ServerState, *, closed_at: float,
         reported: Sequence[str], dropped: Sequence[str], metrics: Mapping[str, float],
+        privacy: LedgerRow | None = None,
     ) -> Path:
         """Write ``state``'s checkpoint durably, then mark the attempt complete; return the file.
+
+        ``privacy`` (the round's privacy cost) goes into the ledger in the
+        same transaction that marks the round complete.
 
         Raises:
             ValueError: the attempt is not open, ``state.round != round``, or a
@@ -697,7 +732,25 @@ class Store:
                 (closed_at, json.dumps(list(reported)), json.dumps(list(dropped)), name,
                  hashlib.sha256(data).hexdigest(), _json(metrics), round, attempt),
             )
+            if privacy is not None:
+                if privacy.round != round:
+                    raise ValueError(f"the privacy entry is for round {privacy.round}, not {round}")
+                conn.execute(
+                    "INSERT INTO privacy_ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (round, attempt, privacy.mode, privacy.noise_multiplier, privacy.sampling,
+                     privacy.sample_rate, privacy.population, privacy.cohort, privacy.clip_norm,
+                     privacy.next_clip_norm, privacy.epsilon, privacy.delta, closed_at),
+                )
         return path
+
+    def privacy_ledger(self) -> list[LedgerRow]:
+        """Every round's privacy cost, by round."""
+        rows = self._query("SELECT round, mode, noise_multiplier, sampling, sample_rate, population, "
+                           "cohort, clip_norm, next_clip_norm, epsilon, delta FROM privacy_ledger "
+                           "ORDER BY round")
+        return [LedgerRow(int(r[0]), str(r[1]), float(r[2]), str(r[3]), float(r[4]),
+                          None if r[5] is None else int(r[5]), None if r[6] is None else int(r[6]),
+                          float(r[7]), float(r[8]), float(r[9]), float(r[10])) for r in rows]
 
     def interrupt_open_rounds(self, *, at: float) -> list[tuple[int, int]]:
         """Mark every open attempt interrupted (call at startup); return their (round, attempt)."""

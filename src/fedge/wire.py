@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedge.errors import ProtocolError
 from fedge.params import Array, Params, ParamsSpec
@@ -45,6 +45,7 @@ __all__ = [
     "DEVICE_ID_PATTERN",
     "PROTOCOL_VERSION",
     "REFUSALS",
+    "AbortReport",
     "CheckIn",
     "CheckInReply",
     "EncodingInfo",
@@ -178,6 +179,16 @@ class TrainPlan(Message):
     mu: Annotated[float, Field(ge=0)] = 0.0
     evaluate: bool = True
     encoding: EncodingInfo = Field(default_factory=EncodingInfo)
+    # Local differential privacy (docs/privacy.md): the device clips its delta
+    # to this L2 norm and adds N(0, noise_stddev^2) to every value before upload.
+    clip_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    noise_stddev: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+
+    @model_validator(mode="after")
+    def _noise_needs_a_clip(self) -> TrainPlan:
+        if self.noise_stddev > 0 and self.clip_norm is None:
+            raise ValueError("noise_stddev needs clip_norm: noise on an unbounded update protects nothing")
+        return self
 
 
 class CheckInReply(Message):
@@ -187,6 +198,16 @@ class CheckInReply(Message):
     wait_s: Annotated[float, Field(ge=0)] = 0.0
     task: TaskInfo
     plan: TrainPlan | None = None
+
+
+class AbortReport(Message):
+    """A device stopped training for a round: the policy turned against it (unplugged, hot, busy
+    too long) or a limit was reached. The reasons are short human-readable phrases."""
+
+    round: Annotated[int, Field(ge=1)]
+    attempt: Annotated[int, Field(ge=1)]
+    reasons: Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]],
+                       Field(min_length=1, max_length=16)]
 
 
 class EvalReport(Message):

@@ -455,3 +455,46 @@ def test_a_refusal_is_stored_with_its_round(fleet: Fleet) -> None:
     assert r.status_code == 400
     rows = fleet.coordinator.store._query("SELECT code, round FROM refusals ORDER BY rowid")
     assert [tuple(row) for row in rows] == [("unknown_round", 3), ("bad_request", None)]
+
+
+def test_a_device_that_stops_training_is_counted_out_and_the_round_closes_without_waiting(
+    fleet: Fleet,
+) -> None:
+    for d in "abc":
+        fleet.check_in(d)
+    plans = {d: fleet.plan(d) for d in "abc"}
+    params, _ = fleet.params(1, "a")
+    for d in "ab":
+        body = encode_update(delta_like(params), round=1, attempt=1, num_examples=5)
+        assert fleet.upload(d, body, 1)[0] == 200
+    assert fleet.coordinator.state.round == 0  # c is still expected
+    abort = {"protocol": 1, "round": 1, "attempt": plans["c"]["attempt"], "reasons": ["not on AC power"]}
+    r = fleet.client.post("/v1/rounds/1/abort", json=abort, headers={DEVICE_HEADER: "c"})
+    assert r.status_code == 200, r.text
+    # No clock advance: the round closes because every invited device has answered.
+    wait_until(lambda: fleet.coordinator.state.round == 1)
+    (row,) = [x for x in fleet.coordinator.store.rounds() if x.round == 1]
+    assert list(row.dropped) == ["c"] and sorted(row.reported) == ["a", "b"]
+    # A second abort, an abort after an upload, and malformed reports are refused.
+    for device, body, code in [
+        ("c", abort, "closed"),
+        ("zzz", {**abort, "round": 1}, "closed"),
+        ("c", {**abort, "round": 7}, "unknown_round"),
+        ("c", {"protocol": 1, "round": 1, "attempt": 1, "reasons": []}, "bad_request"),
+        ("c", {"protocol": 1, "round": 1, "attempt": 1, "reasons": ["x" * 201]}, "bad_request"),
+    ]:
+        round_id = body["round"]
+        r = fleet.client.post(f"/v1/rounds/{round_id}/abort", json=body, headers={DEVICE_HEADER: device})
+        assert r.status_code in (400, 404, 409, 410, 422) and r.json()["error"] == code, (code, r.text)
+
+
+def test_an_abort_from_a_device_that_already_reported_is_a_duplicate(fleet: Fleet) -> None:
+    for d in "abc":
+        fleet.check_in(d)
+    plans = {d: fleet.plan(d) for d in "abc"}
+    params, _ = fleet.params(1, "a")
+    body = encode_update(delta_like(params), round=1, attempt=1, num_examples=5)
+    assert fleet.upload("a", body, 1)[0] == 200
+    abort = {"protocol": 1, "round": 1, "attempt": plans["a"]["attempt"], "reasons": ["too hot"]}
+    r = fleet.client.post("/v1/rounds/1/abort", json=abort, headers={DEVICE_HEADER: "a"})
+    assert r.status_code == 409 and r.json()["error"] == "duplicate"

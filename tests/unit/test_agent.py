@@ -29,7 +29,9 @@ import numpy as np
 import pytest
 
 from fedge.agent import Agent, AgentConfig, backoff_delay, load_agent_config, training_rng
+from fedge.agent.policy import parse_policy
 from fedge.agent.state import DEVICE_ID_FILE
+from fedge.agent.trainer import parse_limits
 from fedge.data.dataset import DataSpec
 from fedge.data.files import load_file
 from fedge.errors import ConfigError, TransportError
@@ -38,6 +40,7 @@ from fedge.tasks import TrainConfig, load_task
 from fedge.transport import LocalTransport, Request, Response
 from fedge.wire import (
     DEVICE_HEADER,
+    AbortReport,
     CheckIn,
     CheckInReply,
     EvalReport,
@@ -80,7 +83,7 @@ class FakeCoordinator:
         self.etag = payload_etag(self.payload)
         self.checkins: deque[Script] = deque(checkins)
         self.overrides: dict[str, deque[Response | Exception]] = {
-            "params": deque(), "metrics": deque(), "update": deque(),
+            "params": deque(), "metrics": deque(), "update": deque(), "abort": deque(),
         }
         self.hooks: dict[str, Callable[[], None]] = {}
         self.events: list[tuple[object, ...]] = []
@@ -88,6 +91,8 @@ class FakeCoordinator:
         self.reports: list[EvalReport] = []
         self.updates: list[Update] = []
         self.update_bodies: list[bytes] = []
+        self.hellos: list[CheckIn] = []
+        self.aborts: list[AbortReport] = []
 
     def plan(self, round_id: int = 1, attempt: int = 1, **fields: object) -> CheckInReply:
         values: dict[str, object] = {
@@ -107,7 +112,7 @@ class FakeCoordinator:
         self.devices.append(req.headers.get(DEVICE_HEADER.lower()))
         if req.method == "POST" and req.path == "/v1/check-in":
             return self._check_in(req)
-        m = re.fullmatch(r"/v1/rounds/(\d+)/(params|metrics|update)", req.path)
+        m = re.fullmatch(r"/v1/rounds/(\d+)/(params|metrics|update|abort)", req.path)
         assert m is not None, req.path
         round_id, route = int(m[1]), m[2]
         hook = self.hooks.get(route)
@@ -126,6 +131,11 @@ class FakeCoordinator:
             headers = {"etag": self.etag, "content-type": "application/octet-stream"}
             return Response(200, headers, self.payload)
         assert req.method == "POST" and req.content is not None
+        if route == "abort":
+            abort = parse_message(AbortReport, req.content)
+            self.aborts.append(abort)
+            self.events.append(("abort", abort.round, abort.attempt))
+            return ok_json(UpdateAck(round=abort.round, attempt=abort.attempt))
         if route == "metrics":
             assert req.headers["content-type"] == "application/json"
             report = parse_message(EvalReport, req.content)
@@ -144,6 +154,7 @@ class FakeCoordinator:
     def _check_in(self, req: Request) -> Response:
         assert req.content is not None and req.headers["content-type"] == "application/json"
         hello = parse_message(CheckIn, req.content)
+        self.hellos.append(hello)
         self.events.append(("check-in", hello.num_examples))
         hook = self.hooks.get("check-in")
         if hook is not None:
@@ -814,3 +825,92 @@ def test_token_and_token_file_exclude_each_other() -> None:
     with pytest.raises(ConfigError, match="not both"):
         load_agent_config(None, {"coordinator": "https://c", "data": "d.npz", "state_dir": "s", "token": "t",
                                  "token_file": "t.txt"})
+
+
+# ------------------------------------------------------------ policy and limits
+
+
+def test_check_in_carries_the_policy_verdict_readings_and_profile(tmp_path: Path, data_file: Path) -> None:
+    fake = FakeCoordinator([])
+    config = make_config(tmp_path, data_file, policy=parse_policy({"min_memory_mb": 1e9}))
+    agent, _ = make_agent(config, fake)
+    assert agent.run() == 0
+    (hello,) = fake.hellos
+    assert hello.ready is False
+    assert hello.profile["policy"].startswith("memory available")  # type: ignore[union-attr]
+    assert hello.profile["arch"] and int(hello.profile["cores"]) >= 1
+    assert float(hello.profile["agent_rss_mb"]) > 10 and "memory_available_mb" in hello.profile
+
+
+def test_an_allowed_device_says_so_and_measures_its_throughput(tmp_path: Path, data_file: Path) -> None:
+    fake = FakeCoordinator([])
+    fake.checkins.extend([fake.wait(1.0)])
+    agent, _ = make_agent(make_config(tmp_path, data_file), fake)
+    assert agent.run() == 0
+    first, second = fake.hellos
+    assert first.ready is True and first.profile["policy"] == "ok"
+    # The task is known after the first reply; its benchmark runs once and is cached.
+    assert "examples_per_s" not in first.profile and float(second.profile["examples_per_s"]) > 0
+    assert (tmp_path / "state" / "profile.json").exists()
+
+
+def test_training_stopped_by_a_limit_is_reported_not_a_silent_dropout(
+    tmp_path: Path, data_file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "slowtask.py").write_text(textwrap.dedent("""
+        import time
+        from fedge.tasks import LogReg
+
+        class Slow(LogReg):
+            def train(self, params, data, config, rng):
+                time.sleep(30)
+                return super().train(params, data, config, rng)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake = FakeCoordinator([], info=TaskInfo(name="slowtask:Slow", num_features=4, num_classes=3))
+    fake.checkins.append(fake.plan(evaluate=False))
+    config = make_config(tmp_path, data_file, limits=parse_limits({"max_train_s": 1, "check_every_s": 0.1}))
+    agent, _ = make_agent(config, fake)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="fedge.agent"):
+        assert agent.run() == 0
+    assert time.monotonic() - t0 < 20
+    (abort,) = fake.aborts
+    assert (abort.round, abort.attempt) == (1, 1)
+    assert abort.reasons == ["training took more than max_train_s 1 s"]
+    assert not fake.updates
+    assert "round 1 attempt 1: training stopped: training took more than max_train_s 1 s" in caplog.text
+
+
+def test_the_daily_cap_counts_uploaded_rounds(tmp_path: Path, data_file: Path) -> None:
+    fake = FakeCoordinator([])
+    fake.checkins.extend([fake.plan(1), fake.plan(2)])
+    config = make_config(tmp_path, data_file, policy=parse_policy({"max_rounds_per_day": 2}))
+    agent, _ = make_agent(config, fake)
+    assert agent.run() == 0
+    assert len(fake.updates) == 2
+    assert [h.ready for h in fake.hellos] == [True, True, False]
+    assert "2 rounds today reached max_rounds_per_day 2" in str(fake.hellos[-1].profile["policy"])
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"policy": {"min_battery_percent": -5}}, "key 'policy' min_battery_percent must be between 0 and 100"),
+    ({"policy": {"windows": ["08:00-25:00"]}}, "window '08:00-25:00' is not HH:MM-HH:MM"),
+    ({"policy": {"battery": 5}}, "key 'policy' unknown key 'battery'"),
+    ({"limits": {"nice": 40}}, "key 'limits' nice must be an integer between 0 and 19"),
+    ({"limits": "fast"}, "key 'limits' must be a table"),
+])
+def test_bad_policy_and_limits_in_the_config_file_are_refused(
+    tmp_path: Path, table: dict[str, object], message: str
+) -> None:
+    lines = ['coordinator = "http://c.test"', "insecure = true", 'data = "d.npz"', 'state_dir = "s"']
+    for name, value in table.items():
+        if isinstance(value, dict):
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in value.items()]
+        else:
+            lines.insert(0, f"{name} = {json.dumps(value)}")
+    path = tmp_path / "agent.toml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_agent_config(path, {})

@@ -153,10 +153,10 @@ def schema_of(db: Path) -> dict[str, list[tuple[str, str]]]:
         return out
 
 
-def test_fresh_store_is_created_at_version_2(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 2
+def test_fresh_store_is_created_at_the_current_version(tmp_path: Path) -> None:
+    assert SCHEMA_VERSION == 3  # 3 added the privacy ledger (tests/unit/test_privacy_store.py)
     Store(tmp_path).close()
-    assert user_version(tmp_path / "fedge.db") == 2
+    assert user_version(tmp_path / "fedge.db") == SCHEMA_VERSION
     schema = schema_of(tmp_path / "fedge.db")
     assert [c for c, _ in schema["devices"]][-2:] == ["enrolled_at", "revoked_at"]
     assert [c for c, _ in schema["tokens"]] == ["hash", "created_at", "expires_at", "uses_left",
@@ -171,7 +171,7 @@ def test_version_1_store_is_upgraded_keeping_every_row(tmp_path: Path) -> None:
     make_v1_store(data_dir, tmp_path)
     assert user_version(data_dir / "fedge.db") == 1
     with Store(data_dir) as s:
-        assert user_version(data_dir / "fedge.db") == 2
+        assert user_version(data_dir / "fedge.db") == SCHEMA_VERSION
         assert s.get_meta("fingerprint") == "task=softmax"
         assert s.devices() == [DeviceRow("pi-1", 1.0, 5.0, 30, {"arch": "arm64"}, None, None)]
         assert s.last_complete_round() == 1
@@ -221,7 +221,7 @@ def test_concurrent_opens_of_a_version_1_store_upgrade_it_once(tmp_path: Path) -
 
     run_threads(8, open_store)
     assert errors == []
-    assert user_version(data_dir / "fedge.db") == 2
+    assert user_version(data_dir / "fedge.db") == SCHEMA_VERSION
 
 
 # ---------------------------------------------------------------- enrolment tokens

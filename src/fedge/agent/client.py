@@ -25,6 +25,7 @@ from fedge.errors import ProtocolError, TransportError
 from fedge.transport.base import Response, Transport
 from fedge.wire import (
     DEVICE_HEADER,
+    AbortReport,
     CheckIn,
     CheckInReply,
     ErrorBody,
@@ -110,6 +111,20 @@ class CoordinatorClient:
         if not served:
             raise ProtocolError("bad_payload", f"GET {path}: the params response carries no ETag")
         return ParamsReply(etag=served, body=r.body)
+
+    def send_abort(self, report: AbortReport) -> UpdateAck:
+        """``POST /v1/rounds/{round}/abort``: this device stopped training the round, and why.
+
+        Raises:
+            TransportError: no answer, or a 5xx.
+            RefusalError: a 4xx.
+            ProtocolError: the reply is not a valid :class:`~fedge.wire.UpdateAck`.
+        """
+        r = self._call(
+            "POST", f"/v1/rounds/{report.round}/abort",
+            content=report.model_dump_json().encode(), json_body=True,
+        )
+        return parse_message(UpdateAck, r.body)
 
     def send_metrics(self, report: EvalReport) -> UpdateAck:
         """``POST /v1/rounds/{round}/metrics`` with an evaluation report.

@@ -15,6 +15,14 @@ A config file is flat TOML::
     token_file = "enrol.token"       # or token = "..."; only until the device is enrolled
     # insecure = false               # true accepts a plain http:// coordinator
 
+    [policy]                         # when training may run (fedge.agent.policy)
+    require_ac = true
+    max_cpu_load = 0.5
+
+    [limits]                         # what training may use (fedge.agent.trainer)
+    nice = 10
+    memory_mb = 1024
+
 Precedence is defaults < file < overrides (command-line flags). Relative
 paths in the file are resolved against the file's directory, so a config
 file means the same thing whatever directory the agent starts in; relative
@@ -32,11 +40,13 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from fedge.agent.policy import Policy, parse_policy
+from fedge.agent.trainer import Limits, parse_limits
 from fedge.errors import ConfigError
 from fedge.wire import DEVICE_ID_PATTERN
 
@@ -85,6 +95,8 @@ class AgentConfig:
             process listings and shell history).
         insecure: accept a plain ``http://`` coordinator (no TLS, no device
             authentication; loopback testing only).
+        policy: when training may run (the ``[policy]`` table).
+        limits: what training may use (the ``[limits]`` table).
 
     Raises:
         ConfigError: a value has the wrong type or is out of range, naming the field.
@@ -104,6 +116,8 @@ class AgentConfig:
     token: str | None = None
     token_file: Path | None = None
     insecure: bool = False
+    policy: Policy = field(default_factory=Policy)
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -285,6 +299,28 @@ def _flag(value: object) -> bool:
     return value
 
 
+def _policy(value: object) -> Policy:
+    if isinstance(value, Policy):
+        return value
+    if not isinstance(value, dict):
+        raise _InvalidError(f"must be a table ([policy]), got {value!r}")
+    try:
+        return parse_policy(value, source="[policy]")
+    except ConfigError as e:
+        raise _InvalidError(str(e).removeprefix("[policy]: ")) from None
+
+
+def _limits(value: object) -> Limits:
+    if isinstance(value, Limits):
+        return value
+    if not isinstance(value, dict):
+        raise _InvalidError(f"must be a table ([limits]), got {value!r}")
+    try:
+        return parse_limits(value, source="[limits]")
+    except ConfigError as e:
+        raise _InvalidError(str(e).removeprefix("[limits]: ")) from None
+
+
 _CHECKS: dict[str, Callable[[object], object]] = {
     "coordinator": _url,
     "data": _path,
@@ -300,6 +336,8 @@ _CHECKS: dict[str, Callable[[object], object]] = {
     "token": _secret,
     "token_file": _optional_path,
     "insecure": _flag,
+    "policy": _policy,
+    "limits": _limits,
 }
 
 

@@ -33,9 +33,11 @@ Privacy: params, updates and anything derived from them are never logged.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import math
+import os
 import random
 import signal
 import ssl
@@ -49,18 +51,33 @@ from typing import TypeVar
 
 import numpy as np
 
+from fedge import __version__
 from fedge.agent.client import CoordinatorClient, RefusalError
 from fedge.agent.config import AgentConfig
+from fedge.agent.monitor import Monitor, Readings
+from fedge.agent.policy import Verdict, verdict
+from fedge.agent.profile import ProfileCache
 from fedge.agent.residual import load_residual, save_residual
-from fedge.agent.state import StateLock, resolve_device_id
+from fedge.agent.state import RoundsToday, StateLock, resolve_device_id
+from fedge.agent.trainer import Trainer, TrainingStopped, agent_overhead
 from fedge.data.dataset import Dataset, DataSpec
 from fedge.data.files import load_file
 from fedge.encoding import EncodingConfig, Pipeline, build_pipeline
 from fedge.errors import ConfigError, ProtocolError, TaskError, TransportError
 from fedge.params import Params, ParamsSpec, check_finite, subtract
-from fedge.tasks import Task, TrainConfig, TrainResult, load_task
+from fedge.privacy.mechanisms import DevicePrivacy, privatize_update
+from fedge.tasks import Task, TrainConfig, load_task
 from fedge.transport.base import Transport
-from fedge.wire import CheckIn, EvalReport, TaskInfo, TrainPlan, decode_params, encode_update, parse_message
+from fedge.wire import (
+    AbortReport,
+    CheckIn,
+    EvalReport,
+    TaskInfo,
+    TrainPlan,
+    decode_params,
+    encode_update,
+    parse_message,
+)
 
 __all__ = ["Agent", "backoff_delay", "run_agent", "training_rng"]
 
@@ -73,6 +90,8 @@ _WAIT_JITTER = 0.1
 _BODY_SLACK = 1024 * 1024
 # A metrics report holds at most this many names (EvalReport's limit).
 _MAX_METRICS = 64
+# The capability benchmark's time bound (it trains one epoch of 256 synthetic examples).
+_BENCH_MAX_S = 10.0
 
 _T = TypeVar("_T")
 
@@ -125,8 +144,11 @@ def training_rng(device_id: str, round_id: int, attempt: int) -> np.random.Gener
     Returns:
         A fresh generator.
     """
-    device_seed = int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:8], "big")
-    return np.random.default_rng([device_seed, round_id, attempt])
+    return np.random.default_rng([*_device_seed(device_id), round_id, attempt])
+
+
+def _device_seed(device_id: str) -> tuple[int]:
+    return (int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:8], "big"),)
 
 
 @dataclass(frozen=True)
@@ -193,6 +215,12 @@ class Agent:
         self._pending: _Pending | None = None
         self._finished: tuple[int, int, str] | None = None
         self._pipeline: Pipeline | None = None
+        # The policy's eyes: the monitor counts the training child's CPU as the agent's own.
+        self._monitor = Monitor(disk_path=config.state_dir, own_cpu_s=self._own_cpu_s)
+        self._rounds_today: RoundsToday | None = None
+        self._trainer = Trainer(config.limits, config.policy, self._monitor, rounds_today=self._count_today)
+        self._profiles: ProfileCache | None = None
+        self._last_verdict: Verdict | None = None
 
     @property
     def stopping(self) -> bool:
@@ -223,6 +251,8 @@ class Agent:
         """
         with StateLock(self._config.state_dir):
             device_id = resolve_device_id(self._config.state_dir, self._config.device_id)
+            self._rounds_today = RoundsToday(self._config.state_dir)
+            self._profiles = ProfileCache(self._config.state_dir)
             data = load_file(self._config.data)
             logger.info(
                 "agent %s: %d examples from %s; coordinator %s",
@@ -240,7 +270,7 @@ class Agent:
     def _loop(self, session: _Session) -> int:
         while not self._stop.is_set():
             try:
-                reply = session.client.check_in(CheckIn(num_examples=len(session.data)))
+                reply = session.client.check_in(self._check_in(session))
             except TransportError as e:
                 self._retry_later("coordinator unreachable", e)
                 continue
@@ -320,8 +350,22 @@ class Agent:
         )
         started = self._clock()
         rng = training_rng(session.device_id, plan.round, plan.attempt)
-        result: TrainResult = _call_task("train", lambda: task.task.train(params, session.data, config, rng))
+        try:
+            # In a child process under the [limits], paused or stopped by the [policy].
+            result, stats = self._trainer.run(
+                lambda: task.task.train(params, session.data, config, rng),
+                max_s=plan.deadline_s - (started - received_at), what="task.train",
+            )
+        except TrainingStopped as stop:
+            self._finished = _key(plan)
+            logger.warning("%s: training stopped: %s", label, stop)
+            session.client.send_abort(AbortReport(round=plan.round, attempt=plan.attempt,
+                                                  reasons=[r[:200] for r in stop.reasons[:16]]))
+            return
         train_s = self._clock() - started
+        if stats.pauses:
+            logger.info("%s: training paused %d times (%.1f s) for other work", label, stats.pauses,
+                        stats.paused_s)
         if self._abandoned(label):
             return
         delta = _delta(result.params, params, task.spec)
@@ -329,10 +373,15 @@ class Agent:
             check_finite(delta, what="update")
         except ValueError as e:
             raise TaskError(f"training diverged: {e}") from None
+        if plan.clip_norm is not None:
+            delta = _privatize(delta, plan)
         # The local training time goes with the update, so the coordinator can
         # tell training from protocol overhead in a round's duration.
         metrics = {**_finite_metrics(result.metrics, label, "training"), "train_s": train_s}
-        tensors, encoding = self._encode(plan, task, delta, rng)
+        # Its own stream: training may run in a child process, which leaves
+        # ``rng`` untouched here, and rounding must not reuse training's draws.
+        encoding_rng = np.random.default_rng([*_device_seed(session.device_id), plan.round, plan.attempt, 1])
+        tensors, encoding = self._encode(plan, task, delta, encoding_rng)
         body = encode_update(
             tensors, round=plan.round, attempt=plan.attempt, num_examples=result.num_examples,
             metrics=metrics, encoding=encoding,
@@ -386,6 +435,8 @@ class Agent:
             raise
         self._pending = None
         self._finished = _key(plan)
+        if self._rounds_today is not None:
+            self._rounds_today.add()
         logger.info(
             "%s: trained %d examples in %.2f s, uploaded %.1f KiB",
             label, pending.num_examples, pending.train_s, len(pending.body) / 1024,
@@ -416,11 +467,75 @@ class Agent:
         spec = ParamsSpec.of(_call_task("init_params", lambda: task.init_params(np.random.default_rng(0))))
         self._task = _TaskState(info, task, spec)
         self._cached = None
+        self._benchmark(info, task)
         logger.info(
             "task %s: %d features, %d classes, %d parameters",
             info.name, info.num_features, info.num_classes, spec.size,
         )
         return self._task
+
+    # ------------------------------------------------------------ runtime
+
+    def _own_cpu_s(self) -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system + self._trainer.child_cpu_s()
+
+    def _count_today(self) -> int:
+        return self._rounds_today.count() if self._rounds_today is not None else 0
+
+    def _check_in(self, session: _Session) -> CheckIn:
+        """The check-in: data held, the policy's verdict and why, readings and capabilities."""
+        readings = self._monitor.read()
+        v = verdict(self._config.policy, readings, now=dt.datetime.now(), rounds_today=self._count_today())
+        last, self._last_verdict = self._last_verdict, v
+        if last is None or (last.ok, last.reasons) != (v.ok, v.reasons):
+            if v.ok:
+                logger.info("policy: training allowed%s", f" ({'; '.join(v.notes)})" if v.notes else "")
+            else:
+                logger.info("policy: not training now: %s", "; ".join(v.reasons))
+        return CheckIn(num_examples=len(session.data), ready=v.ok, profile=self._profile_fields(readings, v))
+
+    def _profile_fields(self, readings: Readings, v: Verdict) -> dict[str, str | int | float | bool]:
+        fields: dict[str, str | int | float | bool] = {"fedge_version": __version__}
+        if self._profiles is not None:
+            p = self._profiles.profile
+            fields.update(cores=p.cores, memory_mb=p.memory_mb, arch=p.arch,
+                          accelerators=",".join(p.accelerators) or "none")
+            if p.examples_per_s is not None:
+                fields["examples_per_s"] = p.examples_per_s
+        fields["policy"] = "ok" if v.ok else "; ".join(v.reasons)[:500]
+        for key, value in readings.to_json().items():
+            if value is not None and key != "cores":
+                fields[key] = value
+        overhead = agent_overhead()
+        fields["agent_cpu_s"] = overhead["cpu_s"]
+        fields["agent_rss_mb"] = overhead["rss_mb"]
+        return fields
+
+    def _benchmark(self, info: TaskInfo, task: Task) -> None:
+        """Measure training throughput on synthetic data of the task's shape, if the cache is stale."""
+        profiles = self._profiles
+        if profiles is None or not profiles.stale(info.name):
+            return
+        rng = np.random.default_rng(0)
+        n = 256
+        data = Dataset(rng.normal(size=(n, info.num_features)).astype(np.float32),
+                       rng.integers(0, info.num_classes, size=n))
+        config = TrainConfig(local_epochs=1, batch_size=32, lr=0.01, mu=0.0)
+
+        def bench() -> tuple[int, float]:
+            params = task.init_params(rng)
+            t0 = time.perf_counter()
+            task.train(params, data, config, rng)
+            return n, time.perf_counter() - t0
+
+        # In the training child, under the limits and the policy, and bounded: a slow
+        # device must not spend a round's worth of time on its benchmark.
+        bound = min(_BENCH_MAX_S, self._config.limits.max_train_s or _BENCH_MAX_S)
+        try:
+            profiles.measure(info.name, lambda: self._trainer.run(bench, max_s=bound, what="benchmark")[0])
+        except (TaskError, TrainingStopped) as e:
+            logger.warning("capability benchmark skipped (%s); the profile has no throughput yet", e)
 
     def _fetch_params(
         self, session: _Session, task: _TaskState, plan: TrainPlan, label: str
@@ -498,6 +613,14 @@ def _call_task(what: str, call: Callable[[], _T]) -> _T:
         raise
     except Exception as e:
         raise TaskError(f"task.{what} raised {type(e).__name__}: {e}") from e
+
+
+def _privatize(delta: Params, plan: TrainPlan) -> Params:
+    """Local DP: clip the update and add the plan's noise, drawn from the OS entropy, before it leaves."""
+    assert plan.clip_norm is not None
+    how = DevicePrivacy(clip_norm=plan.clip_norm, local_stddev=plan.noise_stddev, seed=None)
+    private, _ = privatize_update(delta, how, round_id=plan.round, device_id=plan.attempt)
+    return private
 
 
 def _delta(trained: Params, start: Params, spec: ParamsSpec) -> Params:

@@ -13,7 +13,9 @@ file, fsynced and renamed, so a power cut never leaves a half-written id.
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
+import json
 import logging
 import os
 import re
@@ -23,7 +25,7 @@ from pathlib import Path
 from fedge.errors import ConfigError
 from fedge.wire import DEVICE_ID_PATTERN
 
-__all__ = ["DEVICE_ID_FILE", "LOCK_FILE", "StateLock", "resolve_device_id"]
+__all__ = ["DEVICE_ID_FILE", "LOCK_FILE", "ROUNDS_FILE", "RoundsToday", "StateLock", "resolve_device_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,3 +139,41 @@ def resolve_device_id(
         raise ConfigError(f"{path}: cannot write the device id ({e.strerror})") from None
     logger.info("generated device id %s (kept in %s)", device_id, path)
     return device_id
+
+
+ROUNDS_FILE = "rounds_today.json"
+
+
+class RoundsToday:
+    """How many rounds this device trained on the current local day (the policy's daily cap).
+
+    Kept in ``state_dir/rounds_today.json`` so a restart does not reset the
+    count; an unreadable file counts as zero (the worst it can do is allow
+    one more day's worth of rounds).
+    """
+
+    def __init__(self, state_dir: Path, *, today: Callable[[], str] | None = None) -> None:
+        self.path = state_dir / ROUNDS_FILE
+        self._today = today or (lambda: dt.date.today().isoformat())
+        self._day, self._count = self._load()
+
+    def _load(self) -> tuple[str, int]:
+        try:
+            d = json.loads(self.path.read_text())
+            return str(d["day"]), int(d["count"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return self._today(), 0
+
+    def count(self) -> int:
+        return self._count if self._day == self._today() else 0
+
+    def add(self) -> None:
+        today = self._today()
+        self._count = (self._count if self._day == today else 0) + 1
+        self._day = today
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps({"day": today, "count": self._count}) + "\n")
+            os.replace(tmp, self.path)
+        except OSError as e:
+            logger.warning("cannot keep the daily round count in %s (%s)", self.path, e)

@@ -34,6 +34,7 @@ from fedge.wire import (
     DEVICE_HEADER,
     DEVICE_ID_PATTERN,
     REFUSALS,
+    AbortReport,
     CheckIn,
     CheckInReply,
     EnrolReply,
@@ -138,6 +139,13 @@ def create_app(
     refusals = Counter("fedge_refusals_total", "Requests refused, by error code", ["code"], registry=registry)
     rounds_complete = Gauge("fedge_rounds_complete", "Rounds completed so far", registry=registry)
     rounds_complete.set_function(lambda: coordinator.state.round)
+    if coordinator.privacy is not None:
+        privacy = coordinator.privacy
+        epsilon = Gauge("fedge_privacy_epsilon", "Epsilon spent so far, at fedge_privacy_delta",
+                        registry=registry)
+        epsilon.set_function(lambda: privacy.epsilon)
+        Gauge("fedge_privacy_delta", "Delta of the reported epsilon", registry=registry).set(
+            privacy.config.delta)
     coordinator.on_refusal = lambda code: refusals.labels(code=code).inc()
 
     @contextlib.asynccontextmanager
@@ -228,6 +236,13 @@ def create_app(
         device = device_identity(request, identity)
         body = await read_body(request, coordinator.config.max_body_bytes)
         return _json(await coordinator.submit_update(device, round, body))
+
+    @app.post("/v1/rounds/{round}/abort", response_model=UpdateAck, openapi_extra=_schema(AbortReport))
+    async def abort(request: Request, round: int) -> Response:
+        """A device says it stopped training for this round, and why (its policy or a limit)."""
+        device = device_identity(request, identity)
+        report = parse_message(AbortReport, await read_body(request, _JSON_LIMIT))
+        return _json(coordinator.submit_abort(device, round, report))
 
     @app.post("/v1/rounds/{round}/metrics", response_model=UpdateAck, openapi_extra=_schema(EvalReport))
     async def metrics(request: Request, round: int) -> Response:

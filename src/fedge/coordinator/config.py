@@ -1,6 +1,6 @@
 """The coordinator's configuration: one frozen value read from ``coordinator.toml``.
 
-The file has these tables; every key is optional except the task's shape
+The file has up to eight tables; every key is optional except the task's shape
 (given directly or read from ``eval_data``)::
 
     [task]
@@ -35,6 +35,13 @@ The file has these tables; every key is optional except the task's shape
     compress = "none"          # none, fp16, q8, q4, topk:FRACTION, topk:FRACTION+fp16|q8|q4
     bucket_size = 512          # q8/q4: one scale per this many values (default: per tensor)
     shared_range = 0.1         # q8/q4: a shared grid [-R, R] instead of per-device scales
+    [privacy]                  # differential privacy (docs/privacy.md); absent: off
+    mode = "central"           # or "local" (each device noises its own update)
+    clip_norm = 1.0            # or "adaptive"
+    noise_multiplier = 1.0     # or target_epsilon = 3.0 (calibrated for rounds.count)
+    delta = 1e-5
+    budget = 3.0               # epsilon no round may take the run past
+    accountant = "rdp"         # or "pld"
 
     [security]
     cert_days = 30             # validity of the client certificates issued at enrolment
@@ -51,11 +58,14 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedge.encoding import EncodingConfig, Pipeline, build_pipeline
 from fedge.errors import ConfigError
 from fedge.sim.config import coerce_fields, load_toml
+
+if TYPE_CHECKING:
+    from fedge.privacy.session import PrivacyConfig
 
 __all__ = ["CoordinatorConfig", "load_coordinator_config"]
 
@@ -90,6 +100,15 @@ _TABLES: dict[str, dict[str, str]] = {
         "compress": "compress",
         "bucket_size": "compress_bucket",
         "shared_range": "compress_range",
+    },
+    "privacy": {
+        "mode": "dp",
+        "clip_norm": "clip_norm",
+        "noise_multiplier": "noise_multiplier",
+        "target_epsilon": "target_epsilon",
+        "delta": "delta",
+        "budget": "epsilon_budget",
+        "accountant": "accountant",
     },
     "security": {
         "insecure": "insecure",
@@ -136,6 +155,13 @@ class CoordinatorConfig:
     compress: str = "none"
     compress_bucket: int | None = None
     compress_range: float | None = None
+    dp: str | None = None
+    clip_norm: float | str | None = None
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    epsilon_budget: float | None = None
+    accountant: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("rounds", "cohort_size", "eval_every", "local_epochs", "batch_size"):
@@ -172,6 +198,30 @@ class CoordinatorConfig:
                 "task.num_features and task.num_classes are required unless task.eval_data names "
                 "a data file to read them from"
             )
+        self.privacy  # noqa: B018 - checks the [privacy] table now
+
+    @property
+    def privacy(self) -> PrivacyConfig | None:
+        """The ``[privacy]`` settings, or ``None`` without a ``privacy.mode``."""
+        names = ("clip_norm", "noise_multiplier", "target_epsilon", "delta", "epsilon_budget", "accountant")
+        given = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        if self.dp is None:
+            if given:
+                raise ConfigError("the [privacy] settings need privacy.mode (central)")
+            return None
+        if self.dp == "distributed":
+            raise ConfigError("privacy.mode = 'distributed' is not available in a federation: it needs "
+                              "secure aggregation ([secagg]), which this build does not have yet; use "
+                              "privacy.mode = 'central' or 'local'")
+        from fedge.privacy.session import PrivacyConfig
+
+        if "epsilon_budget" in given:
+            given["budget"] = given.pop("epsilon_budget")
+        try:
+            return PrivacyConfig(mode=self.dp, **given)
+        except ConfigError as e:  # the flags' names mean nothing in a TOML file
+            raise ConfigError(f"[privacy]: {e}".replace("--epsilon-budget", "budget")
+                              .replace("--dp", "mode").replace("--", "")) from None
 
     @property
     def effective_min_updates(self) -> int:

@@ -140,6 +140,28 @@ def _load_ca(files: TlsFiles) -> pki.CA:
         raise ConfigError(str(e)) from None
 
 
+def _adopt_admin_token(files: TlsFiles, store: Store) -> None:
+    """Take the admin token from ``admin.token`` when the store has none.
+
+    That is the case when the CA was made elsewhere and its files were put
+    in place (a Kubernetes Secret, a restored backup of the files without the
+    store): the store learns the token's hash, and the file stays the
+    operator's copy.
+
+    Raises:
+        ConfigError: ``admin.token`` is readable by others, or not a token.
+    """
+    if store.admin_token_hash() is not None or not files.admin_token.exists():
+        return
+    if files.admin_token.stat().st_mode & 0o077:
+        raise ConfigError(f"{files.admin_token} is readable by other users; chmod 600 it")
+    token = files.admin_token.read_text(encoding="utf-8").strip()
+    if len(token) < 32 or not token.isascii() or any(c.isspace() for c in token):
+        raise ConfigError(f"{files.admin_token} does not hold an admin token")
+    store.set_admin_token_hash(pki.hash_secret(token))
+    logger.info("admin token taken from %s", files.admin_token)
+
+
 class Identity:
     """The coordinator's side of enrolment and authentication (see the module docstring)."""
 
@@ -155,6 +177,7 @@ class Identity:
         self.ca = _load_ca(self.files)
         self.ca_pem = pki.cert_pem(self.ca.cert).decode()
         self.store = store
+        _adopt_admin_token(self.files, store)
         self.cert_days = cert_days
         self._clock = clock
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,16 +37,19 @@ from fedge import params as P
 from fedge.coordinator.config import CoordinatorConfig
 from fedge.data.dataset import Dataset, DataSpec
 from fedge.data.files import load_file
-from fedge.errors import ConfigError, ProtocolError, RoundError, TaskError
+from fedge.errors import ConfigError, PrivacyBudgetError, ProtocolError, RoundError, TaskError
 from fedge.params import ParamsSpec
+from fedge.privacy.mechanisms import DevicePrivacy, clip_by_l2
+from fedge.privacy.session import LedgerEntry, PrivacySession
 from fedge.rounds import Round, RoundState, select_cohort
-from fedge.store import Store
+from fedge.store import LedgerRow, Store
 from fedge.strategies import ServerState, Strategy, build_strategy
 from fedge.strategies.base import Accumulator
 from fedge.tasks import load_task
 from fedge.tasks.base import Task
 from fedge.wire import (
     REFUSALS,
+    AbortReport,
     CheckIn,
     CheckInReply,
     EncodingInfo,
@@ -93,10 +97,19 @@ class _OpenRound:
     train_loss: list[tuple[float, float]] = field(default_factory=list)
     train_s: float | None = None  # the slowest reported local training time
     evaluated: set[str] = field(default_factory=set)
+    aborted: dict[str, tuple[str, ...]] = field(default_factory=dict)  # device -> its reasons
     closing: bool = False
     # Bytes per device: update bodies received, params payloads sent.
     bytes_in: dict[str, int] = field(default_factory=dict)
     bytes_out: dict[str, int] = field(default_factory=dict)
+    clip_norm: float | None = None  # central DP: the bound every update is clipped to on receipt
+    local: DevicePrivacy | None = None  # local DP: what each device does to its update before upload
+    unclipped: int = 0  # central DP: updates already within the bound (adaptive clipping's count)
+
+    @property
+    def settled(self) -> bool:
+        """Every invited device has either reported or said it stopped: no need to wait longer."""
+        return len(self.round.reported) + len(self.aborted) >= len(self.round.cohort)
 
 
 class Coordinator:
@@ -129,6 +142,9 @@ class Coordinator:
         self.task_info = TaskInfo(
             name=config.task, num_features=self.spec.num_features, num_classes=self.spec.num_classes
         )
+        self.privacy = _privacy_of(config, self.strategy)
+        #: Why no further round runs (the privacy budget), or None.
+        self.stopped: str | None = None
         self.store = Store(config.data_dir)
         try:
             self._resume()
@@ -169,6 +185,7 @@ class Coordinator:
             logger.warning(
                 "round %d attempt %d was in flight when the coordinator stopped; it restarts", r, a
             )
+        self._resume_privacy()
         done = self.store.last_complete_round()
         if done:
             self.state = self.store.load_checkpoint(done)
@@ -177,6 +194,34 @@ class Coordinator:
         else:
             self.state = self.strategy.init(self._init_params())
         self.params_spec = ParamsSpec.of(self.state.params)
+
+    def _resume_privacy(self) -> None:
+        """Take back the privacy ledger, and refuse at once if the budget is already spent."""
+        ledger = self.store.privacy_ledger()
+        if self.privacy is None:
+            if ledger:
+                raise ConfigError(
+                    f"{self.config.data_dir} holds a privacy ledger of {len(ledger)} rounds: this run "
+                    "trained under differential privacy and cannot go on without it ([privacy] table)"
+                )
+            return
+        self.privacy.restore(LedgerEntry(**dataclasses.asdict(row)) for row in ledger)
+        if ledger:
+            logger.info("privacy ledger: %d rounds, epsilon %.4g at delta %g",
+                        len(ledger), self.privacy.epsilon, self.privacy.config.delta)
+        self._check_budget()
+
+    def _check_budget(self) -> bool:
+        """False (and :attr:`stopped` set) if the next round would exceed the privacy budget."""
+        if self.privacy is None or self.stopped is not None:
+            return self.stopped is None
+        try:
+            self.privacy.check_budget()
+        except PrivacyBudgetError as e:
+            self.stopped = str(e)
+            logger.error("%s", e)
+            return False
+        return True
 
     def _init_params(self) -> P.Params:
         # Seeded, so a coordinator that dies before round 1 completes starts
@@ -192,7 +237,7 @@ class Coordinator:
 
     @property
     def done(self) -> bool:
-        return self.state.round >= self.config.rounds
+        return self.state.round >= self.config.rounds or self.stopped is not None
 
     def refuse(self, error: ProtocolError, device_id: str | None, round_id: int | None) -> None:
         """Count and record a refusal (the app sends the error back)."""
@@ -252,6 +297,8 @@ class Coordinator:
                 mu=self.mu,
                 evaluate=True,
                 encoding=self.encoding_info,
+                clip_norm=None if rnd.local is None else rnd.local.clip_norm,
+                noise_stddev=0.0 if rnd.local is None else rnd.local.local_stddev,
             )
             return CheckInReply(action="train", task=self.task_info, plan=plan)
         # Spread the next check-ins over +-25% of wait_s: devices that came
@@ -306,7 +353,17 @@ class Coordinator:
         # Finite updates can overflow when summed; the new params are checked
         # for that when the round closes, so numpy need not warn here.
         with np.errstate(over="ignore", invalid="ignore"):
-            rnd.accumulator.add(update.delta, float(update.num_examples))
+            if rnd.local is not None:
+                # Local DP: clipped and noised on the device; weight 1, like central DP.
+                rnd.accumulator.add(update.delta, 1.0)
+            elif rnd.clip_norm is not None:
+                # Central DP: the coordinator is trusted, so it clips on receipt;
+                # every clipped update weighs 1 (docs/privacy.md, "Weights").
+                clipped, norm = clip_by_l2(update.delta, rnd.clip_norm)
+                rnd.unclipped += int(norm <= rnd.clip_norm)
+                rnd.accumulator.add(clipped, 1.0)
+            else:
+                rnd.accumulator.add(update.delta, float(update.num_examples))
         loss = update.metrics.get("train_loss")
         if loss is not None:
             rnd.train_loss.append((loss, float(update.num_examples)))
@@ -356,6 +413,34 @@ class Coordinator:
         )
         return UpdateAck(round=round_id, attempt=rnd.attempt)
 
+    def submit_abort(self, device_id: str, round_id: int, report: AbortReport) -> UpdateAck:
+        """A device stopped training for the round (its policy, a limit): count it out now.
+
+        The round closes as soon as every invited device has reported or
+        stopped, instead of waiting for the deadline.
+        """
+        rnd = self._round_for(device_id, round_id)
+        if report.round != round_id:
+            raise ProtocolError(
+                "bad_request", f"the report is for round {report.round}, sent to round {round_id}"
+            )
+        if report.attempt != rnd.attempt:
+            raise ProtocolError(
+                "closed", f"round {round_id} attempt {report.attempt} has ended", REFUSALS["closed"]
+            )
+        if device_id in rnd.round.reported or device_id in rnd.aborted:
+            raise ProtocolError(
+                "duplicate", f"device {device_id} already reported to round {round_id}", REFUSALS["duplicate"]
+            )
+        rnd.aborted[device_id] = tuple(report.reasons)
+        logger.warning("round %d attempt %d: device %s stopped training: %s",
+                       round_id, rnd.attempt, device_id, "; ".join(report.reasons))
+        self.store.record_metrics(round_id, rnd.attempt, device_id, kind="abort", num_examples=0,
+                                  metrics={}, at=self._clock())
+        if rnd.settled:
+            self._wake.set()
+        return UpdateAck(round=round_id, attempt=rnd.attempt)
+
     def _round_for(self, device_id: str, round_id: int) -> _OpenRound:
         rnd = self.open
         current = self.state.round + 1
@@ -387,14 +472,17 @@ class Coordinator:
                 if self._open_round(now):
                     continue
                 timeout = 0.5
-            elif len(rnd.round.reported) >= rnd.target or now >= rnd.round.deadline:
+            elif len(rnd.round.reported) >= rnd.target or rnd.settled or now >= rnd.round.deadline:
                 await self._close_round(rnd)
                 continue
             else:
                 timeout = min(1.0, max(0.0, rnd.round.deadline - now))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-        logger.info("training complete: %d rounds", self.state.round)
+        if self.stopped is not None:
+            logger.error("training stopped after %d rounds: %s", self.state.round, self.stopped)
+        else:
+            logger.info("training complete: %d rounds", self.state.round)
         if on_done is not None:
             on_done()
 
@@ -407,6 +495,8 @@ class Coordinator:
         cfg = self.config
         ready = self.available(now)
         if len(ready) < cfg.effective_min_devices:
+            return False
+        if not self._check_budget():
             return False
         # A retry prefers devices that did not just drop out, if enough remain.
         fresh = [d for d in ready if d not in self._last_dropped]
@@ -432,6 +522,12 @@ class Coordinator:
             payload=payload,
             etag=payload_etag(payload),
         )
+        if self.privacy is not None:
+            how = self.privacy.device_privacy()
+            if self.privacy.config.mode == "local":
+                self.open.local = how
+            else:
+                self.open.clip_norm = how.clip_norm
         logger.info(
             "round %d attempt %d open: %d devices invited, %d needed, deadline %.0f s",
             round_id,
@@ -462,9 +558,17 @@ class Coordinator:
         metrics["bytes_down"] = float(sum(rnd.bytes_out.values()))
         self._record_traffic(rnd, now)
         state = None
+        ledger: LedgerRow | None = None
         if outcome.state is RoundState.COMPLETE:
+            aggregate = rnd.accumulator.result()
+            if self.privacy is not None:
+                aggregate = self.privacy.release(r, aggregate, unclipped=rnd.unclipped)
+                entry = self.privacy.charge(r)
+                ledger = LedgerRow(**dataclasses.asdict(entry))
+                metrics["epsilon"] = entry.epsilon
+                metrics["clip_norm"] = entry.clip_norm
             with np.errstate(over="ignore", invalid="ignore"):
-                state = self.strategy.apply(self.state, rnd.accumulator.result())
+                state = self.strategy.apply(self.state, aggregate)
             state = ServerState(params=state.params, opt_state=state.opt_state, round=r)
             try:
                 # Finite updates can still overflow when summed; a model with
@@ -485,6 +589,7 @@ class Coordinator:
                 reported=reported,
                 dropped=dropped,
                 metrics=metrics,
+                privacy=ledger,
             )
             self.state = state
             self._last_dropped = frozenset()
@@ -547,10 +652,33 @@ class Coordinator:
             "available": len(self.available(self._clock())),
             "history": [_row_json(row) for row in last if row.state != "open"],
             "refusals": {k: v for k, v in self.refusals.items() if v},
+            "privacy": None if self.privacy is None else {
+                "epsilon": self.privacy.epsilon, "delta": self.privacy.config.delta,
+                "budget": self.privacy.config.effective_budget, "stopped": self.stopped,
+            },
         }
 
     def close(self) -> None:
         self.store.close()
+
+
+def _privacy_of(config: CoordinatorConfig, strategy: Strategy) -> PrivacySession | None:
+    """Central DP for a federation: noise from the OS entropy, and no amplification claimed.
+
+    Cohorts are drawn from the devices that happen to be available, so no
+    device's chance of being picked is known, and a device that becomes
+    available can push another out of a full cohort: the accountant claims
+    no amplification and a sensitivity of twice the clip (``availability``
+    sampling), which holds whatever availability does (docs/privacy.md,
+    "Sampling honesty").
+    """
+    settings = config.privacy
+    if settings is None:
+        return None
+    if getattr(strategy, "needs_every_update", False):
+        raise ConfigError(f"[privacy] needs a strategy that sums updates; {config.strategy!r} keeps each one")
+    return PrivacySession(settings, sampling="availability", expected_reports=float(config.cohort_size),
+                          planned_rounds=config.rounds, seed=None)
 
 
 def _weighted_eval(rows: list[dict[str, object]]) -> dict[str, float]:

@@ -70,6 +70,7 @@ def merge_partials(parts: Sequence[PartialRound]) -> PartialRound:
         head.train_loss_weight += p.train_loss_weight
         head.train_s += p.train_s
         head.bytes_up += p.bytes_up
+        head.unclipped += p.unclipped
     return head
 
 

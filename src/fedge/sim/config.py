@@ -22,12 +22,16 @@ import numpy as np
 from fedge.encoding import EncodingConfig, Pipeline, build_pipeline
 from fedge.errors import ConfigError
 
+if typing.TYPE_CHECKING:
+    from fedge.privacy.session import PrivacyConfig
+
 __all__ = ["BACKENDS", "SimConfig", "coerce_fields", "load_toml"]
 
 BACKENDS = ("inline", "processes")
 # What the simulator counts as a payload's size (fedge.sim.traffic.COUNT_BYTES;
 # repeated here so that the config module imports no codec).
 COUNT_BYTES = ("wire", "raw", "off")
+_DP_FIELDS = ("clip_norm", "noise_multiplier", "target_epsilon", "delta", "epsilon_budget", "accountant")
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,14 @@ class SimConfig:
     compress_bucket: int | None = None
     compress_range: float | None = None
     count_bytes: str = "wire"
+    # Differential privacy (docs/privacy.md); None: off.
+    dp: str | None = None
+    clip_norm: float | str | None = None
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    epsilon_budget: float | None = None
+    accountant: str | None = None
 
     def __post_init__(self) -> None:
         # Types first (the API can pass anything), then ranges.
@@ -106,6 +118,7 @@ class SimConfig:
                 f"--count-bytes must be one of {', '.join(COUNT_BYTES)}, got {self.count_bytes!r}"
             )
         self.encoding_pipeline()  # refuses a bad --compress now, before any data is loaded
+        self.privacy  # noqa: B018 - checks the DP settings now, before any round
 
     @property
     def encoding(self) -> EncodingConfig:
@@ -117,6 +130,21 @@ class SimConfig:
         # No simulator setting turns on secure aggregation yet; when one does,
         # it is passed here so that the pipeline refuses what breaks sums.
         return build_pipeline(self.encoding, secure_aggregation=False)
+
+    @property
+    def privacy(self) -> PrivacyConfig | None:
+        """The DP settings, or ``None`` when ``dp`` is off (then no DP flag may be set)."""
+        given = {name: getattr(self, name) for name in _DP_FIELDS if getattr(self, name) is not None}
+        if self.dp is None:
+            if given:
+                flags = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise ConfigError(f"{flags} need --dp central|distributed|local")
+            return None
+        from fedge.privacy.session import PrivacyConfig
+
+        if "epsilon_budget" in given:
+            given["budget"] = given.pop("epsilon_budget")
+        return PrivacyConfig(mode=self.dp, **given)
 
     def replace(self, **changes: Any) -> SimConfig:
         return dataclasses.replace(self, **changes)

@@ -21,6 +21,7 @@ from fedge.data.dataset import Dataset
 from fedge.encoding import EncodingConfig
 from fedge.errors import TaskError
 from fedge.params import Params
+from fedge.privacy.mechanisms import DevicePrivacy, privatize_update
 from fedge.sim.traffic import UpdateEncoder
 from fedge.strategies.base import Accumulator, Strategy
 from fedge.tasks.base import Task, TrainConfig
@@ -41,10 +42,11 @@ def device_rng(seed: int, round_id: int, device_id: int) -> np.random.Generator:
 
 @dataclass(frozen=True)
 class DeviceJob:
-    """One device's work in a round: who, and how many local epochs."""
+    """One device's work in a round: who, how many local epochs, and its DP step (if any)."""
 
     device_id: int
     local_epochs: int
+    privacy: DevicePrivacy | None = None
 
 
 @dataclass
@@ -63,6 +65,7 @@ class PartialRound:
     train_loss_weight: float = 0.0
     train_s: float = 0.0
     bytes_up: int = 0  # the devices' update payloads as they would go over the wire
+    unclipped: int = 0  # DP: updates whose norm was within the clip (adaptive clipping's count)
 
 
 class DeviceRunner:
@@ -138,6 +141,8 @@ class DeviceRunner:
             if not all(np.isfinite(v).all() for v in delta.values()):
                 out.rejected.append(job.device_id)
                 continue
+            if job.privacy is not None:
+                delta, weight = self._privatize(job.privacy, delta, round_id, job.device_id, out)
             sent, nbytes = self._encoder.encode(
                 job.device_id, round_id, delta, num_examples=int(weight),
                 metrics=_upload_metrics(result.metrics, clock() - t0), rng=rng,
@@ -154,6 +159,14 @@ class DeviceRunner:
                 out.train_loss_sum += float(loss) * float(weight)
                 out.train_loss_weight += float(weight)
         return out
+
+    @staticmethod
+    def _privatize(how: DevicePrivacy, delta: Params, round_id: int, device_id: int,
+                   out: PartialRound) -> tuple[Params, int]:
+        """Clip (and locally noise) a DP update; under DP every update weighs 1 (docs/privacy.md)."""
+        private, within = privatize_update(delta, how, round_id=round_id, device_id=device_id)
+        out.unclipped += int(within)
+        return private, 1
 
 
 def _upload_metrics(metrics: Mapping[str, object], train_s: float) -> dict[str, float]:

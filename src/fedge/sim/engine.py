@@ -22,8 +22,9 @@ from fedge import __version__
 from fedge import params as P
 from fedge.data import load_federated
 from fedge.data.dataset import FederatedData
-from fedge.errors import ConfigError, TaskError
+from fedge.errors import ConfigError, PrivacyBudgetError, TaskError
 from fedge.params import Params
+from fedge.privacy.session import PrivacySession
 from fedge.rounds import Round, RoundState, choose_stragglers, select_cohort
 from fedge.sim.backends import Backend, build_backend
 from fedge.sim.config import SimConfig
@@ -61,6 +62,8 @@ class RoundRecord:
     elapsed_s: float
     bytes_up: int = 0
     bytes_down: int = 0
+    epsilon: float | None = None  # DP: epsilon spent after this round, at the run's delta
+    clip_norm: float | None = None  # DP: the clip norm this round used
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -76,6 +79,9 @@ class RoundRecord:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
         }
+        if self.epsilon is not None:
+            out["epsilon"] = self.epsilon
+            out["clip_norm"] = self.clip_norm
         if self.metrics is not None:
             out.update(self.metrics)
         return out
@@ -92,6 +98,8 @@ class SimResult:
     num_devices: int
     num_examples: int
     timing: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None
+    stopped: str | None = None  # why the run ended before its last round (the privacy budget)
 
     def summary(self) -> dict[str, Any]:
         """What ``summary.json`` holds."""
@@ -116,6 +124,10 @@ class SimResult:
             "wall_s": round(self.timing.get("wall_s", 0.0), 4),
             "timing": {k: round(v, 4) for k, v in self.timing.items()},
             "config": self.config.to_dict(),
+            "epsilon": None if self.privacy is None else self.privacy["epsilon"],
+            "delta": None if self.privacy is None else self.privacy["delta"],
+            "privacy": self.privacy,
+            "stopped": self.stopped,
         }
 
 
@@ -137,6 +149,7 @@ class Simulation:
             raise ConfigError(f"--cohort {config.cohort} is larger than the {n} devices")
         self.task: Task = load_task(config.task, self.data.spec)
         self.strategy: Strategy = _strategy_of(config)
+        self.privacy = _privacy_of(config, n, self.strategy)
         mu = config.mu if config.mu is not None else self.strategy.device_mu
         self.train_config = TrainConfig(
             local_epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr, mu=mu
@@ -157,9 +170,17 @@ class Simulation:
         history: list[RoundRecord] = []
         train_s = eval_s = 0.0
         metrics: dict[str, float] = {}
+        stopped: str | None = None
         try:
             t_rounds = time.perf_counter()
             for r in range(1, cfg.rounds + 1):
+                if self.privacy is not None:
+                    try:
+                        self.privacy.check_budget()
+                    except PrivacyBudgetError as e:
+                        stopped = f"stopped before round {r}: {e}"
+                        logger.info("%s", stopped)
+                        break
                 state, record, t_train = self._round(r, state, population, backend, t_start)
                 train_s += t_train
                 last = r == cfg.rounds
@@ -173,6 +194,11 @@ class Simulation:
                 history.append(record)
                 if on_round is not None:
                     on_round(record)
+            if stopped is not None and (not history or history[-1].metrics is None):
+                # The last round run was not evaluated (or none ran): the final model is.
+                metrics = self._evaluate(state.params)
+                if history:
+                    history[-1] = dataclasses.replace(history[-1], metrics=dict(metrics))
             rounds_s = time.perf_counter() - t_rounds
         finally:
             backend.close()
@@ -194,7 +220,8 @@ class Simulation:
         return SimResult(
             config=cfg, params=state.params, metrics=metrics, history=history,
             num_devices=len(self.data.devices), num_examples=self.data.num_examples,
-            timing=timing,
+            timing=timing, privacy=None if self.privacy is None else self.privacy.summary(),
+            stopped=stopped,
         )
 
     def _round(
@@ -204,8 +231,9 @@ class Simulation:
         rng = _stream(cfg.seed, _SELECT, r)
         cohort = select_cohort(population, rng=rng, cohort_size=cfg.cohort, sample_rate=cfg.sample_rate)
         if cohort.size == 0:  # Poisson sampling can invite nobody; the round is empty.
+            entry = self._charge(r)
             return state, RoundRecord(r, RoundState.ABANDONED.value, 0, 0, 0, 0, 0, None, None,
-                                      time.perf_counter() - t_start), 0.0
+                                      time.perf_counter() - t_start, 0, 0, *entry), 0.0
         stragglers = choose_stragglers(cohort, cfg.stragglers, rng)
         # As in the FedProx paper, a straggler manages a uniformly drawn number
         # of epochs in [1, E): partial work that FedProx keeps and FedAvg (in
@@ -213,8 +241,9 @@ class Simulation:
         short = dict(zip(stragglers.tolist(),
                          rng.integers(1, cfg.local_epochs, size=stragglers.size).tolist(),
                          strict=True)) if stragglers.size else {}
+        how = self.privacy.device_privacy() if self.privacy is not None else None
         jobs = [
-            DeviceJob(d, short.get(d, cfg.local_epochs))
+            DeviceJob(d, short.get(d, cfg.local_epochs), how)
             for d in cohort.tolist()
             if not (cfg.drop_stragglers and d in short)
         ]
@@ -228,7 +257,10 @@ class Simulation:
         outcome = rnd.close()
         train_loss = None
         if outcome.state is RoundState.COMPLETE and part is not None:
-            state = self.strategy.apply(state, part.accumulator.result())
+            aggregate = part.accumulator.result()
+            if self.privacy is not None:
+                aggregate = self.privacy.release(r, aggregate, unclipped=part.unclipped)
+            state = self.strategy.apply(state, aggregate)
             if part.train_loss_weight:
                 train_loss = part.train_loss_sum / part.train_loss_weight
         elif part is not None and part.rejected:
@@ -242,7 +274,17 @@ class Simulation:
             train_loss=train_loss, metrics=None, elapsed_s=time.perf_counter() - t_start,
             bytes_up=part.bytes_up if part else 0, bytes_down=bytes_down,
         )
+        if self.privacy is not None:
+            epsilon, clip = self._charge(r)
+            record = dataclasses.replace(record, epsilon=epsilon, clip_norm=clip)
         return state, record, part.train_s if part else 0.0
+
+    def _charge(self, r: int) -> tuple[float | None, float | None]:
+        """Charge round ``r`` to the privacy ledger: every round that ran counts, even an empty one."""
+        if self.privacy is None:
+            return None, None
+        entry = self.privacy.charge(r)
+        return entry.epsilon, entry.clip_norm
 
     def _init_params(self) -> Params:
         try:
@@ -277,6 +319,25 @@ def _strategy_of(config: SimConfig) -> Strategy:
     if config.strategy == "fedprox" and config.mu is not None:
         options["mu"] = config.mu
     return build_strategy(config.strategy, options)
+
+
+def _privacy_of(config: SimConfig, num_devices: int, strategy: Strategy) -> PrivacySession | None:
+    """The run's DP session, with the sampling assumption that matches how cohorts are chosen."""
+    settings = config.privacy
+    if settings is None:
+        return None
+    if getattr(strategy, "needs_every_update", False):
+        raise ConfigError(f"--dp needs a strategy that sums updates; {config.strategy!r} keeps each one")
+    if config.sample_rate is not None:
+        return PrivacySession(settings, sampling="poisson", sample_rate=config.sample_rate,
+                              expected_reports=config.sample_rate * num_devices,
+                              planned_rounds=config.rounds, seed=config.seed)
+    if config.cohort is not None and config.cohort < num_devices:
+        return PrivacySession(settings, sampling="fixed", population=num_devices, cohort=config.cohort,
+                              expected_reports=float(config.cohort), planned_rounds=config.rounds,
+                              seed=config.seed)
+    return PrivacySession(settings, sampling="full", expected_reports=float(num_devices),
+                          planned_rounds=config.rounds, seed=config.seed)
 
 
 def simulate(

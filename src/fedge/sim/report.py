@@ -1,7 +1,8 @@
 """A simulation's output folder: metrics as they happen, then model, summary and curves.
 
-``metrics.jsonl`` gets one line per evaluated round, flushed as the round
-ends, so an interrupted run keeps everything it measured. The final files are
+``metrics.jsonl`` gets one line per evaluated round (under DP, per round, with
+its epsilon), flushed as the round ends, so an interrupted run keeps
+everything it measured. The final files are
 written to a temporary name, fsynced and renamed, so a reader never sees a
 half-written ``summary.json`` or model.
 """
@@ -47,7 +48,7 @@ class RunWriter:
             raise ConfigError(f"--out {str(out_dir)!r} cannot be written: {e.strerror}") from e
 
     def on_round(self, record: RoundRecord) -> None:
-        if record.metrics is None:
+        if record.metrics is None and record.epsilon is None:
             return
         self._metrics.write(json.dumps(record.to_json()) + "\n")
         self._metrics.flush()
