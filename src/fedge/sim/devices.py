@@ -144,7 +144,7 @@ class DeviceRunner:
             if job.privacy is not None:
                 delta, weight = self._privatize(job.privacy, delta, round_id, job.device_id, out)
             sent, nbytes = self._encoder.encode(
-                job.device_id, round_id, delta, num_examples=int(weight),
+                job.device_id, round_id, delta, num_examples=int(result.num_examples),
                 metrics=_upload_metrics(result.metrics, clock() - t0), rng=rng,
             )
             out.bytes_up += nbytes
