@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,6 +120,19 @@ def _add_simulate(sub: Any) -> None:
     g.add_argument("--epsilon-budget", type=_fraction, metavar="E",
                    help="stop before a round that would take epsilon past E (default: --target-epsilon)")
     g.add_argument("--accountant", choices=["rdp", "pld"], help="privacy accountant (default rdp)")
+    g = p.add_argument_group("device heterogeneity and the virtual clock (docs/simulator.md)")
+    g.add_argument("--profiles", metavar="SPEC|FILE",
+                   help="device profiles: lognormal-speed:SPREAD[:MEDIAN], diurnal[:HOURS], dropout:P, "
+                   "bandwidth:MBPS[:SPREAD] (comma-separated), or a .csv/.json trace; every round then "
+                   "has a simulated duration")
+    g.add_argument("--deadline-s", type=_fraction, metavar="S",
+                   help="simulated round deadline: devices that would take longer drop out")
+    g.add_argument("--selection", choices=["random", "deadline"],
+                   help="cohort selection: uniformly at random, or preferring devices expected to "
+                   "finish before --deadline-s (default random)")
+    g.add_argument("--fairness", type=_fraction, metavar="F",
+                   help="with --selection deadline: share of places for the longest-waiting devices "
+                   "(default 0.2)")
     g = p.add_argument_group("run")
     g.add_argument("--backend", choices=["inline", "processes"],
                    help="inline: one process, bit-for-bit reproducible; processes: every core "
@@ -377,7 +391,8 @@ def _add_admin(sub: Any) -> None:
                    help="bind it to one device id (needed to enrol a revoked or lost device again)")
     p.set_defaults(func=_cmd_token_create)
 
-    dev = sub.add_parser("device", help="enrolled devices", description="List and revoke devices.")
+    dev = sub.add_parser("device", help="enrolled devices; a device's own status",
+                         description="List and revoke devices (coordinator); show a device's status (agent).")
     dev_sub = dev.add_subparsers(dest="device_command", metavar="COMMAND", required=True)
     p = dev_sub.add_parser("list", help="list the devices the coordinator knows")
     _data_dir_args(p)
@@ -386,6 +401,15 @@ def _add_admin(sub: Any) -> None:
     _data_dir_args(p)
     p.add_argument("device_id", metavar="ID")
     p.set_defaults(func=_cmd_device_revoke)
+    p = dev_sub.add_parser(
+        "status", help="on a device: its readings, profile and training verdict",
+        description=("Run on the device itself: read CPU load, memory, power, temperature and disk as the "
+                     "agent does, show the capability profile it last measured, and say whether its "
+                     "[policy] allows training now, and if not, why."),
+    )
+    p.add_argument("--config", type=Path, required=True, metavar="FILE.toml", help="the agent's settings")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_device_status)
 
 
 def _cmd_ca_init(args: argparse.Namespace) -> int:
@@ -437,11 +461,24 @@ def _cmd_device_list(args: argparse.Namespace) -> int:
 
     with Store(_data_dir(args)) as store:
         rows = store.devices()
-    print(f"{'device':<24} {'enrolled':<17} {'last seen':<17} {'examples':>8}  status")
+    print(f"{'device':<24} {'enrolled':<17} {'last seen':<17} {'examples':>8}  {'status':<8}  training")
     for d in rows:
         status = "revoked" if d.revoked_at is not None else ("enrolled" if d.enrolled_at is not None else "-")
+        # The agent's policy verdict at its last check-in: "ok", or why not.
+        training = str(d.profile.get("policy", "-"))
         print(f"{d.device_id:<24} {when(d.enrolled_at):<17} {when(d.last_seen or None):<17} "
-              f"{d.num_examples:>8}  {status}")
+              f"{d.num_examples:>8}  {status:<8}  {training}")
+    return EXIT_OK
+
+
+def _cmd_device_status(args: argparse.Namespace) -> int:
+    import json
+
+    from fedge.agent.config import load_agent_config
+    from fedge.agent.status import device_status, format_status
+
+    status = device_status(load_agent_config(args.config, {}))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
     return EXIT_OK
 
 
@@ -486,7 +523,26 @@ def _add_agent(sub: Any) -> None:
     p.set_defaults(func=_cmd_agent, log_level=logging.INFO)
 
 
+def _agent_threads(config: Path | None) -> None:
+    """Apply ``[limits] threads`` to BLAS and OpenMP before numpy loads (it reads them only then).
+
+    The file is read here with tomllib alone; a bad file or value is left for
+    the full config check that follows to report.
+    """
+    if config is None:
+        return
+    try:
+        with config.open("rb") as f:
+            threads = tomllib.load(f).get("limits", {}).get("threads")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= 1024:
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(threads)
+
+
 def _cmd_agent(args: argparse.Namespace) -> int:
+    _agent_threads(getattr(args, "config", None))
     from fedge.agent import load_agent_config, run_agent
 
     keys = {"coordinator", "data", "state_dir", "device_id", "ca_cert", "ca_fingerprint", "token_file",

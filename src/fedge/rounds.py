@@ -13,21 +13,34 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from fedge.errors import ConfigError, RoundError
 
-__all__ = ["DeviceId", "Round", "RoundOutcome", "RoundState", "choose_stragglers", "select_cohort"]
+__all__ = [
+    "SELECTIONS",
+    "DeviceId",
+    "Round",
+    "RoundOutcome",
+    "RoundState",
+    "choose_stragglers",
+    "select_cohort",
+    "select_within_deadline",
+]
+
+#: Cohort selection rules: uniformly at random, or preferring devices that can finish in time.
+SELECTIONS = ("random", "deadline")
 
 IntArray = npt.NDArray[np.int64]
 #: A device as the round logic sees it: an index in the simulator, an enrolled
 #: device's id string on the coordinator. One round never mixes the two.
 DeviceId: TypeAlias = int | str
+D = TypeVar("D", int, str)
 
 
 def select_cohort(
@@ -66,6 +79,72 @@ def select_cohort(
             raise ConfigError(f"sample rate must be in (0, 1], got {sample_rate}")
         return np.sort(ids[rng.random(n) < sample_rate])
     return np.sort(ids)
+
+
+def select_within_deadline(
+    candidates: Sequence[D],
+    *,
+    estimate_s: Mapping[D, float | None],
+    deadline_s: float,
+    size: int,
+    rng: np.random.Generator,
+    last_round: Mapping[D, int],
+    fairness: float = 0.2,
+    margin: float = 0.8,
+) -> tuple[list[D], list[D]]:
+    """Heterogeneity-aware selection: prefer devices expected to finish before the deadline.
+
+    Each candidate's round time (training and transfer) is estimated by the
+    caller; a device with no estimate yet is given the median of the known
+    ones (so a new device is neither favoured nor shut out). Devices expected
+    to take more than ``margin * deadline_s`` are left out: invited, they
+    would only drop out. Among the others:
+
+    - ``fairness`` of the ``size`` places go to the devices that waited
+      longest since their last round (``last_round``; never selected counts as
+      longest), whatever their speed, so slow-but-feasible devices are not
+      starved;
+    - the other places are drawn without replacement with probability
+      proportional to ``1 / estimate``: fast devices more often, slow ones
+      still sometimes.
+
+    Returns:
+        (the cohort, sorted; the devices left out as too slow for the deadline).
+
+    Raises:
+        ConfigError: ``size`` < 1, ``fairness`` outside [0, 1], ``margin`` outside (0, 1],
+            or a non-positive deadline.
+    """
+    if size < 1:
+        raise ConfigError(f"cohort size must be at least 1, got {size}")
+    if not (math.isfinite(fairness) and 0 <= fairness <= 1):
+        raise ConfigError(f"fairness must be in [0, 1], got {fairness}")
+    if not (math.isfinite(margin) and 0 < margin <= 1):
+        raise ConfigError(f"margin must be in (0, 1], got {margin}")
+    if not (math.isfinite(deadline_s) and deadline_s > 0):
+        raise ConfigError(f"the deadline must be a positive number of seconds, got {deadline_s}")
+    known = [float(t) for d in candidates if (t := estimate_s.get(d)) is not None and t > 0]
+    fallback = float(np.median(known)) if known else 1.0
+    est = {d: (t if (t := estimate_s.get(d)) is not None and t > 0 else fallback) for d in candidates}
+    feasible = [d for d in candidates if est[d] <= margin * deadline_s]
+    too_slow = [d for d in candidates if est[d] > margin * deadline_s]
+    if len(feasible) <= size:
+        return sorted(feasible, key=_order), too_slow
+    # Fair places: the longest-waiting feasible devices (ties broken at random).
+    n_fair = min(size, math.floor(fairness * size + 1e-9))
+    order = rng.permutation(len(feasible))
+    waited = sorted((last_round.get(feasible[i], -1), k) for k, i in enumerate(order))
+    fair = [feasible[order[k]] for _, k in waited[:n_fair]]
+    rest = [d for d in feasible if d not in set(fair)]
+    weights = np.array([1.0 / est[d] for d in rest])
+    picked = rng.choice(len(rest), size=size - n_fair, replace=False, p=weights / weights.sum())
+    cohort = fair + [rest[i] for i in picked.tolist()]
+    return sorted(cohort, key=_order), too_slow
+
+
+def _order(d: DeviceId) -> tuple[int, str]:
+    """Ids in their natural order (numbers by value); the simulator's are ints, the coordinator's strings."""
+    return (0, f"{d:020d}") if isinstance(d, int) else (1, d)
 
 
 def choose_stragglers(

@@ -64,7 +64,7 @@ def test_agent_runs_with_the_units_exec_start(
     coordinator_toml = tmp_path / "coordinator.toml"
     coordinator_toml.write_text(toml_config({
         "task": {"name": "logreg", "eval_data": str(files.test)},
-        "rounds": {"count": 8, "cohort_size": 1, "deadline_s": 30.0, "wait_s": 0.25},
+        "rounds": {"count": 20, "cohort_size": 1, "deadline_s": 30.0, "wait_s": 0.25},
         "server": {"host": "127.0.0.1", "port": port, "data_dir": str(store)},
     }))
     coordinator = procs.start("coordinator", "coordinator", "--config", str(coordinator_toml),
@@ -112,7 +112,7 @@ def test_agent_runs_with_the_units_exec_start(
     text = log.read_text()
     assert status == 0, text
     assert coordinator.wait(60) == 0, procs.logs()
-    # The healthcheck saw the agent while it ran (8 rounds at 0.25 s check-ins outlast the probe).
+    # The healthcheck saw the agent while it ran (20 rounds at 0.25 s check-ins outlast the probe).
     assert running.returncode == 0, running.stderr
     assert fedge("healthcheck", "agent", "--state-dir", str(state)).returncode == 1
     # The unit asks for JSON logs: every line is one object with the fields journald users query.

@@ -324,6 +324,9 @@ def test_mutual_tls_end_to_end_with_every_refusal(
         refused(m.post("/v1/check-in", json={"protocol": 1, "num_examples": 5}), "revoked", 403)
     listing = fedge("device", "list", "--data-dir", str(coord.data_dir))
     assert "mallory" in listing.stdout and "revoked" in listing.stdout
+    # Honest agents' last check-ins said their policy allows training.
+    rows = [line for line in listing.stdout.splitlines() if line.split()[0] in tokens]
+    assert rows and any(line.rstrip().endswith("  ok") for line in rows), listing.stdout
 
     # The honest devices were never disturbed: training reaches the end, everyone exits 0.
     assert coord.proc.wait(120) == 0, procs.logs()

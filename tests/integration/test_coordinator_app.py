@@ -388,6 +388,9 @@ def test_the_openapi_schema_is_served(fleet: Fleet) -> None:
         ("[task]\nnum_features=4\nnum_classes=3\n[rounds]\nover_selection=0.5", "over_selection"),
         ("[task]\nnum_features=4\nnum_classes=3\n[server]\nport=70000", "port"),
         ("task = 3", "must be a table"),
+        ("[task]\nnum_features=4\nnum_classes=3\n[rounds]\nselection='fastest'",
+         "rounds.selection must be one of"),
+        ("[task]\nnum_features=4\nnum_classes=3\n[rounds]\nfairness=1.5", "rounds.fairness must be between"),
     ],
 )
 def test_bad_coordinator_configs_are_refused(tmp_path: Path, text: str, match: str) -> None:
@@ -498,3 +501,21 @@ def test_an_abort_from_a_device_that_already_reported_is_a_duplicate(fleet: Flee
     abort = {"protocol": 1, "round": 1, "attempt": plans["a"]["attempt"], "reasons": ["too hot"]}
     r = fleet.client.post("/v1/rounds/1/abort", json=abort, headers={DEVICE_HEADER: "a"})
     assert r.status_code == 409 and r.json()["error"] == "duplicate"
+
+
+def test_deadline_selection_leaves_out_devices_that_cannot_finish(tmp_path: Path, clock: Clock) -> None:
+    config = make_config(tmp_path, selection="deadline", cohort_size=3, min_updates=2, min_devices=4,
+                         deadline_s=30.0)
+    coordinator = Coordinator(config, clock=clock)
+    speeds = {"fast-1": 1000.0, "fast-2": 800.0, "fast-3": 500.0, "slow": 0.5}  # examples per second
+    with TestClient(create_app(coordinator)) as client:
+        for device, rate in speeds.items():
+            hello = {"protocol": 1, "num_examples": 100, "profile": {"examples_per_s": rate}}
+            r = client.post("/v1/check-in", json=hello, headers={DEVICE_HEADER: device})
+            assert r.status_code == 200
+        wait_until(lambda: coordinator.open is not None)
+        assert coordinator.open is not None
+        # 100 examples at 0.5/s is 200 s: past the 30 s deadline, so not invited.
+        assert sorted(coordinator.open.round.cohort) == ["fast-1", "fast-2", "fast-3"]
+        assert coordinator.estimate_round_s("slow") == pytest.approx(200.0)
+    coordinator.close()

@@ -120,8 +120,7 @@ def test_an_empty_policy_allows_everything() -> None:
 def test_each_condition_gives_its_reason() -> None:
     p = parse_policy({"require_ac": True, "min_battery_percent": 50, "max_cpu_load": 0.5,
                       "min_memory_mb": 512, "max_temperature_c": 70, "min_disk_mb": 100,
-                      "windows": ["22:00-06:00"],
-                      "max_rounds_per_day": 3})
+                      "windows": ["22:00-06:00"], "max_rounds_per_day": 3})
     v = verdict(p, readings(on_ac=False, battery_percent=20.0, cpu_load=0.9, memory_available_mb=100.0,
                             temperature_c=80.0, disk_free_mb=10.0), now=NOON, rounds_today=3)
     assert not v.ok and not v.pause
@@ -248,3 +247,21 @@ def test_accelerators_are_detected_from_files(tmp_path: Path) -> None:
     (tmp_path / "etc" / "nv_tegra_release").write_text("# R36\n")
     assert static_profile(tmp_path).accelerators == ("cuda", "jetson")
     assert static_profile(tmp_path / "nothing").accelerators == ()
+
+
+def test_agent_threads_are_set_before_numpy_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedge.cli import _agent_threads
+
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "agent.toml"
+    config.write_text("[limits]\nthreads = 2\n")
+    _agent_threads(config)
+    import os
+
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "2" and os.environ["OMP_NUM_THREADS"] == "2"
+    config.write_text("[limits]\nthreads = 0\n")  # bad: left to the config check to refuse
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    _agent_threads(config)
+    assert "OMP_NUM_THREADS" not in os.environ
+    _agent_threads(tmp_path / "missing.toml")  # no crash; the config check reports it

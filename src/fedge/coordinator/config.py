@@ -19,6 +19,8 @@ The file has up to eight tables; every key is optional except the task's shape
     over_selection = 1.0       # invite ceil(cohort_size * over_selection) devices
     deadline_s = 120.0
     wait_s = 5.0               # how long an idle device waits between check-ins
+    selection = "random"       # or "deadline": prefer devices expected to finish in time
+    fairness = 0.2             # with "deadline": share of places for the longest-waiting devices
 
     [train]
     local_epochs = 1
@@ -62,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedge.encoding import EncodingConfig, Pipeline, build_pipeline
 from fedge.errors import ConfigError
+from fedge.rounds import SELECTIONS
 from fedge.sim.config import coerce_fields, load_toml
 
 if TYPE_CHECKING:
@@ -87,6 +90,8 @@ _TABLES: dict[str, dict[str, str]] = {
         "wait_s": "wait_s",
         "min_devices": "min_devices",
         "eval_every": "eval_every",
+        "selection": "selection",
+        "fairness": "fairness",
     },
     "train": {"local_epochs": "local_epochs", "batch_size": "batch_size", "lr": "lr"},
     "server": {
@@ -141,6 +146,8 @@ class CoordinatorConfig:
     wait_s: float = 5.0
     min_devices: int | None = None
     eval_every: int = 1
+    selection: str = "random"
+    fairness: float = 0.2
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.1
@@ -188,6 +195,12 @@ class CoordinatorConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(
+                f"rounds.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}"
+            )
+        if not (math.isfinite(self.fairness) and 0 <= self.fairness <= 1):
+            raise ConfigError(f"rounds.fairness must be between 0 and 1, got {self.fairness}")
         if not (math.isfinite(self.over_selection) and 1 <= self.over_selection <= 10):
             raise ConfigError(f"rounds.over_selection must be between 1 and 10, got {self.over_selection}")
         if self.mu is not None and not (math.isfinite(self.mu) and self.mu >= 0):

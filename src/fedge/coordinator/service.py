@@ -41,7 +41,7 @@ from fedge.errors import ConfigError, PrivacyBudgetError, ProtocolError, RoundEr
 from fedge.params import ParamsSpec
 from fedge.privacy.mechanisms import DevicePrivacy, clip_by_l2
 from fedge.privacy.session import LedgerEntry, PrivacySession
-from fedge.rounds import Round, RoundState, select_cohort
+from fedge.rounds import Round, RoundState, select_cohort, select_within_deadline
 from fedge.store import LedgerRow, Store
 from fedge.strategies import ServerState, Strategy, build_strategy
 from fedge.strategies.base import Accumulator
@@ -157,6 +157,9 @@ class Coordinator:
         self.on_refusal: Callable[[str], None] | None = None
         self._wake = asyncio.Event()
         self._last_dropped: frozenset[str] = frozenset()
+        # For deadline-aware selection: each device's last round trip, and its last invitation.
+        self._round_trip_s: dict[str, float] = {}
+        self._last_invited: dict[str, int] = {}
         self._jitter = random.Random(config.seed)
         self._warm_up()
 
@@ -350,6 +353,7 @@ class Coordinator:
             rnd.round.accept(device_id, float(update.num_examples), now)
         except RoundError as e:
             raise ProtocolError(e.reason, e.detail, REFUSALS.get(e.reason, 409)) from None
+        self._round_trip_s[device_id] = now - rnd.opened_at
         # Finite updates can overflow when summed; the new params are checked
         # for that when the round closes, so numpy need not warn here.
         with np.errstate(over="ignore", invalid="ignore"):
@@ -491,6 +495,35 @@ class Coordinator:
         horizon = now - max(3 * self.config.wait_s, 10.0)
         return sorted(d for d, s in self.devices.items() if s.ready and s.last_seen >= horizon)
 
+    def estimate_round_s(self, device_id: str) -> float | None:
+        """How long a round should take ``device_id``: its last measured round trip (invitation to
+        update) if it has one, else the training time its capability profile predicts."""
+        seen = self._round_trip_s.get(device_id)
+        if seen is not None:
+            return seen
+        d = self.devices.get(device_id)
+        rate = d.profile.get("examples_per_s") if d is not None else None
+        if d is None or not isinstance(rate, int | float) or isinstance(rate, bool) or rate <= 0:
+            return None
+        return self.config.local_epochs * d.num_examples / float(rate)
+
+    def _select_within_deadline(self, pool: list[str], size: int, rng: np.random.Generator) -> list[str]:
+        cfg = self.config
+        estimates = {d: self.estimate_round_s(d) for d in pool}
+        picked, too_slow = select_within_deadline(
+            pool, estimate_s=estimates, deadline_s=cfg.deadline_s, size=size, rng=rng,
+            last_round=self._last_invited, fairness=cfg.fairness,
+        )
+        cohort = list(picked)
+        if too_slow:
+            logger.info("%d devices are expected to miss the %.0f s deadline and are not invited",
+                        len(too_slow), cfg.deadline_s)
+        if len(cohort) < cfg.effective_min_updates and too_slow:
+            # Better a round with slow devices than no round: the estimates may be pessimistic.
+            fastest_first = sorted(too_slow, key=lambda d: estimates[d] or 0.0)
+            cohort += fastest_first[: cfg.effective_min_updates - len(cohort)]
+        return sorted(cohort)
+
     def _open_round(self, now: float) -> bool:
         cfg = self.config
         ready = self.available(now)
@@ -505,8 +538,13 @@ class Coordinator:
         tried = sum(1 for row in self.store.rounds() if row.round == round_id)
         rng = np.random.default_rng([cfg.seed, _SELECT, round_id, tried])
         size = min(len(pool), cfg.invite_count)
-        picked = select_cohort(np.arange(len(pool)), rng=rng, cohort_size=size)
-        cohort = [pool[i] for i in picked.tolist()]
+        if cfg.selection == "deadline":
+            cohort = self._select_within_deadline(pool, size, rng)
+        else:
+            picked = select_cohort(np.arange(len(pool)), rng=rng, cohort_size=size)
+            cohort = [pool[i] for i in picked.tolist()]
+        for d in cohort:
+            self._last_invited[d] = round_id
         min_updates = min(cfg.effective_min_updates, len(cohort))
         deadline = now + cfg.deadline_s
         attempt = self.store.open_round(

@@ -67,6 +67,11 @@ class SimConfig:
     compress_bucket: int | None = None
     compress_range: float | None = None
     count_bytes: str = "wire"
+    # Device heterogeneity and the virtual clock (sim/profiles.py).
+    profiles: str | None = None
+    deadline_s: float | None = None
+    selection: str = "random"
+    fairness: float = 0.2
     # Differential privacy (docs/privacy.md); None: off.
     dp: str | None = None
     clip_norm: float | str | None = None
@@ -111,6 +116,16 @@ class SimConfig:
                 "--stragglers needs --local-epochs >= 2: a straggler runs fewer epochs "
                 f"than the others, and {self.local_epochs} leaves none to drop"
             )
+        if self.deadline_s is not None and not (math.isfinite(self.deadline_s) and self.deadline_s > 0):
+            raise ConfigError(f"--deadline-s must be a positive number of seconds, got {self.deadline_s}")
+        if self.deadline_s is not None and self.profiles is None:
+            raise ConfigError("--deadline-s needs --profiles: without device speeds no round has a duration")
+        if self.selection not in ("random", "deadline"):
+            raise ConfigError(f"--selection must be random or deadline, got {self.selection!r}")
+        if self.selection == "deadline" and self.deadline_s is None:
+            raise ConfigError("--selection deadline needs --deadline-s (and --profiles)")
+        if not (math.isfinite(self.fairness) and 0 <= self.fairness <= 1):
+            raise ConfigError(f"--fairness must be in [0, 1], got {self.fairness}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
         if self.count_bytes not in COUNT_BYTES:

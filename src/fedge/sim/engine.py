@@ -25,10 +25,11 @@ from fedge.data.dataset import FederatedData
 from fedge.errors import ConfigError, PrivacyBudgetError, TaskError
 from fedge.params import Params
 from fedge.privacy.session import PrivacySession
-from fedge.rounds import Round, RoundState, choose_stragglers, select_cohort
+from fedge.rounds import Round, RoundState, choose_stragglers, select_cohort, select_within_deadline
 from fedge.sim.backends import Backend, build_backend
 from fedge.sim.config import SimConfig
 from fedge.sim.devices import DeviceJob
+from fedge.sim.profiles import FleetModel, build_profiles
 from fedge.sim.traffic import params_payload_size
 from fedge.strategies import ServerState, Strategy, build_strategy
 from fedge.tasks import load_task
@@ -39,7 +40,7 @@ __all__ = ["RoundRecord", "SimResult", "Simulation", "simulate"]
 logger = logging.getLogger(__name__)
 
 # Purposes of the run's generator streams; never reuse a number.
-_INIT, _SELECT = 1, 2
+_INIT, _SELECT, _PROFILES = 1, 2, 3
 
 
 def _stream(seed: int, purpose: int, round_id: int = 0) -> np.random.Generator:
@@ -64,6 +65,7 @@ class RoundRecord:
     bytes_down: int = 0
     epsilon: float | None = None  # DP: epsilon spent after this round, at the run's delta
     clip_norm: float | None = None  # DP: the clip norm this round used
+    sim_time_s: float | None = None  # --profiles: the virtual clock when the round ended
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -82,6 +84,8 @@ class RoundRecord:
         if self.epsilon is not None:
             out["epsilon"] = self.epsilon
             out["clip_norm"] = self.clip_norm
+        if self.sim_time_s is not None:
+            out["sim_time_s"] = round(self.sim_time_s, 3)
         if self.metrics is not None:
             out.update(self.metrics)
         return out
@@ -100,6 +104,7 @@ class SimResult:
     timing: dict[str, float] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None
     stopped: str | None = None  # why the run ended before its last round (the privacy budget)
+    fleet: dict[str, Any] | None = None  # --profiles: simulated time and participation
 
     def summary(self) -> dict[str, Any]:
         """What ``summary.json`` holds."""
@@ -128,6 +133,8 @@ class SimResult:
             "delta": None if self.privacy is None else self.privacy["delta"],
             "privacy": self.privacy,
             "stopped": self.stopped,
+            "simulated_time_s": None if self.fleet is None else self.fleet["simulated_time_s"],
+            "participation": None if self.fleet is None else self.fleet["participation"],
         }
 
 
@@ -150,6 +157,11 @@ class Simulation:
         self.task: Task = load_task(config.task, self.data.spec)
         self.strategy: Strategy = _strategy_of(config)
         self.privacy = _privacy_of(config, n, self.strategy)
+        # --profiles is checked here (a bad spec costs no training); the clock starts in run().
+        self._profiles = (None if config.profiles is None
+                          else build_profiles(config.profiles, n, _stream(config.seed, _PROFILES)))
+        self.fleet: FleetModel | None = None
+        self._last_round: dict[int, int] = {}
         mu = config.mu if config.mu is not None else self.strategy.device_mu
         self.train_config = TrainConfig(
             local_epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr, mu=mu
@@ -162,6 +174,7 @@ class Simulation:
         t_start = time.perf_counter()
         state = self.strategy.init(self._init_params())
         population = np.arange(len(self.data.devices), dtype=np.int64)
+        self.fleet = self._fleet(state.params)
         backend = build_backend(
             cfg.backend, task=self.task, task_name=cfg.task, spec=self.data.spec,
             strategy=self.strategy, datasets=self.data.devices, base_config=self.train_config,
@@ -222,6 +235,9 @@ class Simulation:
             num_devices=len(self.data.devices), num_examples=self.data.num_examples,
             timing=timing, privacy=None if self.privacy is None else self.privacy.summary(),
             stopped=stopped,
+            fleet=None if self.fleet is None else {
+                "simulated_time_s": round(self.fleet.now, 3), "participation": self.fleet.participation(),
+            },
         )
 
     def _round(
@@ -229,7 +245,7 @@ class Simulation:
     ) -> tuple[ServerState, RoundRecord, float]:
         cfg = self.config
         rng = _stream(cfg.seed, _SELECT, r)
-        cohort = select_cohort(population, rng=rng, cohort_size=cfg.cohort, sample_rate=cfg.sample_rate)
+        cohort = self._cohort(r, population, rng)
         if cohort.size == 0:  # Poisson sampling can invite nobody; the round is empty.
             entry = self._charge(r)
             return state, RoundRecord(r, RoundState.ABANDONED.value, 0, 0, 0, 0, 0, None, None,
@@ -247,6 +263,16 @@ class Simulation:
             for d in cohort.tolist()
             if not (cfg.drop_stragglers and d in short)
         ]
+        sim_time = None
+        if self.fleet is not None:
+            # The virtual clock: who finishes (by speed, link, chance and the deadline), and when.
+            finished, _, round_s = self.fleet.play(
+                [j.device_id for j in jobs], {j.device_id: j.local_epochs for j in jobs}, rng
+            )
+            keep = set(finished)
+            jobs = [j for j in jobs if j.device_id in keep]
+            self.fleet.advance(round_s)
+            sim_time = self.fleet.now
         rnd = Round.open(r, cohort.tolist(), min_updates=1)
         # Every invited device downloads the round's params (the same payload).
         bytes_down = params_payload_size(state.params, r, count=cfg.count_bytes) * int(cohort.size)
@@ -273,11 +299,44 @@ class Simulation:
             rejected=len(part.rejected) if part else 0, stragglers=int(stragglers.size),
             train_loss=train_loss, metrics=None, elapsed_s=time.perf_counter() - t_start,
             bytes_up=part.bytes_up if part else 0, bytes_down=bytes_down,
+            sim_time_s=sim_time,
         )
         if self.privacy is not None:
             epsilon, clip = self._charge(r)
             record = dataclasses.replace(record, epsilon=epsilon, clip_norm=clip)
         return state, record, part.train_s if part else 0.0
+
+    def _fleet(self, params: Params) -> FleetModel | None:
+        cfg = self.config
+        if self._profiles is None:
+            return None
+        self._last_round.clear()
+        return FleetModel(
+            self._profiles, [len(d) for d in self.data.devices],
+            model_bytes=sum(int(v.nbytes) for v in params.values()), deadline_s=cfg.deadline_s,
+        )
+
+    def _cohort(self, r: int, population: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The round's cohort: from every device, or (with --profiles) from those available now."""
+        cfg = self.config
+        if self.fleet is None:
+            return select_cohort(population, rng=rng, cohort_size=cfg.cohort, sample_rate=cfg.sample_rate)
+        available = self.fleet.wait_for_devices()
+        size = None if cfg.cohort is None else min(cfg.cohort, int(available.size))
+        if cfg.selection == "deadline" and available.size:
+            assert cfg.deadline_s is not None  # SimConfig requires it
+            fleet, ids = self.fleet, available.tolist()
+            picked, _ = select_within_deadline(
+                ids, estimate_s={d: fleet.estimate_s(d, cfg.local_epochs) for d in ids},
+                deadline_s=cfg.deadline_s, size=size or int(available.size), rng=rng,
+                last_round=self._last_round, fairness=cfg.fairness,
+            )
+            cohort = np.asarray(picked, dtype=np.int64)
+        else:
+            cohort = select_cohort(available, rng=rng, cohort_size=size, sample_rate=cfg.sample_rate)
+        for d in cohort.tolist():
+            self._last_round[d] = r
+        return cohort
 
     def _charge(self, r: int) -> tuple[float | None, float | None]:
         """Charge round ``r`` to the privacy ledger: every round that ran counts, even an empty one."""
