@@ -47,6 +47,9 @@ def main() -> None:
         ("1,000 devices", ["--devices", "1000"]),
         ("1,000 devices, processes", ["--devices", "1000", "--backend", "processes"]),
         ("mlp, 20 devices", ["--task", "mlp"]),
+        # What measuring every payload's bytes (serialize + zstd) costs:
+        ("1,000 devices, --count-bytes off", ["--devices", "1000", "--count-bytes", "off"]),
+        ("mlp, 20 devices, --count-bytes off", ["--task", "mlp", "--count-bytes", "off"]),
     ]:
         runs = [one(args) for _ in range(a.repeat)]
         wall = statistics.median(r[0] for r in runs)

@@ -96,6 +96,17 @@ def _add_simulate(sub: Any) -> None:
     g.add_argument("--strategy-option", type=_option, action="append", dest="strategy_options",
                    metavar="KEY=VALUE", help="a strategy hyperparameter, e.g. momentum=0.9, "
                    "beta1=0.9, beta2=0.99, tau=0.001 (repeatable)")
+    g = p.add_argument_group("update encoding")
+    g.add_argument("--compress", metavar="SPEC",
+                   help="none, fp16, q8, q4, topk:FRACTION (with error feedback), or top-k then a "
+                   "value coder: topk:0.01+fp16 (default none); see docs/compression.md")
+    g.add_argument("--compress-bucket", type=int, metavar="N",
+                   help="q8/q4: one quantization scale per N values (default: one per tensor)")
+    g.add_argument("--compress-range", type=_fraction, metavar="R",
+                   help="q8/q4: quantize on the shared grid [-R, R] (no per-device scales)")
+    g.add_argument("--count-bytes", choices=["wire", "raw", "off"],
+                   help="bytes up/down: wire = every payload serialized and zstd-compressed (exact), "
+                   "raw = before zstd (cheaper on large models), off (default wire)")
     g = p.add_argument_group("differential privacy (docs/privacy.md)")
     g.add_argument("--dp", choices=["central", "distributed", "local"],
                    help="clip every update and add Gaussian noise: to the sum on the server (central), "

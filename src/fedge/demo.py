@@ -336,6 +336,10 @@ def _summarize(
             "round_s_mean": round(sum(h["duration_s"] for h in complete) / max(1, len(complete)), 4),
             "protocol_overhead_s_per_round": round(sum(overheads) / len(overheads), 4) if overheads else None,
         },
+        # As the coordinator counted them: update bodies in, params payloads out
+        # (zstd-compressed, as sent; HTTP and TLS framing not included).
+        "bytes_up": int(sum(h.get("bytes_up", 0) for h in history)),
+        "bytes_down": int(sum(h.get("bytes_down", 0) for h in history)),
         "refusals": status.get("refusals", {}),
         "files": {
             "metrics": "metrics.jsonl",

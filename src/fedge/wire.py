@@ -26,15 +26,19 @@ import io
 import json
 import math
 import struct
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedge.errors import ProtocolError
 from fedge.params import Array, Params, ParamsSpec
+
+if TYPE_CHECKING:
+    from fedge.encoding.pipeline import Pipeline
 
 __all__ = [
     "DEVICE_HEADER",
@@ -47,6 +51,7 @@ __all__ = [
     "CheckIn",
     "CheckInReply",
     "DeviceEvent",
+    "EncodingInfo",
     "EnrolReply",
     "EnrolRequest",
     "ErrorBody",
@@ -106,6 +111,9 @@ _ZSTD_LEVEL = 3
 # more than any real model needs, and bounds what a hostile header can cost.
 _MAX_HEADER = 1 << 20
 _DTYPES: dict[str, str] = {"<f2": "F16", "<f4": "F32", "<f8": "F64"}
+# Encoded updates (fedge.encoding) also carry codes, scales' companions and
+# positions as unsigned integers; only a spec that names them admits them.
+_INT_DTYPES: dict[str, str] = {"|u1": "U8", "<u2": "U16", "<u4": "U32"}
 _META_PREFIX = "fedge."
 
 
@@ -150,6 +158,20 @@ class TaskInfo(Message):
     num_classes: Annotated[int, Field(ge=2)]
 
 
+class EncodingInfo(BaseModel):
+    """How the device encodes its update (``[encoding]`` in the coordinator's config).
+
+    The values are those of :class:`fedge.encoding.EncodingConfig`; the agent
+    builds its pipeline from them, and the coordinator decodes with its own.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    compress: Annotated[str, Field(min_length=1, max_length=64)] = "none"
+    bucket_size: Annotated[int | None, Field(ge=1)] = None
+    shared_range: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = None
+
+
 class TrainPlan(Message):
     """An invitation to one round attempt: which params to fetch and how to train."""
 
@@ -162,6 +184,7 @@ class TrainPlan(Message):
     lr: Annotated[float, Field(gt=0)]
     mu: Annotated[float, Field(ge=0)] = 0.0
     evaluate: bool = True
+    encoding: EncodingInfo = Field(default_factory=EncodingInfo)
     # Local differential privacy (docs/privacy.md): the device clips its delta
     # to this L2 norm and adds N(0, noise_stddev^2) to every value before upload.
     clip_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
@@ -348,16 +371,37 @@ def payload_etag(body: bytes) -> str:
 
 
 def encode_params(
-    params: Mapping[str, Array], metadata: Mapping[str, str] | None = None, *, level: int = _ZSTD_LEVEL
+    params: Mapping[str, Array], metadata: Mapping[str, str] | None = None, *, level: int | None = _ZSTD_LEVEL
 ) -> bytes:
-    """Serialize ``params`` as zstd-compressed safetensors, ``metadata`` in its header."""
-    import zstandard
+    """Serialize ``params`` as zstd-compressed safetensors, ``metadata`` in its header.
+
+    ``level=None`` skips zstd: the bare safetensors bytes, which no decoder
+    here accepts (the simulator measures their size when told to).
+    """
     from safetensors.numpy import save
 
     meta = {f"{_META_PREFIX}protocol": str(PROTOCOL_VERSION)}
     meta.update(metadata or {})
     tensors = {name: np.ascontiguousarray(a) for name, a in params.items()}
-    return zstandard.ZstdCompressor(level=level).compress(save(tensors, metadata=meta))
+    raw = save(tensors, metadata=meta)
+    return raw if level is None else bytes(_compressor(level).compress(raw))
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> Any:
+    """A zstd compressor for this thread, made once: making one costs more than
+    compressing a small update (a compressor is not safe to share between threads)."""
+    import zstandard
+
+    cache: dict[int, Any] | None = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level)
+    return c
 
 
 def encode_update(
@@ -367,8 +411,15 @@ def encode_update(
     attempt: int,
     num_examples: int,
     metrics: Mapping[str, float] | None = None,
+    encoding: str = "none",
+    level: int | None = _ZSTD_LEVEL,
 ) -> bytes:
-    """Serialize a device's update for round ``round``, attempt ``attempt``."""
+    """Serialize a device's update for round ``round``, attempt ``attempt``.
+
+    ``delta`` is the params delta itself, or, with ``encoding`` other than
+    ``"none"``, the wire tensors :meth:`fedge.encoding.Pipeline.encode` made
+    of it (``encoding`` is then that pipeline's :attr:`~fedge.encoding.Pipeline.name`).
+    """
     meta = {
         f"{_META_PREFIX}kind": "update",
         f"{_META_PREFIX}round": str(round),
@@ -376,7 +427,9 @@ def encode_update(
         f"{_META_PREFIX}num_examples": str(num_examples),
         f"{_META_PREFIX}metrics": json.dumps({k: float(v) for k, v in (metrics or {}).items()}),
     }
-    return encode_params(delta, meta)
+    if encoding != "none":
+        meta[f"{_META_PREFIX}encoding"] = encoding
+    return encode_params(delta, meta, level=level)
 
 
 def decode_params(body: bytes, *, spec: ParamsSpec | None, max_bytes: int) -> tuple[Params, dict[str, str]]:
@@ -403,13 +456,15 @@ def decode_params(body: bytes, *, spec: ParamsSpec | None, max_bytes: int) -> tu
     version = meta.get(f"{_META_PREFIX}protocol")
     if version != str(PROTOCOL_VERSION):
         raise _refuse("bad_version", f"payload protocol {version!r}; this build speaks {PROTOCOL_VERSION}")
-    _check_layout(header, spec, len(raw) - data_start)
+    # Integer tensors only where the spec names them (an encoded update).
+    allowed = _DTYPES if spec is None else {**_DTYPES, **_INT_DTYPES}
+    _check_layout(header, spec, len(raw) - data_start, allowed)
     names = spec.names if spec is not None else tuple(header)
     params: Params = {}
     view = memoryview(raw)
     for name in names:
         entry = header[name]
-        dtype = np.dtype(_numpy_dtype(entry["dtype"]))
+        dtype = np.dtype(_numpy_dtype(entry["dtype"], allowed))
         start, end = entry["data_offsets"]
         a = np.frombuffer(view[data_start + start : data_start + end], dtype=dtype).reshape(entry["shape"])
         if not np.isfinite(a).all():
@@ -418,17 +473,37 @@ def decode_params(body: bytes, *, spec: ParamsSpec | None, max_bytes: int) -> tu
     return params, dict(meta)
 
 
-def decode_update(body: bytes, *, spec: ParamsSpec, max_bytes: int) -> Update:
+def decode_update(
+    body: bytes, *, spec: ParamsSpec, max_bytes: int, encoding: Pipeline | None = None
+) -> Update:
     """Decode and check a device's update against the round's params ``spec``.
+
+    Args:
+        body: the payload as received.
+        spec: the round's params layout.
+        max_bytes: the most the payload may occupy, compressed or not.
+        encoding: the federation's encoding pipeline (``None``: no encoding);
+            the payload must be encoded with exactly this pipeline.
 
     Raises:
         ProtocolError: as :func:`decode_params`, ``bad_payload`` for missing or
-            malformed metadata, ``bad_weight`` for a non-positive example count,
-            ``non_finite`` for a NaN or infinite metric.
+            malformed metadata or another encoding than ``encoding``, or
+            positions and scales no honest encoder makes, ``bad_weight`` for a
+            non-positive example count, ``non_finite`` for a NaN or infinite
+            metric or value.
     """
-    delta, meta = decode_params(body, spec=spec, max_bytes=max_bytes)
+    expected = "none" if encoding is None else encoding.name
+    if encoding is None or encoding.identity:
+        delta, meta = decode_params(body, spec=spec, max_bytes=max_bytes)
+    else:
+        tensors, meta = decode_params(body, spec=encoding.wire_spec(spec), max_bytes=max_bytes)
+    sent = meta.get(f"{_META_PREFIX}encoding", "none")
+    if sent != expected:
+        raise _refuse("bad_payload", f"the update is encoded as {sent!r}; this federation uses {expected!r}")
     if meta.get(f"{_META_PREFIX}kind") != "update":
         raise _refuse("bad_payload", "the payload is not an update")
+    if encoding is not None and not encoding.identity:
+        delta = encoding.decode(tensors, spec)
     try:
         round_id = int(meta[f"{_META_PREFIX}round"])
         attempt = int(meta[f"{_META_PREFIX}attempt"])
@@ -485,14 +560,16 @@ def _read_header(raw: bytes) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
-def _numpy_dtype(st: object) -> str:
-    for np_dt, st_dt in _DTYPES.items():
+def _numpy_dtype(st: object, allowed: Mapping[str, str] = _DTYPES) -> str:
+    for np_dt, st_dt in allowed.items():
         if st == st_dt:
             return np_dt
-    raise _refuse("shape_mismatch", f"tensor dtype {st!r} is not a float type fedge accepts")
+    raise _refuse("shape_mismatch", f"tensor dtype {st!r} is not a type fedge accepts here")
 
 
-def _check_layout(header: dict[str, Any], spec: ParamsSpec | None, data_len: int) -> None:
+def _check_layout(
+    header: dict[str, Any], spec: ParamsSpec | None, data_len: int, allowed: Mapping[str, str] = _DTYPES
+) -> None:
     """Names, shapes, dtypes and offsets, checked before any tensor is touched."""
     for name, entry in header.items():
         if not (
@@ -505,7 +582,7 @@ def _check_layout(header: dict[str, Any], spec: ParamsSpec | None, data_len: int
         ):
             raise _refuse("bad_payload", f"tensor {name!r} has a malformed header entry")
         start, end = entry["data_offsets"]
-        itemsize = np.dtype(_numpy_dtype(entry.get("dtype"))).itemsize
+        itemsize = np.dtype(_numpy_dtype(entry.get("dtype"), allowed)).itemsize
         if not (0 <= start <= end <= data_len) or end - start != itemsize * math.prod(entry["shape"]):
             raise _refuse("bad_payload", f"tensor {name!r} has inconsistent data offsets")
     if spec is None:
@@ -520,7 +597,7 @@ def _check_layout(header: dict[str, Any], spec: ParamsSpec | None, data_len: int
             raise _refuse(
                 "shape_mismatch", f"tensor {name!r} has shape {tuple(entry['shape'])}, expected {shape}"
             )
-        if _numpy_dtype(entry["dtype"]) != np.dtype(dt).newbyteorder("<").str:
+        if _numpy_dtype(entry["dtype"], allowed) != np.dtype(dt).newbyteorder("<").str:
             raise _refuse(
                 "shape_mismatch", f"tensor {name!r} has dtype {entry['dtype']}, expected {np.dtype(dt)}"
             )

@@ -267,6 +267,9 @@ def test_the_demo_trains_and_writes_its_outputs(tmp_path: Path, procs: Processes
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(m["round"], m["state"]) for m in lines] == [(1, "complete"), (2, "complete")], lines
     assert lines[-1]["accuracy"] == summary["accuracy"]
+    # The coordinator counted every upload and download, per round and in total.
+    assert summary["bytes_up"] == sum(m["bytes_up"] for m in lines) > 0, lines
+    assert summary["bytes_down"] == sum(m["bytes_down"] for m in lines) > 0, lines
     model = load_file(str(out / "model.safetensors"))
     assert model["weight"].shape == (64, 10) and model["bias"].shape == (10,)
     assert pids_mentioning(str(out)) == []

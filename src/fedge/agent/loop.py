@@ -59,11 +59,13 @@ from fedge.agent.events import EventHandler, EventLog
 from fedge.agent.monitor import Monitor, Readings
 from fedge.agent.policy import Verdict, verdict
 from fedge.agent.profile import ProfileCache
+from fedge.agent.residual import load_residual, save_residual
 from fedge.agent.state import RoundsToday, StateLock, resolve_device_id
 from fedge.agent.textfile import write_textfile
 from fedge.agent.trainer import Trainer, TrainingStopped, agent_overhead
 from fedge.data.dataset import Dataset, DataSpec
 from fedge.data.files import load_file
+from fedge.encoding import EncodingConfig, Pipeline, build_pipeline
 from fedge.errors import ConfigError, ProtocolError, TaskError, TransportError
 from fedge.params import Params, ParamsSpec, check_finite, subtract
 from fedge.privacy.mechanisms import DevicePrivacy, privatize_update
@@ -149,8 +151,11 @@ def training_rng(device_id: str, round_id: int, attempt: int) -> np.random.Gener
     Returns:
         A fresh generator.
     """
-    device_seed = int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:8], "big")
-    return np.random.default_rng([device_seed, round_id, attempt])
+    return np.random.default_rng([*_device_seed(device_id), round_id, attempt])
+
+
+def _device_seed(device_id: str) -> tuple[int]:
+    return (int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:8], "big"),)
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,7 @@ class Agent:
         self._cached: tuple[str, Params] | None = None
         self._pending: _Pending | None = None
         self._finished: tuple[int, int, str] | None = None
+        self._pipeline: Pipeline | None = None
         # The policy's eyes: the monitor counts the training child's CPU as the agent's own.
         self._monitor = Monitor(disk_path=config.state_dir, own_cpu_s=self._own_cpu_s)
         self._rounds_today: RoundsToday | None = None
@@ -399,8 +405,13 @@ class Agent:
         # The local training time goes with the update, so the coordinator can
         # tell training from protocol overhead in a round's duration.
         metrics = {**_finite_metrics(result.metrics, label, "training"), "train_s": train_s}
+        # Its own stream: training may run in a child process, which leaves
+        # ``rng`` untouched here, and rounding must not reuse training's draws.
+        encoding_rng = np.random.default_rng([*_device_seed(session.device_id), plan.round, plan.attempt, 1])
+        tensors, encoding = self._encode(plan, task, delta, encoding_rng)
         body = encode_update(
-            delta, round=plan.round, attempt=plan.attempt, num_examples=result.num_examples, metrics=metrics,
+            tensors, round=plan.round, attempt=plan.attempt, num_examples=result.num_examples,
+            metrics=metrics, encoding=encoding,
         )
         elapsed = self._clock() - received_at
         if elapsed > plan.deadline_s:
@@ -412,6 +423,36 @@ class Agent:
         pending = _Pending(_key(plan), body, result.num_examples, train_s)
         self._pending = pending
         self._upload(session, plan, pending, label)
+
+    def _encode(
+        self, plan: TrainPlan, task: _TaskState, delta: Params, rng: np.random.Generator
+    ) -> tuple[Params, str]:
+        """Encode ``delta`` as the coordinator's plan says; keep top-k's residual in the state dir.
+
+        Raises:
+            ProtocolError: the plan names an encoding this build cannot make.
+        """
+        info = plan.encoding
+        config = EncodingConfig(info.compress, info.bucket_size, info.shared_range)
+        if self._pipeline is None or self._pipeline.config != config:
+            try:
+                self._pipeline = build_pipeline(config, secure_aggregation=False)
+            except ConfigError as e:
+                raise ProtocolError("bad_plan", f"the train plan's encoding is unusable: {e}") from None
+        pipe = self._pipeline
+        if pipe.identity:
+            return delta, pipe.name
+        state_dir = self._config.state_dir
+        residual = None
+        if pipe.error_feedback:
+            residual = load_residual(state_dir, spec=task.spec, encoding=pipe.name)
+        encoded = pipe.encode(delta, rng=rng, residual=residual)
+        if encoded.residual is not None:
+            try:
+                save_residual(state_dir, encoded.residual, encoding=pipe.name)
+            except OSError as e:
+                logger.warning("cannot keep the error-feedback residual (%s); it is lost", e.strerror)
+        return encoded.tensors, pipe.name
 
     def _upload(self, session: _Session, plan: TrainPlan, pending: _Pending, label: str) -> None:
         try:

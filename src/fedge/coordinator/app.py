@@ -210,6 +210,7 @@ def create_app(
         payload, etag = coordinator.params_payload(round, device)
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"ETag": etag})
+        coordinator.count_download(device, round, len(payload))
         # Streamed in chunks: each waits for the connection to drain, so a
         # cohort downloading at once holds ~one chunk per connection in memory
         # rather than a whole (TLS-encrypted) copy each.

@@ -1,6 +1,6 @@
 """The coordinator's configuration: one frozen value read from ``coordinator.toml``.
 
-The file has up to seven tables; every key is optional except the task's shape
+The file has up to eight tables; every key is optional except the task's shape
 (given directly or read from ``eval_data``)::
 
     [task]
@@ -33,6 +33,10 @@ The file has up to seven tables; every key is optional except the task's shape
     data_dir = "fedge-data"    # the store, the CA (ca/), the server certificate (tls/)
     max_body_mb = 256
 
+    [encoding]                 # how devices encode updates (docs/compression.md)
+    compress = "none"          # none, fp16, q8, q4, topk:FRACTION, topk:FRACTION+fp16|q8|q4
+    bucket_size = 512          # q8/q4: one scale per this many values (default: per tensor)
+    shared_range = 0.1         # q8/q4: a shared grid [-R, R] instead of per-device scales
     [privacy]                  # differential privacy (docs/privacy.md); absent: off
     mode = "central"           # or "local" (each device noises its own update)
     clip_norm = 1.0            # or "adaptive"
@@ -58,6 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedge.encoding import EncodingConfig, Pipeline, build_pipeline
 from fedge.errors import ConfigError
 from fedge.rounds import SELECTIONS
 from fedge.sim.config import coerce_fields, load_toml
@@ -96,6 +101,11 @@ _TABLES: dict[str, dict[str, str]] = {
         "data_dir": "data_dir",
         "max_body_mb": "max_body_mb",
         "seed": "seed",
+    },
+    "encoding": {
+        "compress": "compress",
+        "bucket_size": "compress_bucket",
+        "shared_range": "compress_range",
     },
     "privacy": {
         "mode": "dp",
@@ -150,6 +160,9 @@ class CoordinatorConfig:
     insecure: bool = False
     insecure_allow_remote: bool = False
     cert_days: int = 30
+    compress: str = "none"
+    compress_bucket: int | None = None
+    compress_range: float | None = None
     dp: str | None = None
     clip_norm: float | str | None = None
     noise_multiplier: float | None = None
@@ -193,6 +206,7 @@ class CoordinatorConfig:
             raise ConfigError(f"rounds.over_selection must be between 1 and 10, got {self.over_selection}")
         if self.mu is not None and not (math.isfinite(self.mu) and self.mu >= 0):
             raise ConfigError(f"strategy.mu must be a finite number >= 0, got {self.mu}")
+        self.encoding_pipeline()  # refuses a bad [encoding] table at start-up
         if self.eval_data is None and (self.num_features is None or self.num_classes is None):
             raise ConfigError(
                 "task.num_features and task.num_classes are required unless task.eval_data names "
@@ -236,6 +250,15 @@ class CoordinatorConfig:
     def invite_count(self) -> int:
         """Devices invited per round: the cohort size times the over-selection factor."""
         return math.ceil(self.cohort_size * self.over_selection - 1e-9)
+
+    @property
+    def encoding(self) -> EncodingConfig:
+        """The ``[encoding]`` table: how devices encode their updates."""
+        return EncodingConfig(self.compress, self.compress_bucket, self.compress_range)
+
+    def encoding_pipeline(self) -> Pipeline:
+        """The pipeline the coordinator decodes updates with."""
+        return build_pipeline(self.encoding, secure_aggregation=False)
 
     @property
     def max_body_bytes(self) -> int:

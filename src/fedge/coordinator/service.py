@@ -52,6 +52,7 @@ from fedge.wire import (
     AbortReport,
     CheckIn,
     CheckInReply,
+    EncodingInfo,
     EvalReport,
     EventBatch,
     EventsAck,
@@ -108,6 +109,9 @@ class _OpenRound:
     fetched_at: dict[str, float] = field(default_factory=dict)
     upload_s: list[float] = field(default_factory=list)
     closing: bool = False
+    # Bytes per device: update bodies received, params payloads sent.
+    bytes_in: dict[str, int] = field(default_factory=dict)
+    bytes_out: dict[str, int] = field(default_factory=dict)
     clip_norm: float | None = None  # central DP: the bound every update is clipped to on receipt
     local: DevicePrivacy | None = None  # local DP: what each device does to its update before upload
     unclipped: int = 0  # central DP: updates already within the bound (adaptive clipping's count)
@@ -141,6 +145,10 @@ class Coordinator:
             options["mu"] = config.mu
         self.strategy: Strategy = build_strategy(config.strategy, options)
         self.mu = config.mu if config.mu is not None else self.strategy.device_mu
+        self.encoding = config.encoding_pipeline()
+        self.encoding_info = EncodingInfo(
+            compress=config.compress, bucket_size=config.compress_bucket, shared_range=config.compress_range
+        )
         self.task_info = TaskInfo(
             name=config.task, num_features=self.spec.num_features, num_classes=self.spec.num_classes
         )
@@ -299,6 +307,7 @@ class Coordinator:
                 lr=self.config.lr,
                 mu=self.mu,
                 evaluate=True,
+                encoding=self.encoding_info,
                 clip_norm=None if rnd.local is None else rnd.local.clip_norm,
                 noise_stddev=0.0 if rnd.local is None else rnd.local.local_stddev,
             )
@@ -322,6 +331,12 @@ class Coordinator:
             rnd.fetched_at.setdefault(device_id, self._clock())
         return rnd.payload, rnd.etag
 
+    def count_download(self, device_id: str, round_id: int, size: int) -> None:
+        """Count ``size`` bytes of params sent to ``device_id`` for round ``round_id``."""
+        rnd = self.open
+        if rnd is not None and rnd.round.round_id == round_id:
+            rnd.bytes_out[device_id] = rnd.bytes_out.get(device_id, 0) + size
+
     async def submit_update(self, device_id: str, round_id: int, body: bytes) -> UpdateAck:
         """Check, decode and accumulate one device's update.
 
@@ -331,6 +346,8 @@ class Coordinator:
         """
         rnd = self._round_for(device_id, round_id)
         t0 = time.perf_counter()
+        # Counted before decoding: a refused body crossed the wire too.
+        rnd.bytes_in[device_id] = rnd.bytes_in.get(device_id, 0) + len(body)
         update, digest = await asyncio.to_thread(self._decode, body)
         decode_s = time.perf_counter() - t0
         if update.round != round_id:
@@ -480,7 +497,9 @@ class Coordinator:
         return rnd
 
     def _decode(self, body: bytes) -> tuple[Any, str]:
-        update = decode_update(body, spec=self.params_spec, max_bytes=self.config.max_body_bytes)
+        update = decode_update(
+            body, spec=self.params_spec, max_bytes=self.config.max_body_bytes, encoding=self.encoding
+        )
         return update, hashlib.sha256(body).hexdigest()
 
     # ------------------------------------------------------------ the driver
@@ -623,6 +642,9 @@ class Coordinator:
         if rnd.train_s is not None:
             metrics["train_s"] = rnd.train_s
         metrics.update(_profile(rnd, now, self.config.local_epochs))
+        metrics["bytes_up"] = float(sum(rnd.bytes_in.values()))
+        metrics["bytes_down"] = float(sum(rnd.bytes_out.values()))
+        self._record_traffic(rnd, now)
         state = None
         ledger: LedgerRow | None = None
         if outcome.state is RoundState.COMPLETE:
@@ -686,6 +708,15 @@ class Coordinator:
                     rnd.round.min_updates,
                 )
         self.open = None
+
+    def _record_traffic(self, rnd: _OpenRound, now: float) -> None:
+        """One metrics row per attempt: bytes up and down of every device (``up:ID``, ``down:ID``)."""
+        traffic = {f"up:{d}": float(n) for d, n in sorted(rnd.bytes_in.items())}
+        traffic.update({f"down:{d}": float(n) for d, n in sorted(rnd.bytes_out.items())})
+        if traffic:
+            self.store.record_metrics(
+                rnd.round.round_id, rnd.attempt, None, kind="traffic", num_examples=0, metrics=traffic, at=now
+            )
 
     def _evaluate(self, params: P.Params) -> dict[str, float]:
         assert self.eval_data is not None

@@ -23,6 +23,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
 from fedge.data.dataset import Dataset, DataSpec
+from fedge.encoding import EncodingConfig
 from fedge.errors import BackendError, ConfigError, DataError, FedgeError, TaskError
 from fedge.params import Params
 from fedge.sim.attacks import Attack
@@ -69,6 +70,7 @@ def merge_partials(parts: Sequence[PartialRound]) -> PartialRound:
         head.train_loss_sum += p.train_loss_sum
         head.train_loss_weight += p.train_loss_weight
         head.train_s += p.train_s
+        head.bytes_up += p.bytes_up
         head.unclipped += p.unclipped
         if p.masked_sum is not None:  # uint32: wraps mod 2^32, as secure aggregation needs
             head.masked_sum = p.masked_sum if head.masked_sum is None else (
@@ -98,10 +100,10 @@ def _worker_main(conn: Connection) -> None:
     the driver can raise the same kind of error in its own process.
     """
     try:
-        task_name, spec, strategy, base, seed, datasets, attack = conn.recv()
+        task_name, spec, strategy, base, seed, datasets, attack, encoding, count_bytes = conn.recv()
         runner = DeviceRunner(
             task=load_task(task_name, spec), strategy=strategy, datasets=datasets,
-            base_config=base, seed=seed, attack=attack,
+            base_config=base, seed=seed, attack=attack, encoding=encoding, count_bytes=count_bytes,
         )
         conn.send(("ready", None))
         while True:
@@ -167,6 +169,8 @@ class ProcessBackend:
         seed: int,
         workers: int,
         attack: Attack | None = None,
+        encoding: EncodingConfig | None = None,
+        count_bytes: str = "wire",
     ) -> None:
         self.workers = max(1, min(workers, len(datasets)))
         ctx = mp.get_context("spawn")
@@ -186,7 +190,8 @@ class ProcessBackend:
                 mine: Mapping[int, Dataset] = {
                     d: ds for d, ds in enumerate(datasets) if d % self.workers == w
                 }
-                conn.send((task_name, spec, strategy, base_config, seed, mine, attack))
+                conn.send((task_name, spec, strategy, base_config, seed, mine, attack, encoding,
+                           count_bytes))
             for w in range(self.workers):
                 self._receive(w)
         except BaseException:
@@ -249,15 +254,19 @@ def build_backend(
     seed: int,
     workers: int | None,
     attack: Attack | None = None,
+    encoding: EncodingConfig | None = None,
+    count_bytes: str = "wire",
 ) -> Backend:
     """The backend called ``name`` (``inline`` or ``processes``), ready for rounds."""
     if name == "inline":
         runner = DeviceRunner(task=task, strategy=strategy, datasets=dict(enumerate(datasets)),
-                              base_config=base_config, seed=seed, attack=attack)
+                              base_config=base_config, seed=seed, attack=attack, encoding=encoding,
+                              count_bytes=count_bytes)
         return InlineBackend(runner)
     return ProcessBackend(
         task_name=task_name, spec=spec, strategy=strategy, datasets=datasets,
         base_config=base_config, seed=seed, workers=workers or _usable_cores(), attack=attack,
+        encoding=encoding, count_bytes=count_bytes,
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fedge.encoding import EncodingConfig, Pipeline, build_pipeline
 from fedge.errors import ConfigError
 
 if typing.TYPE_CHECKING:
@@ -28,6 +29,9 @@ __all__ = ["BACKENDS", "RAY_ON_FAILURE", "SimConfig", "coerce_fields", "load_tom
 
 BACKENDS = ("inline", "processes", "ray", "auto")
 RAY_ON_FAILURE = ("retry", "dropout")
+# What the simulator counts as a payload's size (fedge.sim.traffic.COUNT_BYTES;
+# repeated here so that the config module imports no codec).
+COUNT_BYTES = ("wire", "raw", "off")
 _DP_FIELDS = ("clip_norm", "noise_multiplier", "target_epsilon", "delta", "epsilon_budget", "accountant")
 
 
@@ -65,6 +69,10 @@ class SimConfig:
     seed: int = 0
     attack: str | None = None
     malicious: float = 0.0
+    compress: str = "none"
+    compress_bucket: int | None = None
+    compress_range: float | None = None
+    count_bytes: str = "wire"
     # Device heterogeneity and the virtual clock (sim/profiles.py).
     profiles: str | None = None
     deadline_s: float | None = None
@@ -141,6 +149,11 @@ class SimConfig:
             raise ConfigError(f"unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
         self._check_ray()
         _check_attack(self.attack, self.malicious)
+        if self.count_bytes not in COUNT_BYTES:
+            raise ConfigError(
+                f"--count-bytes must be one of {', '.join(COUNT_BYTES)}, got {self.count_bytes!r}"
+            )
+        self.encoding_pipeline()  # refuses a bad --compress now, before any data is loaded
         self.privacy  # noqa: B018 - checks the DP settings now, before any round
 
     def _check_ray(self) -> None:
@@ -159,6 +172,17 @@ class SimConfig:
                 f"--ray-on-failure must be one of {', '.join(RAY_ON_FAILURE)}, "
                 f"got {self.ray_on_failure!r}"
             )
+
+    @property
+    def encoding(self) -> EncodingConfig:
+        """The update encoding (``--compress`` and its options)."""
+        return EncodingConfig(self.compress, self.compress_bucket, self.compress_range)
+
+    def encoding_pipeline(self) -> Pipeline:
+        """The encoding pipeline, checked against the run's other settings."""
+        # No simulator setting turns on secure aggregation yet; when one does,
+        # it is passed here so that the pipeline refuses what breaks sums.
+        return build_pipeline(self.encoding, secure_aggregation=False)
 
     @property
     def privacy(self) -> PrivacyConfig | None:

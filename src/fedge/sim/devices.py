@@ -19,10 +19,12 @@ import numpy as np
 
 from fedge import params as P
 from fedge.data.dataset import Dataset
+from fedge.encoding import EncodingConfig
 from fedge.errors import TaskError
 from fedge.params import Params
 from fedge.privacy.mechanisms import DevicePrivacy, privatize_update
 from fedge.sim.attacks import Attack
+from fedge.sim.traffic import UpdateEncoder
 from fedge.strategies.base import Accumulator, Strategy
 from fedge.tasks.base import Task, TrainConfig
 
@@ -68,6 +70,7 @@ class PartialRound:
     train_loss_sum: float = 0.0
     train_loss_weight: float = 0.0
     train_s: float = 0.0
+    bytes_up: int = 0  # the devices' update payloads as they would go over the wire
     unclipped: int = 0  # DP: updates whose norm was within the clip (adaptive clipping's count)
     masked_sum: np.ndarray | None = None  # secure aggregation: sum of masked vectors mod 2^32
 
@@ -84,6 +87,8 @@ class DeviceRunner:
         base_config: TrainConfig,
         seed: int,
         attack: Attack | None = None,
+        encoding: EncodingConfig | None = None,
+        count_bytes: str = "wire",
     ) -> None:
         self._task = task
         self._attack = attack
@@ -92,6 +97,7 @@ class DeviceRunner:
         self._base = base_config
         self._seed = seed
         self._configs: dict[int, TrainConfig] = {}
+        self._encoder = UpdateEncoder(encoding or EncodingConfig(), count=count_bytes)
 
     def _config(self, epochs: int) -> TrainConfig:
         cfg = self._configs.get(epochs)
@@ -150,7 +156,19 @@ class DeviceRunner:
                 delta, weight = self._privatize(job.privacy, delta, round_id, job.device_id, out)
             if job.secagg is not None:  # secure aggregation: only the masked vector leaves
                 out.masked_sum = job.secagg.add_masked(out.masked_sum, delta, int(weight), rng)
+                # Counted as sent: the masked vector (and the weight coordinate), packed to the
+                # bits the sum needs; the key and share messages are not counted here.
+                out.bytes_up += -(-(P.num_values(delta) + 1) * job.secagg.grid.wire_bits // 8)
             else:
+                sent, nbytes = self._encoder.encode(
+                    job.device_id, round_id, delta, num_examples=int(result.num_examples),
+                    metrics=_upload_metrics(result.metrics, clock() - t0), rng=rng,
+                )
+                out.bytes_up += nbytes
+                if sent is None:
+                    out.rejected.append(job.device_id)
+                    continue
+                delta = sent
                 out.accumulator.add(delta, float(weight))
             out.reports.append((job.device_id, float(weight)))
             loss = result.metrics.get("train_loss")
@@ -166,3 +184,13 @@ class DeviceRunner:
         private, within = privatize_update(delta, how, round_id=round_id, device_id=device_id)
         out.unclipped += int(within)
         return private, 1
+
+
+def _upload_metrics(metrics: Mapping[str, object], train_s: float) -> dict[str, float]:
+    """The metrics an agent sends with its update: the finite numeric ones, and its train time."""
+    out = {
+        str(k): float(v) for k, v in metrics.items()
+        if isinstance(v, int | float | np.floating) and not isinstance(v, bool) and np.isfinite(v)
+    }
+    out["train_s"] = train_s
+    return out

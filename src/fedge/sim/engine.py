@@ -32,9 +32,10 @@ from fedge.sim.attacks import Attack, choose_malicious, flip_labels, parse_attac
 from fedge.sim.backend_choice import choose_backend
 from fedge.sim.backends import Backend, build_backend
 from fedge.sim.config import SimConfig
-from fedge.sim.devices import DeviceJob
+from fedge.sim.devices import DeviceJob, PartialRound
 from fedge.sim.profiles import FleetModel, build_profiles
 from fedge.sim.secagg import SimSecAgg
+from fedge.sim.traffic import params_payload_size
 from fedge.strategies import (
     ServerState,
     Strategy,
@@ -72,6 +73,8 @@ class RoundRecord:
     train_loss: float | None
     metrics: dict[str, float] | None
     elapsed_s: float
+    bytes_up: int = 0
+    bytes_down: int = 0
     epsilon: float | None = None  # DP: epsilon spent after this round, at the run's delta
     clip_norm: float | None = None  # DP: the clip norm this round used
     sim_time_s: float | None = None  # --profiles: the virtual clock when the round ended
@@ -88,6 +91,8 @@ class RoundRecord:
             "stragglers": self.stragglers,
             "train_loss": self.train_loss,
             "elapsed_s": round(self.elapsed_s, 6),
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
         }
         if self.malicious is not None:
             out["malicious"] = self.malicious
@@ -134,6 +139,11 @@ class SimResult:
             "devices": self.num_devices,
             "examples": self.num_examples,
             "params": P.num_values(self.params),
+            # Measured: each payload serialized by the wire codec; "bytes_counted"
+            # says whether zstd is included ("wire"), not ("raw"), or nothing was ("off").
+            "bytes_up": sum(r.bytes_up for r in self.history),
+            "bytes_down": sum(r.bytes_down for r in self.history),
+            "bytes_counted": self.config.count_bytes,
             "wall_s": round(self.timing.get("wall_s", 0.0), 4),
             "backend": {"name": self.backend, **self.backend_info},
             "timing": {k: round(v, 4) for k, v in self.timing.items()},
@@ -291,11 +301,13 @@ class Simulation:
                 datasets=self.data.devices, recipe=recipe, base_config=self.train_config,
                 seed=cfg.seed, address=cfg.ray_address, cpus_per_device=cfg.ray_cpus_per_device,
                 workers=cfg.workers, on_failure=cfg.ray_on_failure, attack=self.attack,
+                encoding=cfg.encoding, count_bytes=cfg.count_bytes,
             )
         return build_backend(
             name, task=self.task, task_name=cfg.task, spec=self.data.spec,
             strategy=self.strategy, datasets=self.data.devices, base_config=self.train_config,
-            seed=cfg.seed, workers=cfg.workers, attack=self.attack,
+            seed=cfg.seed, workers=cfg.workers, attack=self.attack, encoding=cfg.encoding,
+            count_bytes=cfg.count_bytes,
         )
 
     def _attack_summary(self) -> dict[str, Any] | None:
@@ -321,7 +333,7 @@ class Simulation:
         if cohort.size == 0:  # Poisson sampling can invite nobody; the round is empty.
             entry = self._charge(r)
             return state, RoundRecord(r, RoundState.ABANDONED.value, 0, 0, 0, 0, 0, None, None,
-                                      time.perf_counter() - t_start, *entry), 0.0
+                                      time.perf_counter() - t_start, 0, 0, *entry), 0.0
         need = min_updates(self.strategy)
         if cohort.size < need:  # a robust rule's condition cannot hold for so few
             logger.warning("round %d abandoned: %d devices invited, %s needs %d updates",
@@ -329,7 +341,7 @@ class Simulation:
             entry = self._charge(r)
             return state, RoundRecord(r, RoundState.ABANDONED.value, int(cohort.size), 0,
                                       int(cohort.size), 0, 0, None, None,
-                                      time.perf_counter() - t_start, *entry), 0.0
+                                      time.perf_counter() - t_start, 0, 0, *entry), 0.0
         stragglers = choose_stragglers(cohort, cfg.stragglers, rng)
         # As in the FedProx paper, a straggler manages a uniformly drawn number
         # of epochs in [1, E): partial work that FedProx keeps and FedAvg (in
@@ -353,9 +365,12 @@ class Simulation:
             jobs = [j for j in jobs if j.device_id in keep]
             self.fleet.advance(round_s)
             sim_time = self.fleet.now
+        # Every invited device downloads the round's params (the same payload).
+        bytes_down = params_payload_size(state.params, r, count=cfg.count_bytes) * int(cohort.size)
         if self.secagg is not None:
-            return self._secure_round(r, state, cohort, stragglers, jobs, backend, t_start,
-                                      sim_time)
+            state, record, took = self._secure_round(r, state, cohort, stragglers, jobs, backend, t_start,
+                                                     sim_time)
+            return state, dataclasses.replace(record, bytes_down=bytes_down), took
         rnd = Round.open(r, cohort.tolist(), min_updates=need)
         part = backend.run_round(r, state.params, jobs) if jobs else None
         if part is not None:
@@ -382,6 +397,7 @@ class Simulation:
             reported=len(outcome.reported), dropped=len(outcome.dropped),
             rejected=len(part.rejected) if part else 0, stragglers=int(stragglers.size),
             train_loss=train_loss, metrics=None, elapsed_s=time.perf_counter() - t_start,
+            bytes_up=part.bytes_up if part else 0, bytes_down=bytes_down,
             malicious=None if self.attack is None or part is None else
             sum(d in self.attack.malicious for d, _ in part.reports),
             sim_time_s=sim_time,
@@ -399,6 +415,7 @@ class Simulation:
         assert self.secagg is not None
         invited = [j.device_id for j in jobs]
         train_s, train_loss, rejected, uploaded = 0.0, None, 0, 0
+        part: PartialRound | None = None
         try:
             server, clients, masking, _, grid = self.secagg.prepare(r, state.params, invited)
             part = backend.run_round(r, state.params, [
@@ -426,6 +443,7 @@ class Simulation:
             dropped=int(cohort.size) - uploaded - rejected, rejected=rejected,
             stragglers=int(stragglers.size), train_loss=train_loss, metrics=None,
             elapsed_s=time.perf_counter() - t_start, sim_time_s=sim_time,
+            bytes_up=part.bytes_up if part is not None else 0,
         )
         if self.privacy is not None:
             epsilon, clip = self._charge(r)

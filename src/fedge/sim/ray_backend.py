@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from fedge.data.dataset import Dataset, DataSpec
+from fedge.encoding import EncodingConfig
 from fedge.errors import BackendError, ConfigError, DataError, FedgeError, TaskError
 from fedge.params import Params
 from fedge.sim.attacks import Attack
@@ -139,6 +140,8 @@ class _DeviceActor:
         index: int,
         count: int,
         attack: Attack | None = None,
+        encoding: EncodingConfig | None = None,
+        count_bytes: str = "wire",
     ) -> None:
         # An exception out of __init__ reaches the driver as a bare message
         # (Ray keeps no cause for a dead actor); kept and raised by ready(),
@@ -149,7 +152,8 @@ class _DeviceActor:
             datasets = source.shard(index, count) if isinstance(source, DataRecipe) else dict(source)
             self._runner = DeviceRunner(
                 task=load_task(task_name, spec), strategy=strategy, datasets=datasets,
-                base_config=base_config, seed=seed, attack=attack,
+                base_config=base_config, seed=seed, attack=attack, encoding=encoding,
+                count_bytes=count_bytes,
             )
             self._devices = len(datasets)
         except Exception as e:
@@ -238,10 +242,14 @@ class RayBackend:
         workers: int | None,
         on_failure: str,
         attack: Attack | None = None,
+        encoding: EncodingConfig | None = None,
+        count_bytes: str = "wire",
     ) -> None:
         ray = import_ray()
         self._ray = ray
         self._attack = attack
+        self._encoding = encoding
+        self._count_bytes = count_bytes
         if on_failure not in ("retry", "dropout"):
             raise ConfigError(f"on_failure must be 'retry' or 'dropout', got {on_failure!r}")
         self._tolerate = on_failure == "dropout"
@@ -336,7 +344,8 @@ class RayBackend:
                 # Held for the backend's life: a restarted actor reads its shard again.
                 self._shards.append(source)
             self._actors.append(actor_cls.remote(
-                task_name, spec, strategy, base_config, seed, source, index, count, self._attack
+                task_name, spec, strategy, base_config, seed, source, index, count, self._attack,
+                self._encoding, self._count_bytes,
             ))
         self._failures = [0] * count
         pending = [a.ready.remote() for a in self._actors]
