@@ -158,6 +158,8 @@ class RoundStats:
     updates: int
     events: int
     phases: dict[str, float]  # seconds spent in each phase, summed over complete rounds
+    bytes_up: float = 0.0  # request bodies of updates, every attempt
+    bytes_down: float = 0.0  # params sent, every attempt
 
 
 @dataclass(frozen=True)
@@ -791,8 +793,13 @@ class Store:
                 "SELECT " + ", ".join(f"TOTAL(json_extract(metrics, '$.phase_{p}_s'))" for p in PHASES)
                 + " FROM rounds WHERE state = 'complete'"
             ).fetchone()
+            up, down = conn.execute(
+                "SELECT TOTAL(CASE WHEN j.key LIKE 'up:%' THEN j.value END), "
+                "TOTAL(CASE WHEN j.key LIKE 'down:%' THEN j.value END) "
+                "FROM metrics AS m, json_each(m.metrics) AS j WHERE m.kind = 'traffic'"
+            ).fetchone()
         phases = dict(zip(PHASES, map(float, sums), strict=True))
-        return RoundStats(by_state, durations, updates, events, phases)
+        return RoundStats(by_state, durations, updates, events, phases, float(up), float(down))
 
     def refusal_counts(self) -> dict[str, int]:
         rows = self._query("SELECT code, COUNT(*) FROM refusals GROUP BY code ORDER BY code")

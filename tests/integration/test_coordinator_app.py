@@ -579,6 +579,7 @@ def test_metrics_report_rounds_updates_devices_and_events(fleet: Fleet) -> None:
     for line in ('fedge_rounds_total{state="complete"} 1.0', "fedge_rounds_complete 1.0",
                  "fedge_rounds_target 2.0", "fedge_updates_received_total 3.0",
                  "fedge_device_events_total 1.0", 'fedge_round_phase_seconds_total{phase="selection"}',
+                 "fedge_received_bytes_total", "fedge_sent_bytes_total",
                  'fedge_devices{state="known"} 3.0', 'fedge_devices{state="online"} 3.0',
                  "fedge_round_duration_seconds_count 1.0"):
         assert line in text, line

@@ -65,6 +65,11 @@ class CoordinatorCollector(Collector):
         for name, seconds in stats.phases.items():
             phases.add_metric([name], seconds)
         yield phases
+        yield CounterMetricFamily("fedge_received_bytes", "Update bytes received from devices "
+                                  "(request bodies, refused ones included), every ended attempt",
+                                  value=stats.bytes_up)
+        yield CounterMetricFamily("fedge_sent_bytes", "Params bytes sent to devices, every ended attempt",
+                                  value=stats.bytes_down)
         yield CounterMetricFamily("fedge_updates_received", "Updates accepted into rounds",
                                   value=float(stats.updates))
         refused = CounterMetricFamily("fedge_refusals", "Requests refused, by error code", labels=["code"])
