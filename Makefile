@@ -31,7 +31,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict src
 
 unit: $(STAMP)
-	$(VENV)/bin/pytest -m "not containers"
+	$(VENV)/bin/pytest -m "not containers" -rs
 
 # Builds the images from offline bundles and runs them with Podman (root; see docs/deployment.md).
 test-containers: $(STAMP)
