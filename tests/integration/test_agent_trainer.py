@@ -122,16 +122,19 @@ def test_a_cpu_bound_neighbour_makes_training_yield(tmp_path: Path) -> None:
     """The real monitor on this machine: a neighbour on every core makes the training child pause,
     and while paused it uses no CPU; when the neighbour is gone, training finishes."""
     cores = os.cpu_count() or 1
-    policy = parse_policy({"max_cpu_load": 0.75})
+    # One more neighbour than cores: even sharing the machine with the training child, the
+    # neighbours' load is at least (cores + 1) / (cores + 2) of it, well above the bound.
+    policy = parse_policy({"max_cpu_load": 0.5})
     holder: list[Trainer] = []
     monitor = Monitor(Path("/"), own_cpu_s=lambda: _own() + (holder[0].child_cpu_s() if holder else 0.0))
     t = Trainer(Limits(check_every_s=0.2), policy, monitor, local_now=dt.datetime.now)
     holder.append(t)
     ctx = mp.get_context("fork")
-    neighbours = [ctx.Process(target=_burn, args=(3.0,)) for _ in range(cores)]
+    neighbours = [ctx.Process(target=_burn, args=(3.0,)) for _ in range(cores + 1)]
     for n in neighbours:
         n.start()
     try:
+        monitor.read()  # the agent reads at every check-in; the first load needs an interval
         time.sleep(0.3)
         value, stats = t.run(_busy_training)
     finally:
