@@ -218,3 +218,40 @@ def test_the_simulator_does_not_import_pydantic() -> None:
             "print('pydantic' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def _header(raw: bytes) -> tuple[dict[str, object], bytes]:
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {"w": np.arange(640, dtype=np.float32).reshape(64, 10), "b": np.ones(10, np.float32)},
+        # Every wire dtype, names out of order, an empty tensor, a non-ASCII name.
+        {"z": np.arange(4.0).reshape(2, 2), "a": np.arange(3, dtype=np.uint8), "h": np.ones(5, np.float16),
+         "u": np.arange(4, dtype=np.uint32), "q": np.arange(3, dtype=np.uint16),
+         "é": np.zeros(0, np.float32)},
+        {"t": np.arange(12, dtype=np.float32).reshape(4, 3).T},  # not contiguous
+        {"big": np.arange(3, dtype=">f4")},  # another byte order: the library frames it
+        {},
+    ],
+)
+def test_the_simulators_safetensors_framing_is_the_librarys(tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save
+
+    from fedge.sim.traffic import _safetensors_bytes
+
+    contiguous = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    one_key = {"fedge.protocol": "1"}
+    assert _safetensors_bytes(tensors, one_key) == save(contiguous, metadata=one_key)
+    # safetensors keeps metadata in a hash map, so with several keys their order (only) may
+    # differ between processes: the same length, header and tensor bytes otherwise.
+    meta = {"fedge.protocol": "1", "fedge.metrics": '{"loss": 0.5}', "x": 'a"b\\c é\n\x01\x7f'}
+    mine, theirs = _safetensors_bytes(tensors, meta), save(contiguous, metadata=meta)
+    assert len(mine) == len(theirs)
+    assert _header(mine) == _header(theirs)

@@ -45,6 +45,29 @@ def device_rng(seed: int, round_id: int, device_id: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=key))
 
 
+class _DeviceRng:
+    """:func:`device_rng`'s streams from one reused generator, for a runner's loop over devices.
+
+    Building a Philox generator costs ~20 us, more than a small device's
+    training step; resetting one's key (counter at zero, buffer empty) gives
+    the same stream in a fraction of that. The generator handed out is only
+    valid until the next :meth:`reset`: a runner uses it for one device at a time.
+    """
+
+    def __init__(self) -> None:
+        self._bits = np.random.Philox(key=0)
+        self._generator = np.random.Generator(self._bits)
+
+    def reset(self, seed: int, round_id: int, device_id: int) -> np.random.Generator:
+        self._bits.state = {
+            "bit_generator": "Philox",
+            "state": {"counter": np.zeros(4, dtype=np.uint64),
+                      "key": np.array([seed, (round_id << 32) | device_id], dtype=np.uint64)},
+            "buffer": np.zeros(4, dtype=np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0,
+        }
+        return self._generator
+
+
 @dataclass(frozen=True)
 class DeviceJob:
     """One device's work in a round: who, how many local epochs, and its DP step (if any)."""
@@ -96,6 +119,7 @@ class DeviceRunner:
         self._datasets = datasets
         self._base = base_config
         self._seed = seed
+        self._rng = _DeviceRng()
         self._configs: dict[int, TrainConfig] = {}
         self._encoder = UpdateEncoder(encoding or EncodingConfig(), count=count_bytes)
 
@@ -119,7 +143,7 @@ class DeviceRunner:
         clock = time.perf_counter
         for job in jobs:
             data = self._datasets[job.device_id]
-            rng = device_rng(self._seed, round_id, job.device_id)
+            rng = self._rng.reset(self._seed, round_id, job.device_id)
             t0 = clock()
             try:
                 result = train(params, data, self._config(job.local_epochs), rng)

@@ -5,9 +5,13 @@ pipeline (:mod:`fedge.encoding`) and is then serialized as
 :func:`fedge.wire.encode_update` serializes it (safetensors with the same
 metadata an agent sends, zstd level 3), and the payload's length is the
 device's bytes up for the round: a measurement, not an estimate. The
-framing is repeated here rather than imported because :mod:`fedge.wire`
+framing is written here rather than imported because :mod:`fedge.wire`
 imports pydantic, which would cost the simulator ~0.3 s of start-up and
-10 MB; a test checks that both produce the same bytes. The coordinator side
+10 MB, and the safetensors header is built here too (its format is a
+length, a JSON header and the raw tensor bytes): ``safetensors.numpy.save``
+spends more time checking dtypes than a small update takes to train. Tests
+check that the bytes are exactly those of :mod:`fedge.wire` and of
+``safetensors``. The coordinator side
 is simulated by decoding the wire tensors with the same pipeline, so the
 strategy aggregates exactly what a coordinator would.
 
@@ -30,6 +34,7 @@ device (a device always trains on the same worker).
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,12 +55,56 @@ _ZSTD_LEVEL = 3
 _compressors: dict[str, Any] = {}  # one per process: making one costs more than a small payload
 
 
+# The wire's dtypes with their safetensors codes, ranked as safetensors orders its header:
+# by dtype (its enum order, largest first), then by name.
+_ST_DTYPES: dict[np.dtype[Any], tuple[str, int]] = {
+    np.dtype("<f8"): ("F64", 0), np.dtype("<f4"): ("F32", 1), np.dtype("<u4"): ("U32", 2),
+    np.dtype("<f2"): ("F16", 3), np.dtype("<u2"): ("U16", 4), np.dtype("|u1"): ("U8", 5),
+}
+
+
+# As safetensors writes its JSON header: compact, UTF-8 as it is (made once: json.dumps
+# with these options builds a new encoder on every call).
+_HEADER_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_LAYOUTS: dict[tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...], tuple[str, tuple[str, ...]]] = {}
+
+
+def _layout(arrays: Mapping[str, np.ndarray]) -> tuple[str, tuple[str, ...]]:
+    """The tensors' part of the header, and the order their bytes follow it (cached per layout)."""
+    key = tuple((k, a.dtype, a.shape) for k, a in arrays.items())
+    cached = _LAYOUTS.get(key)
+    if cached is None:
+        parts, offset = [], 0
+        for name, dtype, shape in sorted(key, key=lambda e: (_ST_DTYPES[e[1]][1], e[0])):
+            end = offset + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            parts.append(f'{_HEADER_JSON(name)}:{{"dtype":"{_ST_DTYPES[dtype][0]}",'
+                         f'"shape":[{",".join(map(str, shape))}],"data_offsets":[{offset},{end}]}}')
+            offset = end
+        order = tuple(sorted(arrays, key=lambda k: (_ST_DTYPES[arrays[k].dtype][1], k)))
+        cached = _LAYOUTS[key] = (",".join(parts), order)
+    return cached
+
+
+def _safetensors_bytes(tensors: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> bytes:
+    """``safetensors.numpy.save(tensors, metadata=meta)``, byte for byte, for the wire's dtypes."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    if any(a.dtype not in _ST_DTYPES for a in arrays.values()):
+        from safetensors.numpy import save  # another dtype or byte order: the library's own framing
+
+        return save(arrays, metadata=dict(meta))
+    body, order = _layout(arrays)
+    if meta:
+        metadata = _HEADER_JSON(meta)
+        header = f'{{"__metadata__":{metadata}{"," if body else ""}{body}}}'.encode()
+    else:
+        header = f"{{{body}}}".encode()
+    header += b" " * (-len(header) % 8)
+    return b"".join([struct.pack("<Q", len(header)), header, *(arrays[k].data.cast("B") for k in order)])
+
+
 def _payload_size(tensors: Mapping[str, np.ndarray], meta: dict[str, str], count: str) -> int:
     """The size of a wire payload: safetensors with ``meta``, zstd-compressed unless ``count`` is raw."""
-    from safetensors.numpy import save
-
-    raw = save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-               metadata={"fedge.protocol": _PROTOCOL, **meta})
+    raw = _safetensors_bytes(tensors, {"fedge.protocol": _PROTOCOL, **meta})
     if count == "raw":
         return len(raw)
     compressor = _compressors.get("zstd")

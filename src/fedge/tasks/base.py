@@ -68,7 +68,12 @@ class Task(Protocol):
     def train(
         self, params: Params, data: Dataset, config: TrainConfig, rng: np.random.Generator
     ) -> TrainResult:
-        """Train from ``params`` on ``data``; must not modify ``params`` in place."""
+        """Train from ``params`` on ``data``; must not modify ``params`` in place.
+
+        ``rng`` is this device's stream for this round and is valid only during
+        the call (the simulator reuses one generator across devices): draw
+        from it here, do not keep it.
+        """
         ...
 
     def evaluate(self, params: Params, data: Dataset) -> dict[str, float]:
