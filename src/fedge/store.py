@@ -298,6 +298,9 @@ class Store:
         self.db_path = self.data_dir / "fedge.db"
         self._lock = threading.Lock()
         self._reader_lock = threading.Lock()
+        # Metrics added to a stored round (set_round_metric) move neither the count nor the
+        # latest close, so rounds_version counts them too (only this process writes rounds).
+        self._metric_writes = 0
         try:
             _make_dirs(self.data_dir / _CHECKPOINTS)
         except OSError as e:
@@ -774,11 +777,13 @@ class Store:
             metrics[name] = value
             conn.execute("UPDATE rounds SET metrics = ? WHERE round = ? AND attempt = ?",
                          (_json(metrics), round, attempt))
+            self._metric_writes += 1
 
-    def rounds_version(self) -> tuple[int, float]:
-        """(attempts recorded, latest close): it changes whenever a round opens or ends (for caches)."""
+    def rounds_version(self) -> tuple[int, float, int]:
+        """(attempts recorded, latest close, metrics added since): it changes whenever a round
+        opens or ends or gains a metric (for caches)."""
         row = self._query("SELECT COUNT(*), COALESCE(MAX(closed_at), 0) FROM rounds")[0]
-        return int(row[0]), float(row[1])
+        return int(row[0]), float(row[1]), self._metric_writes
 
     def round_stats(self) -> RoundStats:
         """Counts for ``/metrics``, in one read transaction."""

@@ -577,3 +577,17 @@ def test_failed_completion_leaves_the_round_open(store: Store, monkeypatch: pyte
     complete(store, 1, attempt)
     assert store.last_complete_round() == 1
 
+
+
+def test_rounds_version_moves_when_a_round_opens_ends_or_gains_a_metric(store: Store) -> None:
+    versions = [store.rounds_version()]
+    attempt = open_round(store, 1)
+    versions.append(store.rounds_version())
+    complete(store, 1, attempt)
+    versions.append(store.rounds_version())
+    store.set_round_metric(1, attempt, "phase_store_s", 0.01)  # written after the round completed
+    versions.append(store.rounds_version())
+    assert len(set(versions)) == len(versions)
+    assert store.rounds()[0].metrics["phase_store_s"] == 0.01
+    with pytest.raises(ValueError, match="no round 2 attempt 1"):
+        store.set_round_metric(2, 1, "phase_store_s", 0.01)

@@ -49,7 +49,7 @@ class _RoundsCache:
     markers move (most polls find nothing new: a round ends every few seconds at most)."""
 
     def __init__(self) -> None:
-        self.version: tuple[int, float] | None = None
+        self.version: tuple[int, float, int] | None = None
         self.text = "[]"
         self.devices_version: tuple[int, float, float, float] | None = None
         self.devices: list[DeviceRow] = []
