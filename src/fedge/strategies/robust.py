@@ -173,9 +173,13 @@ class _Updates:
     (``W G W^T``), so mixing adds O(k x block) memory, not a copy per update.
     """
 
-    def __init__(self, rows: Sequence[Flat], weights: Weights | None = None) -> None:
+    def __init__(self, rows: Sequence[Flat], weights: Weights | None = None,
+                 cache: dict[str, npt.NDArray[np.float64]] | None = None) -> None:
         self.rows = rows
         self.weights = weights
+        # The rows' Gram matrix, shared by every view of the same rows: mixing
+        # and then a distance rule (krum:mix=nnm) pass over the model once.
+        self._cache = {} if cache is None else cache
 
     @property
     def count(self) -> int:
@@ -187,13 +191,14 @@ class _Updates:
 
     def mixed(self, weights: Weights) -> _Updates:
         """The ``weights.shape[0]`` mixtures of these updates that ``weights`` defines."""
-        return _Updates(self.rows, weights if self.weights is None else weights @ self.weights)
+        return _Updates(self.rows, weights if self.weights is None else weights @ self.weights,
+                        self._cache)
 
     def select(self, chosen: Sequence[int]) -> _Updates:
         """Only the updates ``chosen`` (indices into this view)."""
         if self.weights is None:
             return _Updates([self.rows[i] for i in chosen])
-        return _Updates(self.rows, self.weights[list(chosen)])
+        return _Updates(self.rows, self.weights[list(chosen)], self._cache)
 
     def columns(self, start: int, stop: int) -> Flat:
         """Coordinates ``start:stop`` of every update, one coordinate per row.
@@ -224,7 +229,9 @@ class _Updates:
         The result is made exactly symmetric, so two updates that are each
         other's nearest neighbours get identical scores.
         """
-        gram = _gram(self.rows)
+        if "gram" not in self._cache:
+            self._cache["gram"] = _gram(self.rows)
+        gram = self._cache["gram"]
         if self.weights is not None:
             # Rows of W sum to 1, so W (X - mean) = W X - mean: still centred.
             gram = self.weights @ gram @ self.weights.T
