@@ -90,7 +90,9 @@ def _add_simulate(sub: Any) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--strategy", help="fedavg, fedavgm, fedadagrad, fedadam, fedyogi, fedprox, or a "
                    "robust rule: median, trimmed-mean[:BETA], krum, multi-krum[:M], bulyan, "
-                   "norm-bound:M[:INNER] (default fedavg; see docs/robustness.md)")
+                   "norm-bound:M[:INNER]; a robust rule may mix updates first: median:mix=nnm, "
+                   "median:bucket=2; any option also as NAME:KEY=VALUE (default fedavg; see "
+                   "docs/robustness.md)")
     g.add_argument("--server-lr", type=_fraction, help="server learning rate (default: the "
                    "strategy's: 1 for fedavg/fedavgm/fedprox, 0.1 fedadagrad, 0.01 fedadam/fedyogi)")
     g.add_argument("--strategy-option", type=_option, action="append", dest="strategy_options",

@@ -193,6 +193,10 @@ def _same_rounds(a: list, b: list) -> None:  # type: ignore[type-arg]
         # Device-side DP (clipping and local noise in DeviceRunner) comes along unchanged.
         {"workers": 2, "dp": "local", "clip_norm": 1.0, "noise_multiplier": 0.3},
         {"workers": 2, "dp": "central", "clip_norm": 1.0, "noise_multiplier": 0.5, "sample_rate": 0.5},
+        # Robust rules with mixing first: every update collected, merged in the tree's order.
+        {"workers": 2, "strategy": "median:mix=nnm", "attack": "sign-flip:10", "malicious": 0.2},
+        {"workers": 5, "ray_cpus_per_device": 0.4, "strategy": "trimmed-mean:0.4:bucket=2",
+         "attack": "gaussian:1", "malicious": 0.1},
         # Device profiles and the virtual clock run at the driver, before the backend.
         {"workers": 2, "devices": 30, "cohort": 10, "profiles": "lognormal-speed:10:5,dropout:0.1",
          "deadline_s": 30.0, "selection": "deadline"},

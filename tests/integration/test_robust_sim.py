@@ -58,6 +58,31 @@ def test_attacks_run_the_same_on_both_backends() -> None:
     assert [r.malicious for r in inline.history] == [r.malicious for r in procs.history] == [5, 5, 5]
 
 
+@pytest.mark.parametrize("strategy", ["median:mix=nnm", "trimmed-mean:0.4:bucket=2"])
+def test_mixing_runs_the_same_on_both_backends(strategy: str) -> None:
+    # The processes backend merges partial stacks in another order: nearest-neighbour
+    # mixing does not depend on it, and the bucketing shuffle is keyed by the updates.
+    cfg = SimConfig(rounds=3, strategy=strategy, seed=2, **ATTACKED)
+    inline = simulate(cfg)
+    procs = simulate(cfg.replace(backend="processes", workers=2))
+    for k in inline.params:
+        np.testing.assert_allclose(inline.params[k], procs.params[k], rtol=1e-5, atol=1e-6)
+    assert inline.metrics["accuracy"] == pytest.approx(procs.metrics["accuracy"], abs=2e-3)
+
+
+def test_nnm_keeps_median_and_trimmed_mean_near_clean_fedavg_under_sign_flips() -> None:
+    clean = simulate(rounds=8).metrics["accuracy"]
+    for rule in ("median:mix=nnm", "trimmed-mean:mix=nnm"):
+        assert simulate(rounds=8, strategy=rule, **ATTACKED).metrics["accuracy"] > clean - 0.03, rule
+
+
+def test_bucketing_takes_the_run_seed_unless_set() -> None:
+    sim = Simulation(SimConfig(strategy="median:bucket=2", seed=5))
+    assert sim.strategy.rule.mixing.seed == 5  # type: ignore[attr-defined]
+    sim = Simulation(SimConfig(strategy="median:bucket=2:seed=2", seed=5))
+    assert sim.strategy.rule.mixing.seed == 2  # type: ignore[attr-defined]
+
+
 def test_label_flip_poisons_only_the_malicious_devices_data() -> None:
     clean = Simulation(SimConfig(rounds=1))
     sim = Simulation(SimConfig(rounds=1, attack="label-flip", malicious=0.2))
@@ -85,6 +110,10 @@ def test_f_defaults_from_malicious_and_an_explicit_f_wins() -> None:
         ({"strategy": "bulyan", "cohort": 14, **ATTACKED}, "n >= 4f \\+ 3.*at least 15"),
         ({"strategy": "bulyan", "cohort": 10, "strategy_options": {"f": 2}}, "--cohort 10"),
         ({"strategy": "trimmed-mean:0.1", **ATTACKED}, "floor\\(beta \\* n\\) >= f"),
+        # 4 malicious of 20 in 10 buckets of 2: the trimmed mean must trim 4 of 10 at each end.
+        ({"strategy": "trimmed-mean:bucket=2", **ATTACKED}, "bucket means.*at least 39"),
+        ({"strategy": "median:mix=nnm", "cohort": 10, "strategy_options": {"f": 5}},
+         "n >= 2f \\+ 1 \\(mix=nnm.*at least 11"),
         ({"strategy": "median", "cohort": 6, "stragglers": 0.5, "drop_stragglers": True,
           "local_epochs": 2, "strategy_options": {"f": 2}}, "less 3 dropped stragglers"),
         ({"attack": "sign-flip:2", "malicious": 0.01}, "makes no device malicious"),
@@ -147,6 +176,10 @@ def test_cli_attack_flags_and_toml(tmp_path: Path, capsys: pytest.CaptureFixture
         (["--strategy", "krum", "--attack", "label-flip", "--malicious", "0.45"], "n >= 2f \\+ 3"),
         (["--strategy", "median:2"], "takes no ':ARG'"),
         (["--strategy", "norm-bound"], "needs its bound"),
+        (["--strategy", "median:mix=nnm"], "with f = 0 that is every update"),
+        (["--strategy", "median:mix=nnm", "--strategy-option", "bucket=2", "--attack", "scale:3",
+          "--malicious", "0.1"], "choose one"),
+        (["--strategy", "median:bucket=2", "--strategy-option", "bucket=3"], "sets bucket twice"),
     ],
 )
 def test_cli_refusals_are_one_line_and_exit_2(
@@ -171,6 +204,16 @@ def test_federation_toml_takes_robust_names(tmp_path: Path) -> None:
     assert config.strategy == "trimmed-mean:0.2" and config.strategy_options == {"f": 2.0}
 
 
+def test_federation_toml_takes_mixing(tmp_path: Path) -> None:
+    for name, options in (("median:mix=nnm", "{ f = 2 }"), ("median:bucket=2", "{ f = 2, seed = 9 }"),
+                          ("median", "{ f = 2, bucket = 2 }")):
+        path = tmp_path / "coordinator.toml"
+        path.write_text(f'[task]\nnum_features=4\nnum_classes=3\n[strategy]\nname = "{name}"\n'
+                        f'options = {options}\n[rounds]\ncohort_size = 10\n')
+        config = load_coordinator_config(path)
+        assert config.strategy == name
+
+
 @pytest.mark.parametrize(
     ("strategy", "rounds", "message"),
     [
@@ -181,6 +224,9 @@ def test_federation_toml_takes_robust_names(tmp_path: Path) -> None:
         ('name = "bulyan"\noptions = { f = 1 }', "cohort_size = 7\nmin_devices = 5",
          "rounds.min_devices \\(5\\) must be at least the 7"),
         ('name = "median:3"', "cohort_size = 3", "takes no ':ARG'"),
+        ('name = "median:bucket=2"\noptions = { f = 2 }', "cohort_size = 8",
+         "bucket means.*n=8.*at least 9"),
+        ('name = "median:mix=nnm"', "cohort_size = 3", "with f = 0 that is every update"),
         ('name = "krum"\noptions = { f = -1 }', "cohort_size = 3", "f \\(malicious devices"),
     ],
 )
@@ -211,6 +257,28 @@ def test_a_coordinator_round_with_the_median_ignores_an_outlier(tmp_path: Path) 
         wait_until(lambda: coordinator.state.round == 1)
         for k, v in before.items():
             np.testing.assert_allclose(coordinator.state.params[k], v + np.float32(0.02), rtol=1e-6)
+    coordinator.close()
+
+
+def test_a_coordinator_round_with_nnm_and_the_median(tmp_path: Path) -> None:
+    clock = Clock()
+    config = make_config(tmp_path, rounds=1, cohort_size=3, min_updates=3, min_devices=3,
+                         strategy="median:mix=nnm", strategy_options={"f": 1})
+    coordinator = Coordinator(config, clock=clock)
+    with TestClient(create_app(coordinator)) as client:
+        fleet = Fleet(client, coordinator, clock)
+        fleet.check_in("a")
+        fleet.check_in("b")
+        fleet.plan("c")
+        params, _ = fleet.params(1, "a")
+        before = {k: v.copy() for k, v in coordinator.state.params.items()}
+        for device, value, count in (("a", 0.01, 10), ("b", 0.02, 10), ("c", 1e6, 10_000)):
+            body = encode_update(delta_like(params, value), round=1, attempt=1, num_examples=count)
+            assert fleet.upload(device, body, 1)[0] == 200
+        wait_until(lambda: coordinator.state.round == 1)
+        # Two nearest each: a and b mix to 0.015, c to (1e6 + 0.02) / 2; the median is 0.015.
+        for k, v in before.items():
+            np.testing.assert_allclose(coordinator.state.params[k], v + np.float32(0.015), rtol=1e-6)
     coordinator.close()
 
 

@@ -261,6 +261,15 @@ def test_norm_bound_noise_is_reproducible_per_seed_and_round() -> None:
         ("multi-krum:5", {"f": 1}, 6, "n >= m + f"),
         ("bulyan", {"f": 1}, 7, "n >= 4f + 3"),
         ("norm-bound:1:krum", {"f": 1}, 5, "n >= 2f + 3"),
+        # Mixing first: nearest-neighbour mixing adds n >= 2f + 1; bucketing counts the buckets.
+        ("median:mix=nnm", {"f": 2}, 5, "n >= 2f + 1 (mix=nnm: each update mixed"),
+        ("trimmed-mean:mix=nnm", {"f": 2}, 10, "and floor(beta * n) >= f"),
+        ("krum:mix=nnm", {"f": 2}, 7, "and n >= 2f + 3"),
+        ("median:bucket=2", {"f": 2}, 9, "ceil(n / 2) bucket means"),
+        ("trimmed-mean:0.4:bucket=2", {"f": 2}, 9, "bucket means"),
+        ("multi-krum:3:bucket=2", {"f": 1}, 9, "n >= m + f (m 3)"),
+        ("bulyan:bucket=3", {"f": 1}, 19, "ceil(n / 3) bucket means"),
+        ("norm-bound:1:median:bucket=2", {"f": 1}, 5, "bucket means"),
     ],
 )
 def test_f_condition_refuses_one_update_too_few(
@@ -293,7 +302,8 @@ def test_strategies_without_a_condition_take_any_cohort() -> None:
 def test_only_norm_bounding_composes_with_secure_aggregation() -> None:
     for spec in ("fedavg", "fedyogi", "norm-bound:1", "norm-bound:1:fedadam"):
         check_secure_aggregation(build_strategy(spec))
-    for spec in ["median", "trimmed-mean:0.1", "krum", "multi-krum", "bulyan", "norm-bound:1:krum"]:
+    for spec in ["median", "trimmed-mean:0.1", "krum", "multi-krum", "bulyan", "norm-bound:1:krum",
+                 "median:mix=nnm:f=1", "trimmed-mean:bucket=2"]:
         with pytest.raises(ConfigError, match=r"individual update.*only their sum"):
             check_secure_aggregation(build_strategy(spec))
 
@@ -345,6 +355,30 @@ def test_multi_krum_refuses_a_bad_m(m: float) -> None:
         ("trimmed-mean:0.1", {"beta": 0.2}, "sets beta twice"),
         ("multi-krum:3", {"m": 3}, "sets m twice"),
         ("krum", {"beta": 0.1}, "takes no option 'beta'"),
+        # Options in the spec, and the mixing steps.
+        ("median:mix=nnm", {}, "with f = 0 that is every update"),
+        ("median:mix=knn", {"f": 1}, "mix .* must be one of none, nnm, got 'knn'"),
+        ("median:bucket=0", {}, "bucket .* must be an integer >= 1"),
+        ("median:bucket=1.5", {}, "bucket .* must be an integer >= 1"),
+        ("median", {"bucket": -2.0}, "bucket .* must be an integer >= 1"),
+        ("krum", {"bucket": math.inf}, "bucket .* must be an integer >= 1"),
+        ("median:mix=nnm:bucket=2", {"f": 1}, "choose one"),
+        ("median:bucket=2", {"seed": -1.0}, "seed must be an integer"),
+        ("median:bucket=2", {"seed": 0.5}, "seed must be an integer"),
+        ("median:bucket=2", {"bucket": 2.0}, "sets bucket twice: in the spec and as an option"),
+        ("median:bucket=2:bucket=3", {}, "sets bucket twice"),
+        ("median:bucket", {}, "takes no ':ARG'"),
+        ("median:=2", {}, "'=2' is not KEY=VALUE"),
+        ("median:bucket=", {}, "'bucket=' is not KEY=VALUE"),
+        ("median::bucket=2", {}, "empty argument"),
+        ("trimmed-mean:mix=nnm:0.1", {"f": 1}, "the argument '0.1' must come first"),
+        ("trimmed-mean:0.1:beta=0.2", {}, "sets beta twice"),
+        ("median", {"mix": 1.0}, "takes a word, so it is written in the spec: median:mix="),
+        ("median:colour=red", {}, "takes no option 'colour'"),
+        ("median:bucket=two", {}, "bucket must be a number, got 'two'"),
+        ("median:f=1.5", {}, "f \\(malicious devices"),
+        ("norm-bound:1:noise=0.1", {}, "norm-bound's own options"),
+        ("fedavg:momentum=0.5", {}, "takes no option 'momentum'"),
     ],
 )
 def test_bad_specs_are_refused(spec: str, options: dict[str, float], message: str) -> None:
@@ -367,3 +401,180 @@ def test_add_refuses_what_the_contract_refuses() -> None:
     other = build_strategy("median").accumulator(vec(0.0))
     with pytest.raises(ValueError, match="another params structure"):
         acc.merge(other)
+
+
+# --- mixing first: nearest-neighbour mixing and bucketing ------------------------------
+
+
+def naive_nnm(x: np.ndarray, f: int) -> np.ndarray:
+    """Allouah et al. 2023, Algorithm 1: each update becomes the mean of its n - f nearest."""
+    n = len(x)
+    out = []
+    for i in range(n):
+        d = [float(np.sum((x[i] - x[j]) ** 2)) for j in range(n)]
+        nearest = sorted(range(n), key=lambda j: d[j])[: n - f]
+        out.append(x[nearest].mean(axis=0))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("name", ROBUST)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nnm_is_the_rule_applied_to_the_nearest_neighbour_means(name: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, f = 11, 2
+    x = rng.standard_normal((n, 7))
+    x[:f] = rng.standard_normal((f, 7)) * 50 + 20  # f far-away updates
+    s = build_strategy(f"{name}:mix=nnm", {"f": f})
+    got = combine(s, *({"x": row} for row in x))
+    np.testing.assert_allclose(got, naive(name, naive_nnm(x, f), f), rtol=1e-10, atol=1e-12)
+
+
+def test_nnm_by_hand() -> None:
+    # f = 1, n - f = 3 nearest: 0, 1 and 2 each mix to mean(0, 1, 2) = 1; 10 mixes
+    # to mean(10, 2, 1) = 13 / 3. The median of 1, 1, 1, 13/3 is 1 (plain: 1.5).
+    pts = scalars(0, 1, 2, 10)
+    assert combine(build_strategy("median:mix=nnm", {"f": 1}), *pts)[0] == pytest.approx(1.0)
+    assert combine(build_strategy("median", {"f": 1}), *pts)[0] == 1.5
+
+
+def test_nnm_breaks_a_tie_at_the_cut_by_value_in_any_order() -> None:
+    # n = 3, f = 1: two nearest each. 1 and -1 are equally far from 0, so 0 takes
+    # the smaller, -1: mixtures -0.5 (0), 0.5 (1), -0.5 (-1); median -0.5.
+    s = build_strategy("median:mix=nnm", {"f": 1})
+    for perm in itertools.permutations((0.0, 1.0, -1.0)):
+        assert combine(s, *scalars(*perm))[0] == -0.5
+
+
+def test_nnm_on_more_than_one_block_in_float32() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 40_000)).astype(np.float32)
+    x[0] *= 30
+    got = combine(build_strategy("median:mix=nnm", {"f": 1}), *({"x": row} for row in x))
+    assert got.dtype == np.float32
+    ref = np.median(naive_nnm(x.astype(np.float64), 1), axis=0)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_nnm_outvotes_far_away_updates_that_shift_the_plain_median() -> None:
+    # Honest values spread over [0, 1]; two far, equal malicious values at -50.
+    honest = np.linspace(0.0, 1.0, 9)
+    pts = scalars(*honest, -50.0, -50.0)
+    plain = combine(build_strategy("median", {"f": 2}), *pts)[0]
+    mixed = combine(build_strategy("median:mix=nnm", {"f": 2}), *pts)[0]
+    assert plain == pytest.approx(honest[3])  # two order positions towards the attackers
+    assert abs(mixed - honest.mean()) < abs(plain - honest.mean())
+
+
+def bucket_partitions(n: int, size: int) -> list[list[list[int]]]:
+    """Every way to cut 0..n-1 into buckets of ``size`` (and one smaller bucket)."""
+    if n <= size:
+        return [[list(range(n))]] if n else [[]]
+    out = []
+    first = 0  # the bucket holding the smallest index, so that no partition repeats
+    for rest in itertools.combinations(range(1, n), size - 1):
+        members = [first, *rest]
+        left = [i for i in range(n) if i not in members]
+        for tail in bucket_partitions(len(left), size):
+            out.append([members] + [[left[i] for i in b] for b in tail])
+    if n % size:
+        # The short bucket may be the one holding index 0.
+        for rest in itertools.combinations(range(1, n), n % size - 1):
+            members = [first, *rest]
+            left = [i for i in range(n) if i not in members]
+            for tail in bucket_partitions(len(left), size):
+                if all(len(b) == size for b in tail):
+                    out.append([members] + [[left[i] for i in b] for b in tail])
+    return out
+
+
+def matching_partitions(got: np.ndarray, x: np.ndarray, parts: list[list[list[int]]]) -> list[int]:
+    """The partitions whose bucket means have ``got`` as their coordinate-wise median."""
+    return [i for i, p in enumerate(parts)
+            if np.allclose(got, np.median(np.array([x[b].mean(axis=0) for b in p]), axis=0),
+                           rtol=1e-12, atol=1e-12)]
+
+
+def which_partition(got: np.ndarray, x: np.ndarray, parts: list[list[list[int]]]) -> int:
+    matches = matching_partitions(got, x, parts)
+    assert len(matches) == 1, matches
+    return matches[0]
+
+
+def test_bucketing_is_the_rule_on_the_means_of_a_uniformly_random_partition() -> None:
+    # Karimireddy et al. 2022, Algorithm 1: shuffle, cut into buckets of 2 (5
+    # updates: 2 + 2 + 1), the rule on the bucket means. The result is the
+    # median of the means of one of the 15 such partitions, and over many
+    # seeds every partition comes up about equally often.
+    x = np.random.default_rng(7).standard_normal((5, 3))
+    parts = bucket_partitions(5, 2)
+    assert len(parts) == 15
+    counts = [0] * len(parts)
+    for seed in range(450):
+        s = build_strategy("median:bucket=2", {"seed": seed})
+        counts[which_partition(combine(s, *({"x": r} for r in x)), x, parts)] += 1
+    assert min(counts) >= 12 and max(counts) <= 50, counts  # 30 expected each
+
+
+def test_bucketing_changes_with_the_updates_and_not_with_their_order() -> None:
+    rng = np.random.default_rng(8)
+    parts = bucket_partitions(5, 2)
+    s = build_strategy("median:bucket=2", {"seed": 1})
+    seen = set()
+    for _ in range(60):  # 60 rounds: other updates, another shuffle
+        x = rng.standard_normal((5, 3))
+        rows = [{"x": r} for r in x]
+        got = combine(s, *rows)
+        matches = matching_partitions(got, x, parts)
+        assert matches
+        seen.add(frozenset(matches))
+        for perm in list(itertools.permutations(range(5)))[::17]:
+            np.testing.assert_array_equal(combine(s, *(rows[i] for i in perm)), got)
+    assert len(seen) >= 10
+
+
+def test_bucketing_with_equal_updates_is_still_order_free() -> None:
+    # Equal updates have equal digests (their order among themselves cannot matter).
+    x = np.array([[2.0, 1.0], [2.0, 1.0], [9.0, -3.0], [9.0, -3.0], [5.0, 0.5]])
+    parts = bucket_partitions(5, 2)
+    for seed in range(5):
+        s = build_strategy("median:bucket=2", {"seed": seed})
+        got = combine(s, *({"x": r} for r in x))
+        assert matching_partitions(got, x, parts)
+        for perm in itertools.permutations(range(5)):
+            np.testing.assert_array_equal(combine(s, *({"x": x[i]} for i in perm)), got)
+
+
+def test_one_bucket_is_the_mean() -> None:
+    for spec in ("median:bucket=4", "median:bucket=10", "trimmed-mean:bucket=4"):
+        assert combine(build_strategy(spec), *scalars(1, 2, 3, 100))[0] == 26.5, spec
+
+
+def test_mixing_strategies_survive_pickling() -> None:
+    # The processes and Ray backends send the strategy and partial stacks between processes.
+    for spec, opts in (("median:mix=nnm", {"f": 1.0}), ("bulyan:bucket=2", {"seed": 5.0})):
+        s = build_strategy(spec, opts)
+        assert pickle.loads(pickle.dumps(s)) == s
+    s = build_strategy("median:bucket=2", {"seed": 5})
+    pts = scalars(*KRUM_POINTS)
+    left, right = s.accumulator(pts[0]), s.accumulator(pts[0])
+    for p in pts[:2]:
+        left.add(p, 1.0)
+    for p in pts[2:]:
+        right.add(p, 1.0)
+    left.merge(pickle.loads(pickle.dumps(right)))
+    assert left.result().delta["x"][0] == combine(s, *reversed(pts))[0]
+
+
+def test_spec_options_are_the_same_as_strategy_options() -> None:
+    assert build_strategy("fedavgm:momentum=0.5") == build_strategy("fedavgm", {"momentum": 0.5})
+    assert build_strategy("median:bucket=2:seed=4") == build_strategy(
+        "median", {"bucket": 2, "seed": 4})
+    assert build_strategy("trimmed-mean:0.4:f=2:bucket=2") == build_strategy(
+        "trimmed-mean", {"beta": 0.4, "f": 2, "bucket": 2})
+    assert build_strategy("median:mix=none") == build_strategy("median")
+    assert build_strategy("median:bucket=1") == build_strategy("median")
+    assert parse_spec("trimmed-mean:0.1:mix=nnm") == ("trimmed-mean", "0.1", {"mix": "nnm"})
+    assert parse_spec("norm-bound:1:median:mix=nnm") == ("norm-bound", "1:median:mix=nnm", {})
+    # norm-bound hands its seed to a wrapped rule that shuffles.
+    wrapped = build_strategy("norm-bound:1:median:bucket=2", {"seed": 6})
+    assert wrapped.seed == 6 and wrapped.inner.rule.mixing.seed == 6  # type: ignore[attr-defined]

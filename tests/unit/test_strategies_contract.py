@@ -38,10 +38,14 @@ from fedge.strategies import (
 
 # Every registered name, with its ':ARG' where it needs one; a few specs twice
 # with another argument (a robust rule around FedAvg's server step, norm
-# bounding around a robust rule).
+# bounding around a robust rule), and the robust rules' mixing steps
+# (nearest-neighbour mixing needs f >= 1, set in the spec; at most three
+# updates a round here, so the rules that need fewest).
 CONTRACT_SPECS = sorted(
     [n for n in STRATEGIES if n != "norm-bound"]
-    + ["trimmed-mean:0.1", "multi-krum:2", "norm-bound:100", "norm-bound:100:median"]
+    + ["trimmed-mean:0.1", "multi-krum:2", "norm-bound:100", "norm-bound:100:median",
+       "median:mix=nnm:f=1", "median:bucket=2", "trimmed-mean:bucket=2", "fedavgm:momentum=0.5",
+       "norm-bound:100:median:mix=nnm:f=1"]
 )
 
 
@@ -577,14 +581,18 @@ def test_strategy_options_returns_defaults() -> None:
     }
     assert strategy_options("fedyogi") == strategy_options("fedadam")
     assert strategy_options("fedprox") == {"mu": 0.01, "server_lr": 1.0}
-    assert strategy_options("median") == {"f": 0.0, "server_lr": 1.0}
+    robust = {"f": 0.0, "server_lr": 1.0, "bucket": 1.0, "seed": 0.0}  # mix: a word, in the spec
+    assert strategy_options("median") == robust
     assert strategy_options("krum") == strategy_options("bulyan") == strategy_options("median")
-    assert strategy_options("trimmed-mean") == {"beta": 0.2, "f": 0.0, "server_lr": 1.0}
-    assert strategy_options("multi-krum") == {"m": 0.0, "f": 0.0, "server_lr": 1.0}
+    assert strategy_options("trimmed-mean") == {"beta": 0.2, **robust}
+    assert strategy_options("multi-krum") == {"m": 0.0, **robust}
+    # What the spec sets is no longer an option to set.
+    assert strategy_options("median:mix=nnm:f=1") == {"server_lr": 1.0, "bucket": 1.0, "seed": 0.0}
+    assert strategy_options("trimmed-mean:0.4:bucket=2") == {"f": 0.0, "server_lr": 1.0, "seed": 0.0}
     # norm-bound's own options, and those of the strategy it wraps.
     assert strategy_options("norm-bound:1") == {"noise": 0.0, "seed": 0.0, "server_lr": 1.0}
     assert strategy_options("norm-bound:1:krum") == {
-        "noise": 0.0, "seed": 0.0, "f": 0.0, "server_lr": 1.0,
+        "noise": 0.0, "seed": 0.0, "f": 0.0, "server_lr": 1.0, "bucket": 1.0,
     }
 
 

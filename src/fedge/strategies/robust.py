@@ -21,6 +21,17 @@ scaled by 1e6 is the whole aggregate. The rules here replace the mean:
   Gaussian noise to the aggregate (Sun et al., "Can You Really Backdoor
   Federated Learning?", 2019).
 
+**Mixing first.** Every rule but norm bounding takes an optional
+pre-aggregation step from :mod:`fedge.strategies.mixing`: ``mix=nnm``
+(nearest-neighbour mixing, Allouah et al. 2023) or ``bucket=S`` (bucketing,
+Karimireddy et al. 2022), written in the spec (``median:mix=nnm``,
+``trimmed-mean:0.4:bucket=2``). The rule then combines mixtures of the
+updates instead of the updates; the step adds its own condition on ``f``
+(:attr:`RobustRule.condition` states both). Rules read updates through one
+view (:class:`_Updates`), which mixes a block of coordinates when the rule
+reads it, so mixing never holds a second copy of every update. Neither step
+is on by default: see :mod:`fedge.strategies.mixing` for why.
+
 **The number of malicious devices f.** Each rule but norm bounding holds
 only while the malicious devices in a round are few enough; the rule takes
 ``f`` (how many it must tolerate per round) as an option, states its
@@ -54,6 +65,7 @@ aggregation hides from the coordinator; only norm bounding composes with it
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -69,8 +81,10 @@ from fedge.errors import ConfigError
 from fedge.params import Array, Params, ParamsSpec
 from fedge.strategies.base import Accumulator, Aggregate, ServerState, Strategy
 from fedge.strategies.fedopt import FedOpt, fedavg
+from fedge.strategies.mixing import Bucketing, Mixing, NearestNeighbourMixing, Weights
 
 __all__ = [
+    "MIX_CHOICES",
     "Bulyan",
     "Krum",
     "Median",
@@ -118,51 +132,220 @@ def _map_blocks(fn: Callable[[int, int], Any], size: int, block: int = _BLOCK) -
         return list(pool.map(lambda ab: fn(*ab), bounds))
 
 
-def _sorted_columns(rows: Sequence[Flat], start: int, stop: int) -> Flat:
-    """Coordinates ``start:stop`` of every row, one coordinate per row, each row sorted.
-
-    Shape (stop - start, n). A full sort of short rows beats ``partition``
-    here: numpy sorts float rows with SIMD kernels, while partitioning at
-    two positions (the two middle values) runs a scalar selection twice per
-    row (1M rows of 100: 0.1 s against 1.3 s of CPU).
-    """
-    m = np.stack([r[start:stop] for r in rows], axis=1)
-    m.sort(axis=1)
-    return m
-
-
 def _check_f(f: float) -> int:
     if not (math.isfinite(f) and f >= 0 and f == int(f)):
         raise ValueError(f"f (malicious devices to tolerate) must be an integer >= 0, got {f!r}")
     return int(f)
 
 
+# --- the updates, as the rules see them --------------------------------------------------
+
+
+def _gram(rows: Sequence[Flat]) -> npt.NDArray[np.float64]:
+    """The Gram matrix of the rows, each block centred on its coordinate mean first.
+
+    One matrix product (BLAS) per block instead of n^2 / 2 passes over the
+    model. Centring does not change distances, and keeps the subtraction in
+    ``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b`` from cancelling away the digits that
+    matter when updates share a large common part.
+    """
+    n = len(rows)
+
+    def block(a: int, b: int) -> npt.NDArray[np.float64]:
+        m = np.stack([r[a:b] for r in rows])
+        m -= m.mean(axis=0, dtype=np.float64).astype(m.dtype)
+        return (m @ m.T).astype(np.float64)
+
+    gram = np.zeros((n, n), dtype=np.float64)
+    for part in _map_blocks(block, rows[0].size, block=_BLOCK * 4):
+        gram += part
+    return gram
+
+
+class _Updates:
+    """The updates a rule combines: the kept rows, or mixtures of them (``weights @ rows``).
+
+    Every rule reads updates only through this view. Without mixing it hands
+    out the rows themselves. With a mixing matrix ``weights`` (``k x n``, rows
+    summing to 1) it stands for the ``k`` mixtures without holding them: a
+    block of coordinates is mixed (one small matrix product) when a rule
+    reads it, and distances between mixtures come from the rows' Gram matrix
+    (``W G W^T``), so mixing adds O(k x block) memory, not a copy per update.
+    """
+
+    def __init__(self, rows: Sequence[Flat], weights: Weights | None = None,
+                 cache: dict[str, npt.NDArray[np.float64]] | None = None) -> None:
+        self.rows = rows
+        self.weights = weights
+        # The rows' Gram matrix, shared by every view of the same rows: mixing
+        # and then a distance rule (krum:mix=nnm) pass over the model once.
+        self._cache = {} if cache is None else cache
+
+    @property
+    def count(self) -> int:
+        return len(self.rows) if self.weights is None else int(self.weights.shape[0])
+
+    @property
+    def size(self) -> int:
+        return int(self.rows[0].size)
+
+    def mixed(self, weights: Weights) -> _Updates:
+        """The ``weights.shape[0]`` mixtures of these updates that ``weights`` defines."""
+        return _Updates(self.rows, weights if self.weights is None else weights @ self.weights,
+                        self._cache)
+
+    def select(self, chosen: Sequence[int]) -> _Updates:
+        """Only the updates ``chosen`` (indices into this view)."""
+        if self.weights is None:
+            return _Updates([self.rows[i] for i in chosen])
+        return _Updates(self.rows, self.weights[list(chosen)], self._cache)
+
+    def columns(self, start: int, stop: int) -> Flat:
+        """Coordinates ``start:stop`` of every update, one coordinate per row.
+
+        Shape (stop - start, count), a fresh array in the rows' dtype, which
+        the caller may sort in place.
+        """
+        m = np.stack([r[start:stop] for r in self.rows], axis=1)
+        if self.weights is None:
+            return m
+        return m @ np.ascontiguousarray(self.weights.T, dtype=m.dtype)
+
+    def sorted_columns(self, start: int, stop: int) -> Flat:
+        """:meth:`columns`, each row sorted.
+
+        A full sort of short rows beats ``partition`` here: numpy sorts float
+        rows with SIMD kernels, while partitioning at two positions (the two
+        middle values) runs a scalar selection twice per row (1M rows of 100:
+        0.1 s against 1.3 s of CPU).
+        """
+        m = self.columns(start, stop)
+        m.sort(axis=1)
+        return m
+
+    def sq_distances(self) -> npt.NDArray[np.float64]:
+        """Squared L2 distances between every two updates, from the Gram matrix.
+
+        The result is made exactly symmetric, so two updates that are each
+        other's nearest neighbours get identical scores.
+        """
+        if "gram" not in self._cache:
+            self._cache["gram"] = _gram(self.rows)
+        gram = self._cache["gram"]
+        if self.weights is not None:
+            # Rows of W sum to 1, so W (X - mean) = W X - mean: still centred.
+            gram = self.weights @ gram @ self.weights.T
+        sq = np.diag(gram).copy()
+        d = sq[:, None] + sq[None, :] - 2.0 * gram
+        d = (d + d.T) * 0.5
+        np.maximum(d, 0.0, out=d)
+        np.fill_diagonal(d, 0.0)
+        return d
+
+    def _part(self, i: int, start: int, stop: int) -> Flat:
+        if self.weights is None:
+            return self.rows[i][start:stop]
+        w = self.weights[i]
+        out = np.zeros(stop - start, dtype=np.float64)
+        for j in np.flatnonzero(w).tolist():
+            out += w[j] * self.rows[j][start:stop]
+        return out
+
+    def compare(self, i: int, j: int) -> int:
+        """Updates ``i`` and ``j`` in lexicographic order of their values (-1, 0 or 1)."""
+        for a in range(0, self.size, _BLOCK):
+            b = min(a + _BLOCK, self.size)
+            x, y = self._part(i, a, b), self._part(j, a, b)
+            diff = np.flatnonzero(x != y)
+            if diff.size:
+                return -1 if x[diff[0]] < y[diff[0]] else 1
+        return 0
+
+    def digests(self) -> list[bytes]:
+        """BLAKE2b of each row's bytes (hashlib releases the GIL: rows hash in parallel)."""
+        if self.weights is not None:
+            raise ValueError("digests are of the kept updates, not of mixtures")
+        threads = min(_usable_cores(), 4, len(self.rows))
+
+        def one(row: Flat) -> bytes:
+            return hashlib.blake2b(np.ascontiguousarray(row).data, digest_size=16).digest()
+
+        if threads <= 1:
+            return [one(r) for r in self.rows]
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(one, self.rows))
+
+    def mean_of(self, chosen: Sequence[int]) -> npt.NDArray[np.float64]:
+        """The mean of the updates ``chosen``, as float64."""
+        out = np.zeros(self.size, dtype=np.float64)
+        if self.weights is None:
+            for i in chosen:
+                out += self.rows[i]
+            out /= len(chosen)
+            return out
+        coef = self.weights[list(chosen)].mean(axis=0)
+        for j in np.flatnonzero(coef).tolist():
+            out += coef[j] * self.rows[j]
+        return out
+
+
 # --- the rules -----------------------------------------------------------------------
 
 
 class RobustRule:
-    """A rule that combines every update at once: its f-condition and its math."""
+    """A rule that combines every update at once: its f-condition and its math.
+
+    A rule may take a mixing step (``mixing``, from :mod:`fedge.strategies.mixing`):
+    it then combines the mixtures, and its condition is the step's together
+    with its own, counted on the mixtures (a bucketed median needs ``2f + 1``
+    buckets). Each rule states its own condition in :meth:`_condition`,
+    :meth:`_fewest` and :meth:`_holds`; this class composes them with the step's.
+    """
 
     name: ClassVar[str]
     f: int
+    mixing: Mixing | None
+
+    def _condition(self) -> str:
+        """The rule's own condition on the ``n`` values it combines."""
+        raise NotImplementedError
+
+    def _fewest(self) -> int:
+        """The fewest values for which the rule's own condition holds."""
+        raise NotImplementedError
+
+    def _holds(self, n: int) -> bool:
+        return n >= self._fewest()
+
+    def _combine(self, updates: _Updates) -> npt.NDArray[np.float64]:
+        """The rule applied to ``updates`` (kept updates or mixtures), as float64."""
+        raise NotImplementedError
 
     @property
     def condition(self) -> str:
-        """The rule's condition on ``n`` (updates) and ``f``, as shown in errors."""
-        raise NotImplementedError
+        """The condition on ``n`` (updates) and ``f``, the mixing step's included, as shown in errors."""
+        own = self._condition()
+        return own if self.mixing is None else self.mixing.condition(own)
 
     @property
     def min_updates(self) -> int:
         """The fewest updates for which :attr:`condition` holds."""
-        raise NotImplementedError
+        if self.mixing is None:
+            return self._fewest()
+        return max(self.mixing.min_inputs(self.f), self.mixing.inputs_for(self._fewest()))
 
     def holds(self, n: int) -> bool:
         """Whether the condition holds for ``n`` updates."""
-        return n >= self.min_updates
+        if self.mixing is None:
+            return self._holds(n)
+        return n >= self.mixing.min_inputs(self.f) and self._holds(self.mixing.outputs(n))
 
     def combine(self, rows: Sequence[Flat]) -> npt.NDArray[np.float64]:
-        """The robust aggregate of ``rows`` (flat updates), as float64."""
-        raise NotImplementedError
+        """The robust aggregate of ``rows`` (flat updates), mixed first if the rule says so."""
+        updates = _Updates(rows)
+        if self.mixing is not None:
+            updates = updates.mixed(self.mixing.weights(updates, self.f))
+        return self._combine(updates)
 
 
 @dataclass(frozen=True)
@@ -170,23 +353,22 @@ class Median(RobustRule):
     """Coordinate-wise median: holds while malicious devices are a minority, n >= 2f + 1."""
 
     f: int = 0
+    mixing: Mixing | None = None
     name: ClassVar[str] = "median"
 
-    @property
-    def condition(self) -> str:
+    def _condition(self) -> str:
         return "n >= 2f + 1 (malicious devices a minority of every coordinate's values)"
 
-    @property
-    def min_updates(self) -> int:
+    def _fewest(self) -> int:
         return 2 * self.f + 1
 
-    def combine(self, rows: Sequence[Flat]) -> npt.NDArray[np.float64]:
-        n = len(rows)
-        out = np.empty(rows[0].size, dtype=np.float64)
+    def _combine(self, updates: _Updates) -> npt.NDArray[np.float64]:
+        n = updates.count
+        out = np.empty(updates.size, dtype=np.float64)
         lo, hi = (n - 1) // 2, n // 2
 
         def block(a: int, b: int) -> None:
-            m = _sorted_columns(rows, a, b)
+            m = updates.sorted_columns(a, b)
             np.add(m[:, lo], m[:, hi], out=out[a:b], dtype=np.float64)
             out[a:b] *= 0.5
 
@@ -204,18 +386,17 @@ class TrimmedMean(RobustRule):
 
     beta: float = 0.2
     f: int = 0
+    mixing: Mixing | None = None
     name: ClassVar[str] = "trimmed-mean"
 
     def trimmed(self, n: int) -> int:
         # The epsilon keeps 0.29 * 100 = 28.999999999999996 at 29.
         return math.floor(self.beta * n + 1e-9)
 
-    @property
-    def condition(self) -> str:
+    def _condition(self) -> str:
         return f"floor(beta * n) >= f (beta {self.beta:g}: at least f values trimmed at each end)"
 
-    @property
-    def min_updates(self) -> int:
+    def _fewest(self) -> int:
         if self.f == 0:
             return 1
         n = max(1, math.ceil(self.f / self.beta - 1e-9))
@@ -223,16 +404,16 @@ class TrimmedMean(RobustRule):
             n += 1
         return n
 
-    def holds(self, n: int) -> bool:
+    def _holds(self, n: int) -> bool:
         return self.trimmed(n) >= self.f
 
-    def combine(self, rows: Sequence[Flat]) -> npt.NDArray[np.float64]:
-        n = len(rows)
+    def _combine(self, updates: _Updates) -> npt.NDArray[np.float64]:
+        n = updates.count
         k = self.trimmed(n)
-        out = np.empty(rows[0].size, dtype=np.float64)
+        out = np.empty(updates.size, dtype=np.float64)
 
         def block(a: int, b: int) -> None:
-            m = _sorted_columns(rows, a, b) if k else np.stack([r[a:b] for r in rows], axis=1)
+            m = updates.sorted_columns(a, b) if k else updates.columns(a, b)
             np.sum(m[:, k : n - k], axis=1, dtype=np.float64, out=out[a:b])
 
         _map_blocks(block, out.size)
@@ -240,44 +421,13 @@ class TrimmedMean(RobustRule):
         return out
 
 
-def _pairwise_sq_distances(rows: Sequence[Flat]) -> npt.NDArray[np.float64]:
-    """Squared L2 distances between every two rows, by the Gram matrix.
-
-    ``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b``: one matrix product (BLAS) per
-    block instead of n^2 / 2 passes over the model. Each block is centred on
-    its coordinate mean first (distances do not change) so that the
-    subtraction does not cancel away the digits that matter when updates
-    share a large common part. The result is made exactly symmetric, so two
-    updates that are each other's nearest neighbours get identical scores.
-    """
-    n = len(rows)
-
-    def block(a: int, b: int) -> npt.NDArray[np.float64]:
-        m = np.stack([r[a:b] for r in rows])
-        m -= m.mean(axis=0, dtype=np.float64).astype(m.dtype)
-        return (m @ m.T).astype(np.float64)
-
-    gram = np.zeros((n, n), dtype=np.float64)
-    for part in _map_blocks(block, rows[0].size, block=_BLOCK * 4):
-        gram += part
-    sq = np.diag(gram).copy()
-    d = sq[:, None] + sq[None, :] - 2.0 * gram
-    d = (d + d.T) * 0.5
-    np.maximum(d, 0.0, out=d)
-    np.fill_diagonal(d, 0.0)
-    return d
-
-
-def _ranked(scores: npt.NDArray[np.float64], rows: Sequence[Flat], among: Sequence[int]) -> list[int]:
+def _ranked(scores: npt.NDArray[np.float64], updates: _Updates, among: Sequence[int]) -> list[int]:
     """``among`` sorted by score; equal scores by the updates' values, so order never matters."""
 
     def compare(i: int, j: int) -> int:
         if scores[i] != scores[j]:
             return -1 if scores[i] < scores[j] else 1
-        diff = np.flatnonzero(rows[i] != rows[j])
-        if diff.size == 0:
-            return 0
-        return -1 if rows[i][diff[0]] < rows[j][diff[0]] else 1
+        return updates.compare(i, j)
 
     return sorted(among, key=functools.cmp_to_key(compare))
 
@@ -296,33 +446,24 @@ def _krum_scores(d: npt.NDArray[np.float64], among: Sequence[int], f: int) -> np
     return scores
 
 
-def _mean_of(rows: Sequence[Flat], chosen: Sequence[int]) -> npt.NDArray[np.float64]:
-    out = np.zeros(rows[0].size, dtype=np.float64)
-    for i in chosen:
-        out += rows[i]
-    out /= len(chosen)
-    return out
-
-
 @dataclass(frozen=True)
 class Krum(RobustRule):
     """Krum: the one update whose ``n - f - 2`` nearest neighbours are closest; n >= 2f + 3."""
 
     f: int = 0
+    mixing: Mixing | None = None
     name: ClassVar[str] = "krum"
 
-    @property
-    def condition(self) -> str:
+    def _condition(self) -> str:
         return "n >= 2f + 3"
 
-    @property
-    def min_updates(self) -> int:
+    def _fewest(self) -> int:
         return 2 * self.f + 3
 
-    def combine(self, rows: Sequence[Flat]) -> npt.NDArray[np.float64]:
-        among = range(len(rows))
-        scores = _krum_scores(_pairwise_sq_distances(rows), among, self.f)
-        return rows[_ranked(scores, rows, among)[0]].astype(np.float64)
+    def _combine(self, updates: _Updates) -> npt.NDArray[np.float64]:
+        among = range(updates.count)
+        scores = _krum_scores(updates.sq_distances(), among, self.f)
+        return updates.mean_of(_ranked(scores, updates, among)[:1])
 
 
 @dataclass(frozen=True)
@@ -336,24 +477,23 @@ class MultiKrum(RobustRule):
 
     m: int = 0
     f: int = 0
+    mixing: Mixing | None = None
     name: ClassVar[str] = "multi-krum"
 
     def chosen(self, n: int) -> int:
         return self.m or n - self.f
 
-    @property
-    def condition(self) -> str:
+    def _condition(self) -> str:
         return "n >= 2f + 3" + (f" and n >= m + f (m {self.m})" if self.m else "")
 
-    @property
-    def min_updates(self) -> int:
+    def _fewest(self) -> int:
         return max(2 * self.f + 3, self.m + self.f)
 
-    def combine(self, rows: Sequence[Flat]) -> npt.NDArray[np.float64]:
-        among = range(len(rows))
-        scores = _krum_scores(_pairwise_sq_distances(rows), among, self.f)
-        best = _ranked(scores, rows, among)[: self.chosen(len(rows))]
-        return _mean_of(rows, sorted(best))
+    def _combine(self, updates: _Updates) -> npt.NDArray[np.float64]:
+        among = range(updates.count)
+        scores = _krum_scores(updates.sq_distances(), among, self.f)
+        best = _ranked(scores, updates, among)[: self.chosen(updates.count)]
+        return updates.mean_of(sorted(best))
 
 
 @dataclass(frozen=True)
@@ -362,36 +502,35 @@ class Bulyan(RobustRule):
     the mean of the ``theta - 2f`` values closest to the median; n >= 4f + 3."""
 
     f: int = 0
+    mixing: Mixing | None = None
     name: ClassVar[str] = "bulyan"
 
-    @property
-    def condition(self) -> str:
+    def _condition(self) -> str:
         return "n >= 4f + 3"
 
-    @property
-    def min_updates(self) -> int:
+    def _fewest(self) -> int:
         return 4 * self.f + 3
 
-    def combine(self, rows: Sequence[Flat]) -> npt.NDArray[np.float64]:
-        n, f = len(rows), self.f
-        d = _pairwise_sq_distances(rows)
+    def _combine(self, updates: _Updates) -> npt.NDArray[np.float64]:
+        n, f = updates.count, self.f
+        d = updates.sq_distances()
         left = list(range(n))
         picked: list[int] = []
         for _ in range(n - 2 * f):
             scores = _krum_scores(d, left, f)
-            best = _ranked(scores, rows, left)[0]
+            best = _ranked(scores, updates, left)[0]
             picked.append(best)
             left.remove(best)
         # The coordinate step sorts each coordinate's values, so the order of
         # the picked updates does not matter.
-        sel = [rows[i] for i in picked]
-        theta = len(sel)
+        sel = updates.select(picked)
+        theta = sel.count
         beta = theta - 2 * f
         lo, hi = (theta - 1) // 2, theta // 2
-        out = np.empty(rows[0].size, dtype=np.float64)
+        out = np.empty(updates.size, dtype=np.float64)
 
         def block(a: int, b: int) -> None:
-            s = _sorted_columns(sel, a, b).astype(np.float64)
+            s = sel.sorted_columns(a, b).astype(np.float64)
             med = (s[:, lo] + s[:, hi]) * 0.5
             # The beta values nearest the median are a run of beta neighbours
             # in sorted order: of the theta - beta + 1 runs, the one whose
@@ -539,52 +678,98 @@ class RobustStrategy:
         return self.server.apply(state, aggregate)
 
 
-def median(*, f: float = 0.0, server_lr: float = 1.0) -> RobustStrategy:
+#: The values of the robust rules' ``mix`` option (given in the spec: ``median:mix=nnm``).
+MIX_CHOICES = ("none", "nnm")
+
+
+def _mixing(mix: str, bucket: float, seed: float, f: int) -> Mixing | None:
+    """The pre-aggregation step the options ``mix``, ``bucket`` and ``seed`` ask for."""
+    if mix not in MIX_CHOICES:
+        raise ValueError(f"mix (the pre-aggregation step) must be one of {', '.join(MIX_CHOICES)}, "
+                         f"got {mix!r}")
+    if not (math.isfinite(bucket) and bucket >= 1 and bucket == int(bucket)):
+        raise ValueError(f"bucket (updates averaged per bucket; 1 for none) must be an integer "
+                         f">= 1, got {bucket!r}")
+    if not (math.isfinite(seed) and seed >= 0 and seed == int(seed)):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if mix == "nnm" and bucket > 1:
+        raise ValueError("mix=nnm and bucket are two pre-aggregation steps: choose one")
+    if mix == "nnm":
+        if f == 0:
+            # n - 0 neighbours are all of them: every mixture would be the
+            # plain mean, and the rule would protect against nothing.
+            raise ValueError("mix=nnm averages each update with its n - f nearest: with f = 0 "
+                             "that is every update (the plain mean); set f")
+        return NearestNeighbourMixing()
+    return Bucketing(size=int(bucket), seed=int(seed)) if bucket > 1 else None
+
+
+def median(*, f: float = 0.0, server_lr: float = 1.0, bucket: float = 1.0, seed: float = 0.0,
+           mix: str = "none") -> RobustStrategy:
     """Coordinate-wise median (Yin et al. 2018); tolerates ``f`` malicious devices while n >= 2f + 1.
 
+    ``mix="nnm"`` or ``bucket`` > 1 mixes the updates first
+    (:mod:`fedge.strategies.mixing`; ``seed`` keys the bucketing shuffle).
     Example weights are not used: every device's update counts once.
     """
-    return RobustStrategy(Median(f=_check_f(f)), fedavg(server_lr=server_lr))
+    fi = _check_f(f)
+    return RobustStrategy(Median(f=fi, mixing=_mixing(mix, bucket, seed, fi)),
+                          fedavg(server_lr=server_lr))
 
 
-def trimmed_mean(*, beta: float = 0.2, f: float = 0.0, server_lr: float = 1.0) -> RobustStrategy:
+def trimmed_mean(*, beta: float = 0.2, f: float = 0.0, server_lr: float = 1.0,
+                 bucket: float = 1.0, seed: float = 0.0, mix: str = "none") -> RobustStrategy:
     """Coordinate-wise ``beta``-trimmed mean (Yin et al. 2018); needs floor(beta * n) >= f.
 
-    Example weights are not used: the kept values are averaged with equal weight.
+    With bucketing, ``n`` is the number of buckets. Mixing options as for
+    :func:`median`. Example weights are not used: the kept values are
+    averaged with equal weight.
     """
     if not (math.isfinite(beta) and 0 <= beta < 0.5):
         raise ValueError(f"beta (fraction trimmed at each end) must be in [0, 0.5), got {beta!r}")
     fi = _check_f(f)
     if beta == 0 and fi:
         raise ValueError(f"beta 0 trims nothing, so it tolerates no malicious device; f is {fi}")
-    return RobustStrategy(TrimmedMean(beta=float(beta), f=fi), fedavg(server_lr=server_lr))
+    return RobustStrategy(TrimmedMean(beta=float(beta), f=fi, mixing=_mixing(mix, bucket, seed, fi)),
+                          fedavg(server_lr=server_lr))
 
 
-def krum(*, f: float = 0.0, server_lr: float = 1.0) -> RobustStrategy:
+def krum(*, f: float = 0.0, server_lr: float = 1.0, bucket: float = 1.0, seed: float = 0.0,
+         mix: str = "none") -> RobustStrategy:
     """Krum (Blanchard et al. 2017); tolerates ``f`` malicious devices while n >= 2f + 3.
 
-    Example weights are not used: the chosen update is taken as it is.
+    Mixing options as for :func:`median`. Example weights are not used: the
+    chosen update (or mixture) is taken as it is.
     """
-    return RobustStrategy(Krum(f=_check_f(f)), fedavg(server_lr=server_lr))
+    fi = _check_f(f)
+    return RobustStrategy(Krum(f=fi, mixing=_mixing(mix, bucket, seed, fi)),
+                          fedavg(server_lr=server_lr))
 
 
-def multi_krum(*, m: float = 0.0, f: float = 0.0, server_lr: float = 1.0) -> RobustStrategy:
+def multi_krum(*, m: float = 0.0, f: float = 0.0, server_lr: float = 1.0, bucket: float = 1.0,
+               seed: float = 0.0, mix: str = "none") -> RobustStrategy:
     """Multi-Krum (Blanchard et al. 2017): mean of the ``m`` best-scored updates (0: n - f).
 
-    Needs n >= 2f + 3 and m <= n - f. Example weights are not used: the
-    chosen updates are averaged with equal weight.
+    Needs n >= 2f + 3 and m <= n - f. Mixing options as for :func:`median`.
+    Example weights are not used: the chosen updates are averaged with
+    equal weight.
     """
     if not (math.isfinite(m) and m >= 0 and m == int(m)):
         raise ValueError(f"m (updates averaged; 0 for n - f) must be an integer >= 0, got {m!r}")
-    return RobustStrategy(MultiKrum(m=int(m), f=_check_f(f)), fedavg(server_lr=server_lr))
+    fi = _check_f(f)
+    return RobustStrategy(MultiKrum(m=int(m), f=fi, mixing=_mixing(mix, bucket, seed, fi)),
+                          fedavg(server_lr=server_lr))
 
 
-def bulyan(*, f: float = 0.0, server_lr: float = 1.0) -> RobustStrategy:
+def bulyan(*, f: float = 0.0, server_lr: float = 1.0, bucket: float = 1.0, seed: float = 0.0,
+           mix: str = "none") -> RobustStrategy:
     """Bulyan (El Mhamdi et al. 2018) over Krum; tolerates ``f`` malicious devices while n >= 4f + 3.
 
-    Example weights are not used.
+    Mixing options as for :func:`median`. Example weights are not used.
     """
-    return RobustStrategy(Bulyan(f=_check_f(f)), fedavg(server_lr=server_lr))
+    fi = _check_f(f)
+    return RobustStrategy(Bulyan(f=fi, mixing=_mixing(mix, bucket, seed, fi)),
+                          fedavg(server_lr=server_lr))
 
 
 # --- norm bounding ---------------------------------------------------------------------
