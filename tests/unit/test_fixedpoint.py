@@ -167,6 +167,9 @@ def test_finest_refusals() -> None:
             FixedPoint.finest(clip=1.0, max_weight=1, cohort_size=10, max_bits=bad)
     with pytest.raises(ConfigError, match="clip"):
         FixedPoint.finest(clip=-1.0, max_weight=1, cohort_size=10)
+    for noise in ("1", -1.0, True):
+        with pytest.raises(ConfigError, match="noise_stddev"):
+            FixedPoint.finest(clip=1.0, max_weight=1, cohort_size=10, noise_stddev=noise)  # type: ignore[arg-type]
 
 
 def test_overwrite_encodes_the_same_and_uses_the_input_as_its_buffer() -> None:

@@ -63,6 +63,14 @@ NOISE_TAIL = 12.0
 _BLOCK = 8192
 
 
+def _sum_bound(cohort_size: int, levels: int, noise_steps: float) -> float:
+    """``n * levels``, plus ``NOISE_TAIL`` sigmas of ``n`` noise shares and their rounding."""
+    bound = float(cohort_size * levels)
+    if noise_steps > 0:
+        bound += NOISE_TAIL * math.sqrt(cohort_size) * noise_steps + cohort_size / 2
+    return bound
+
+
 def max_bits(cohort_size: int) -> int:
     """The largest bit width whose sum over ``cohort_size`` devices cannot wrap."""
     if isinstance(cohort_size, bool) or not isinstance(cohort_size, int) or cohort_size < 1:
@@ -145,11 +153,7 @@ class FixedPoint:
     @property
     def sum_bound(self) -> float:
         """The largest |sum| of one coordinate over the cohort (noise: up to NOISE_TAIL sigmas)."""
-        n = self.cohort_size
-        bound = float(n * self.levels)
-        if self.noise_stddev > 0:
-            bound += NOISE_TAIL * math.sqrt(n) * self.noise_steps + n / 2
-        return bound
+        return _sum_bound(self.cohort_size, self.levels, self.noise_steps)
 
     @classmethod
     def finest(cls, *, clip: float, max_weight: int, cohort_size: int, noise_stddev: float = 0.0,
@@ -165,17 +169,17 @@ class FixedPoint:
         """
         if isinstance(max_bits, bool) or not isinstance(max_bits, int) or not 2 <= max_bits <= 32:
             raise ConfigError(f"secagg max_bits must be between 2 and 32, got {max_bits!r}")
-        last: ConfigError | None = None
-        for bits in range(max_bits, 1, -1):
-            try:
-                return cls(clip=clip, bits=bits, max_weight=max_weight, cohort_size=cohort_size,
-                           noise_stddev=noise_stddev)
-            except ConfigError as e:
-                if "wrap" not in str(e):
-                    raise
-                last = e
-        assert last is not None
-        raise last
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool)
+                      for v in (clip, cohort_size, noise_stddev))
+        bits = 2
+        if numeric and clip > 0:  # else the constructor says what is wrong
+            for bits in range(max_bits, 1, -1):
+                levels = (1 << (bits - 1)) - 1
+                if _sum_bound(cohort_size, levels, noise_stddev * levels / clip) <= _INT32_MAX:
+                    break
+        # The constructor checks everything (and refuses, naming why, if not even 2 bits fit).
+        return cls(clip=clip, bits=bits, max_weight=max_weight, cohort_size=cohort_size,
+                   noise_stddev=noise_stddev)
 
     @property
     def wire_bits(self) -> int:
