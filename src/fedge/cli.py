@@ -112,7 +112,8 @@ def _add_simulate(sub: Any) -> None:
     g = p.add_argument_group("differential privacy (docs/privacy.md)")
     g.add_argument("--dp", choices=["central", "distributed", "local"],
                    help="clip every update and add Gaussian noise: to the sum on the server (central), "
-                   "as shares under secure aggregation (distributed) or on each device (local)")
+                   "as shares under secure aggregation (distributed, needs --secagg) or on each "
+                   "device (local)")
     g.add_argument("--clip-norm", metavar="C|adaptive",
                    help="L2 bound on an update, or 'adaptive' (Andrew et al. 2021) (default 1.0)")
     x = g.add_mutually_exclusive_group()
@@ -123,6 +124,9 @@ def _add_simulate(sub: Any) -> None:
     g.add_argument("--epsilon-budget", type=_fraction, metavar="E",
                    help="stop before a round that would take epsilon past E (default: --target-epsilon)")
     g.add_argument("--accountant", choices=["rdp", "pld"], help="privacy accountant (default rdp)")
+    g.add_argument("--dp-min-contributors", type=int, metavar="M",
+                   help="--dp distributed: uploads each device's noise share assumes, capped at the "
+                   "round's cohort; a round with fewer is abandoned (default: the secagg threshold)")
     g = p.add_argument_group("attack")
     g.add_argument("--attack", metavar="SPEC", help="what malicious devices do: sign-flip:SCALE, "
                    "scale:FACTOR, gaussian:SIGMA or label-flip (default: no attack)")

@@ -114,3 +114,23 @@ def test_cli_secagg_flags_and_toml(tmp_path: Path, capsys: pytest.CaptureFixture
                  "--out", str(tmp_path / "bad")])
     assert code == 2
     assert "unknown phase" in capsys.readouterr().err
+
+
+def test_device_side_drops_a_device_whose_own_checks_refuse_the_round() -> None:
+    from fedge.secagg.protocol import RoundSetup, SecAggServer
+    from fedge.sim.secagg import SecAggDevices
+
+    setup = RoundSetup(1, tuple(str(i) for i in range(10)), 4, 3, bytes(range(32)), 5)
+    devices = SecAggDevices(seed=0)
+    keys = devices.call("advertise", setup, dict.fromkeys(setup.cohort))
+    assert set(keys) == set(setup.cohort)
+    # Device 0's neighbours all vanish before the directory is sent: it cannot share, so it leaves.
+    gone = {setup.cohort[v - 1] for v in setup.neighbours()[0]}
+    server = SecAggServer(setup)
+    for d in setup.cohort:
+        if d not in gone:
+            server.receive_keys(d, keys[d])
+    shares = devices.call("share", server.close_keys(), {d: None for d in setup.cohort if d not in gone})
+    assert "0" not in shares and shares
+    with pytest.raises(ValueError, match="unknown secure-aggregation step"):
+        devices.call("upload", None, {})

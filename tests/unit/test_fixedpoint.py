@@ -127,3 +127,69 @@ def test_pack_refusals() -> None:
         unpack(b"", 33, 0)
     with pytest.raises(ConfigError, match="expected"):
         unpack(b"\x00" * 3, 8, 4)
+
+
+def test_noise_headroom_is_part_of_the_wrap_check() -> None:
+    """With noise shares the sum's bound is n * levels + 12 sqrt(n) sigma + n / 2 (in steps)."""
+    from fedge.encoding.fixedpoint import NOISE_TAIL
+
+    plain = FixedPoint(clip=1.0, bits=24, max_weight=1, cohort_size=100)
+    sigma = plain.step * 1e7  # a share of 1e7 steps
+    noisy = FixedPoint(clip=1.0, bits=24, max_weight=1, cohort_size=100, noise_stddev=sigma)
+    assert noisy.noise_steps == pytest.approx(1e7)
+    assert noisy.sum_bound == pytest.approx(100 * noisy.levels + NOISE_TAIL * 10 * 1e7 + 50)
+    assert noisy.wire_bits > plain.wire_bits
+    assert noisy.sum_bound < 2 ** (noisy.wire_bits - 1)
+    with pytest.raises(ConfigError, match="noise shares"):  # the same grid cannot hold twice as much
+        FixedPoint(clip=1.0, bits=24, max_weight=1, cohort_size=100, noise_stddev=2 * sigma)
+    for bad in (-1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ConfigError, match="noise_stddev"):
+            FixedPoint(clip=1.0, bits=8, max_weight=1, cohort_size=3, noise_stddev=bad)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 5000), noise=st.floats(0.0, 50.0))
+def test_finest_is_the_widest_grid_that_fits(n: int, noise: float) -> None:
+    fp = FixedPoint.finest(clip=1.0, max_weight=1, cohort_size=n, noise_stddev=noise, max_bits=24)
+    assert fp.sum_bound <= 2**31 - 1
+    if fp.bits < 24:
+        with pytest.raises(ConfigError, match="wrap"):
+            FixedPoint(clip=1.0, bits=fp.bits + 1, max_weight=1, cohort_size=n, noise_stddev=noise)
+    if noise == 0:
+        assert fp.bits == min(24, max_bits(n))
+
+
+def test_finest_refusals() -> None:
+    with pytest.raises(ConfigError, match="wrap"):  # noise that no 2-bit grid holds
+        FixedPoint.finest(clip=1.0, max_weight=1, cohort_size=10, noise_stddev=1e9)
+    for bad in (1, 33, True):
+        with pytest.raises(ConfigError, match="max_bits"):
+            FixedPoint.finest(clip=1.0, max_weight=1, cohort_size=10, max_bits=bad)
+    with pytest.raises(ConfigError, match="clip"):
+        FixedPoint.finest(clip=-1.0, max_weight=1, cohort_size=10)
+    for noise in ("1", -1.0, True):
+        with pytest.raises(ConfigError, match="noise_stddev"):
+            FixedPoint.finest(clip=1.0, max_weight=1, cohort_size=10, noise_stddev=noise)  # type: ignore[arg-type]
+
+
+def test_overwrite_encodes_the_same_and_uses_the_input_as_its_buffer() -> None:
+    fp = FixedPoint(clip=1.0, bits=16, max_weight=5, cohort_size=4)
+    x = np.random.default_rng(0).normal(0, 0.5, 1000)
+    kept = fp.encode(x, 3, np.random.default_rng(9))
+    buffer = x.copy()
+    assert np.array_equal(fp.encode(buffer, 3, np.random.default_rng(9), overwrite=True), kept)
+    assert not np.array_equal(buffer, x)  # the buffer was used
+    x32 = x.astype(np.float32)  # not float64: copied, left alone
+    fp.encode(x32, 3, np.random.default_rng(9), overwrite=True)
+    assert np.array_equal(x32, x.astype(np.float32))
+
+
+def test_quantize_refuses_mismatched_buffers() -> None:
+    fp = FixedPoint(clip=1.0, bits=16, max_weight=1, cohort_size=4)
+    rng = np.random.default_rng(0)
+    for y, scratch in ((np.zeros(4, np.float32), np.zeros(4, np.uint32)),
+                       (np.zeros(4), np.zeros(5, np.uint32)),
+                       (np.zeros(4), np.zeros(4, np.int32)),
+                       (np.zeros(4), np.zeros(8, np.uint32)[::2])):
+        with pytest.raises(ConfigError, match="quantize_"):
+            fp.quantize_(y, 1.0, rng, scratch=scratch)  # type: ignore[arg-type]

@@ -7,14 +7,20 @@ import math
 import numpy as np
 import pytest
 
+from fedge.encoding.fixedpoint import FixedPoint
+from fedge.errors import ConfigError
 from fedge.privacy.distributed import (
+    DistributedGrid,
     effective_noise_multiplier,
     grid_sensitivity,
     noise_share_on_grid,
+    plan_grid,
+    privatize_on_grid,
     share_stddev,
     stochastic_round,
 )
 from fedge.privacy.mechanisms import clip_by_l2, noise_generator
+from fedge.secagg.protocol import RoundSetup, SecAggClient, SecAggServer
 
 
 def test_shares_sum_to_the_central_noise() -> None:
@@ -80,3 +86,125 @@ def test_bad_grid_inputs_are_refused() -> None:
         noise_share_on_grid(np.zeros(3, dtype=np.int64), stddev_steps=0.0, rng=rng)
     with pytest.raises(ValueError, match="non-finite"):
         stochastic_round(np.array([1.0, np.inf]), rng)
+
+
+def _grid(n: int, *, z: float, clip: float, m: int, bits: int = 24) -> FixedPoint:
+    return FixedPoint(clip=clip, bits=bits, max_weight=1, cohort_size=n,
+                      noise_stddev=share_stddev(noise_multiplier=z, clip_norm=clip, min_contributors=m))
+
+
+def _as_int(total: np.ndarray) -> np.ndarray:
+    return total[:-1].view(np.int32).astype(np.int64)
+
+
+def test_privatize_on_grid_clips_rounds_and_adds_a_share_of_the_right_scale() -> None:
+    n, d, z, clip = 16, 20_000, 1.2, 0.5
+    grid = _grid(n, z=z, clip=clip, m=n, bits=20)
+    rng = np.random.default_rng(0)
+    updates = [rng.normal(0, 1, d) * (3.0 if i % 2 else 0.001) for i in range(n)]  # half need clipping
+    total = np.zeros(d + 1, dtype=np.uint32)
+    for i, u in enumerate(updates):
+        total += privatize_on_grid(u, clip_norm=clip, grid=grid, rng=noise_generator(7, 1, i))
+    assert int(total[-1]) == n  # every update weighs 1
+    clipped = sum(clip_by_l2({"u": u}, clip)[0]["u"] for u in updates)
+    noise = _as_int(total) * grid.step - clipped
+    # n shares of variance (z C)^2 / n: the sum carries (z C)^2 (plus rounding, < n steps^2).
+    assert np.std(noise) == pytest.approx(z * clip, rel=0.05)
+    assert abs(np.mean(noise)) < 5 * z * clip / math.sqrt(d)
+
+
+def test_privatize_on_grid_keeps_the_input_and_wraps_exactly_mod_2_32() -> None:
+    grid = _grid(3, z=3.0, clip=1.0, m=1, bits=24)  # shares of 3 * 2^23 steps each
+    x = np.array([0.9, -0.9, 0.0, 0.25])
+    before = x.copy()
+    outs = [privatize_on_grid(x, clip_norm=1.0, grid=grid, rng=noise_generator(1, 2, i)) for i in range(3)]
+    assert np.array_equal(x, before)
+    total = outs[0] + outs[1] + outs[2]  # uint32 arithmetic: mod 2^32
+    exact = sum(o[:-1].view(np.int32).astype(np.int64) for o in outs)
+    assert np.array_equal(_as_int(total), (exact + 2**31) % 2**32 - 2**31)
+    again = privatize_on_grid(x, clip_norm=1.0, grid=grid, rng=noise_generator(1, 2, 0))
+    assert np.array_equal(again, outs[0])  # a seeded generator reproduces the device's step
+
+
+def test_privatize_on_grid_refusals() -> None:
+    rng = noise_generator(1)
+    grid = _grid(5, z=1.0, clip=1.0, m=5)
+    with pytest.raises(ValueError, match="max_weight"):
+        privatize_on_grid(np.zeros(3), clip_norm=1.0, rng=rng,
+                          grid=FixedPoint(clip=1.0, bits=16, max_weight=2, cohort_size=5, noise_stddev=0.1))
+    with pytest.raises(ValueError, match="noise share"):
+        privatize_on_grid(np.zeros(3), clip_norm=1.0, rng=rng,
+                          grid=FixedPoint(clip=1.0, bits=16, max_weight=1, cohort_size=5))
+    with pytest.raises(ValueError, match="non-finite"):
+        privatize_on_grid(np.array([1.0, np.nan]), clip_norm=1.0, grid=grid, rng=rng)
+    for bad in (0.0, -1.0, math.inf, True):
+        with pytest.raises(ValueError, match="clip_norm"):
+            privatize_on_grid(np.zeros(3), clip_norm=bad, grid=grid, rng=rng)
+
+
+def test_the_unmasked_secagg_sum_carries_the_central_noise() -> None:
+    """End to end: every device privatizes and masks; the coordinator's sum has noise z C."""
+    n, d, z, clip, m = 12, 30_000, 0.8, 1.0, 10
+    grid = _grid(n, z=z, clip=clip, m=m)
+    setup = RoundSetup(1, tuple(str(i) for i in range(n)), 8, 5, bytes(range(32)), d + 1, min_survivors=m)
+    keys = np.random.default_rng(3)
+    clients = {c: SecAggClient(setup, c, random_bytes=keys.bytes) for c in setup.cohort}
+    server = SecAggServer(setup)
+    for c in setup.cohort:
+        server.receive_keys(c, clients[c].advertise_keys())
+    directory = server.close_keys()
+    for c in setup.cohort:
+        server.receive_shares(c, clients[c].share_keys(directory))
+    inbox = server.close_shares()
+    uploaders = setup.cohort[:m]  # two drop before uploading: exactly m shares remain
+    for i, c in enumerate(uploaders):
+        clients[c].receive_shares(inbox[c])
+        vec = privatize_on_grid(np.zeros(d), clip_norm=clip, grid=grid, rng=noise_generator(5, 1, i))
+        server.receive_masked(c, clients[c].masked_input(vec))
+    request = server.close_masked()
+    for c in uploaders:
+        server.receive_unmask(c, clients[c].unmask(request))
+    mean, weight = grid.decode(server.unmask())
+    assert weight == m
+    noise = mean * weight  # the noised sum of zero updates
+    assert np.std(noise) == pytest.approx(z * clip, rel=0.05)
+    assert abs(np.mean(noise)) < 5 * z * clip / math.sqrt(d)
+
+
+def test_plan_from_the_nominal_multiplier_charges_the_effective_one() -> None:
+    spec = DistributedGrid(value_range=0.5, dim=650, max_cohort=100)
+    plan = plan_grid(spec, clip_norm=0.5, noise_multiplier=1.0)
+    widest = FixedPoint.finest(clip=0.5, max_weight=1, cohort_size=100, noise_stddev=0.5, max_bits=24)
+    assert (plan.bits, plan.step) == (widest.bits, widest.step)
+    assert plan.effective_noise_multiplier == pytest.approx(effective_noise_multiplier(
+        noise_multiplier=1.0, clip_norm=0.5, scale=plan.step, dim=650, min_contributors=20))
+    assert plan.sensitivity_inflation == pytest.approx(1 + plan.step * math.sqrt(650) / 0.5)
+
+
+def test_plan_from_the_charged_multiplier_adds_the_inflation_on_the_devices() -> None:
+    spec = DistributedGrid(value_range=1.0, dim=10_000, max_cohort=50, bits=12)  # coarse: visible
+    plan = plan_grid(spec, clip_norm=1.0, charged=2.0)
+    assert plan.bits == 12
+    assert plan.effective_noise_multiplier == 2.0
+    assert plan.noise_multiplier == pytest.approx(2.0 * (1 + plan.step * 100))
+    back = plan_grid(spec, clip_norm=1.0, noise_multiplier=plan.noise_multiplier)
+    assert back.effective_noise_multiplier == pytest.approx(2.0)
+
+
+def test_plan_refusals() -> None:
+    spec = DistributedGrid(value_range=1.0, dim=10, max_cohort=10)
+    with pytest.raises(ConfigError, match="exactly one"):
+        plan_grid(spec, clip_norm=1.0)
+    with pytest.raises(ConfigError, match="exactly one"):
+        plan_grid(spec, clip_norm=1.0, noise_multiplier=1.0, charged=1.0)
+    for bad_spec, kwargs in ((spec, dict(clip_norm=0.0, noise_multiplier=1.0)),
+                             (spec, dict(clip_norm=1.0, noise_multiplier=-1.0)),
+                             (DistributedGrid(1.0, 0, 10), dict(clip_norm=1.0, noise_multiplier=1.0)),
+                             (DistributedGrid(1.0, 10, 0), dict(clip_norm=1.0, noise_multiplier=1.0)),
+                             (DistributedGrid(0.0, 10, 10), dict(clip_norm=1.0, noise_multiplier=1.0))):
+        with pytest.raises(ConfigError):
+            plan_grid(bad_spec, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="wrap"):  # 32 bits leave no room for the noise
+        plan_grid(DistributedGrid(1.0, 10, 10, bits=32), clip_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(ConfigError, match="wrap"):  # noise beyond any grid
+        plan_grid(spec, clip_norm=1.0, noise_multiplier=1e12)

@@ -9,6 +9,7 @@ import pytest
 
 from fedge.errors import ConfigError, PrivacyBudgetError
 from fedge.privacy.accounting import epsilon_for
+from fedge.privacy.distributed import DistributedGrid, effective_noise_multiplier
 from fedge.privacy.session import PrivacyConfig, PrivacySession
 from fedge.strategies.base import Aggregate
 
@@ -100,9 +101,52 @@ def test_adaptive_session_moves_the_clip_and_uses_the_corrected_multiplier() -> 
     assert second.clip_norm == second.next_clip_norm == entry.next_clip_norm
 
 
-def test_distributed_is_refused_until_secure_aggregation_exists() -> None:
-    with pytest.raises(ConfigError, match="secure aggregation"):
+def test_distributed_needs_the_secure_aggregation_grid() -> None:
+    with pytest.raises(ConfigError, match="needs secure aggregation"):
         session(settings=dict(mode="distributed"))
+    with pytest.raises(ConfigError, match="grid was given for --dp central"):
+        session(grid=DistributedGrid(value_range=1.0, dim=10, max_cohort=10))
+    with pytest.raises(ConfigError, match="noise shares are for --dp distributed"):
+        session().noise_share_stddev(5)
+
+
+def test_distributed_charges_the_effective_multiplier_of_the_docs_formula() -> None:
+    """docs/privacy.md: the accountant charges z / (1 + s sqrt(d) / C), every round."""
+    grid = DistributedGrid(value_range=1.0, dim=5_000, max_cohort=40, bits=14)
+    s = session(settings=dict(mode="distributed", noise_multiplier=1.3), grid=grid)
+    plan = s.distributed
+    assert plan is not None and plan.bits == 14 and plan.noise_multiplier == 1.3
+    z_eff = effective_noise_multiplier(noise_multiplier=1.3, clip_norm=1.0, scale=plan.step,
+                                       dim=5_000, min_contributors=7)
+    assert s.noise_multiplier == pytest.approx(z_eff) == pytest.approx(
+        1.3 / (1 + plan.step * math.sqrt(5_000)))
+    for r in range(1, 11):
+        s.check_budget()
+        entry = s.charge(r)
+    want = epsilon_for(noise_multiplier=z_eff, sample_rate=0.1, rounds=10, delta=1e-5)
+    assert entry.epsilon == pytest.approx(want, rel=1e-9)
+    assert entry.noise_multiplier == pytest.approx(z_eff)
+    # Each device's share: the nominal multiplier split over the contributors.
+    assert s.noise_share_stddev(13) == pytest.approx(1.3 * 1.0 / math.sqrt(13))
+    summary = s.summary()
+    assert summary["device_noise_multiplier"] == 1.3 and summary["grid_bits"] == 14
+    assert summary["sensitivity_inflation"] == pytest.approx(1.3 / z_eff)
+
+
+def test_distributed_target_epsilon_calibrates_what_is_charged() -> None:
+    grid = DistributedGrid(value_range=1.0, dim=5_000, max_cohort=40, bits=14)
+    s = session(settings=dict(mode="distributed", noise_multiplier=None, target_epsilon=2.0),
+                grid=grid)
+    central = session(settings=dict(noise_multiplier=None, target_epsilon=2.0))
+    assert s.noise_multiplier == central.noise_multiplier  # the same accounting target
+    assert s.distributed is not None
+    assert s.distributed.noise_multiplier > s.noise_multiplier  # devices add the inflation on top
+    for r in range(1, 11):
+        s.check_budget()
+        s.charge(r)
+    assert s.epsilon <= 2.0
+    with pytest.raises(PrivacyBudgetError):
+        s.check_budget()
 
 
 @pytest.mark.parametrize(

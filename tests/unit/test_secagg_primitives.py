@@ -11,8 +11,10 @@ from fedge.secagg import shamir
 from fedge.secagg.primitives import (
     INFO_MASK_SEED,
     INFO_SHARE_KEY,
+    MASK_CHUNK,
     SecAggError,
     add_mask_,
+    add_masks_,
     agree,
     decrypt_share,
     derive_key,
@@ -128,6 +130,37 @@ def test_prg_refuses_short_seed_and_add_mask_checks() -> None:
     assert not v.any()
 
 
+@pytest.mark.parametrize(("length", "count"), [
+    (1, 3), (MASK_CHUNK - 1, 5), (MASK_CHUNK, 2), (3 * MASK_CHUNK + 17, 7), (1000, 300),
+])
+def test_add_masks_is_bit_identical_to_one_mask_at_a_time(length: int, count: int) -> None:
+    rng = np.random.default_rng(length + count)
+    masks = [(rng.bytes(32), int(rng.choice([1, -1]))) for _ in range(count)]  # 300: several groups
+    start = rng.integers(0, 2**32, length, dtype=np.uint32)
+    slow, fast = start.copy(), start.copy()
+    scratch = np.empty_like(slow)
+    for seed, sign in masks:
+        add_mask_(slow, seed, scratch, sign=sign)
+    add_masks_(fast, masks)
+    assert np.array_equal(fast, slow)
+    add_masks_(fast, [(seed, -sign) for seed, sign in masks])  # and they come off again
+    assert np.array_equal(fast, start)
+
+
+def test_add_masks_refusals() -> None:
+    v = np.zeros(8, dtype=np.uint32)
+    for bad in (np.zeros(8, dtype=np.int32), np.zeros((2, 4), dtype=np.uint32),
+                np.zeros(16, dtype=np.uint32)[::2], [0] * 8):
+        with pytest.raises(SecAggError, match="uint32"):
+            add_masks_(bad, [(bytes(32), 1)])  # type: ignore[arg-type]
+    with pytest.raises(SecAggError, match="mask seed"):
+        add_masks_(v, [(bytes(31), 1)])
+    with pytest.raises(SecAggError, match="sign"):
+        add_masks_(v, [(bytes(32), 2)])
+    add_masks_(v, [])
+    assert not v.any()
+
+
 def _rand(seed: int) -> Callable[[int], bytes]:
     return np.random.default_rng(seed).bytes
 
@@ -165,3 +198,61 @@ def test_shamir_refusals() -> None:
     bad[3] = (bad[3] + 2**400) % shamir.PRIME
     with pytest.raises(SecAggError, match="bad_share"):
         shamir.reconstruct(bad, threshold=3)
+
+
+def _textbook_lagrange(xs: tuple[int, ...]) -> tuple[int, ...]:
+    p = shamir.PRIME
+    out = []
+    for i, xi in enumerate(xs):
+        num = den = 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                num = num * xj % p
+                den = den * (xj - xi) % p
+        out.append(num * pow(den, -1, p) % p)
+    return tuple(out)
+
+
+def test_fast_field_arithmetic_matches_the_textbook_formulas() -> None:
+    p, rng = shamir.PRIME, np.random.default_rng(7)
+    for v in (0, 1, p - 1, p, p + 1, 2 * p, 2**521, p * p, 2**1100 + 12345,
+              *(int.from_bytes(rng.bytes(140), "big") for _ in range(200))):
+        assert shamir._mod_p(v) == v % p
+    # Lagrange coefficients: small points (the int64 path), one point, huge points (Python ints).
+    sets = [tuple(sorted(rng.choice(np.arange(1, 600), t, replace=False).tolist()))
+            for t in (1, 2, 3, 18, 103)]
+    sets.append((1, 2**40, 2**41 + 3, p - 1))
+    sets.append(tuple(range(1, 40)))
+    for xs in sets:
+        assert shamir._lagrange_at_zero.__wrapped__(xs) == _textbook_lagrange(xs)
+
+
+def test_split_evaluates_the_polynomial_of_its_random_bytes() -> None:
+    """Horner with Mersenne folding gives f(x) mod p exactly, for small and huge points."""
+    p, secret = shamir.PRIME, bytes(range(32))
+    for xs, t in (([1, 2, 3, 500], 3), ([5, 2**300, p - 1], 2), (list(range(1, 35)), 18)):
+        pool = np.random.default_rng(t).bytes(80 * (t - 1))
+        shares = shamir.split(secret, xs=xs, threshold=t, random_bytes=lambda n, b=pool: b[:n])
+        coeffs = [int.from_bytes(secret, "big")] + [
+            int.from_bytes(pool[i : i + 80], "big") % p for i in range(0, len(pool), 80)
+        ]
+        for x in xs:
+            assert shares[x] == sum(c * pow(x, e, p) for e, c in enumerate(coeffs)) % p
+        assert shamir.reconstruct(dict(list(shares.items())[:t]), threshold=t) == secret
+
+
+def test_shamir_refuses_bad_points_values_and_randomness() -> None:
+    secret = bytes(32)
+    shares = shamir.split(secret, xs=[1, 2, 3], threshold=2, random_bytes=_rand(0))
+    for bad in ({0: 1, 1: shares[1]}, {True: 1, 2: shares[2]}, {shamir.PRIME: 1, 1: shares[1]}):
+        with pytest.raises(SecAggError, match="share points"):
+            shamir.reconstruct(bad, threshold=2)
+    for value in (-1, shamir.PRIME):
+        with pytest.raises(SecAggError, match="field elements"):
+            shamir.reconstruct({1: shares[1], 2: value}, threshold=2)
+    with pytest.raises(SecAggError, match="random_bytes"):
+        shamir.split(secret, xs=[1, 2, 3], threshold=3, random_bytes=lambda n: bytes(n - 1))
+    with pytest.raises(SecAggError, match="share points"):
+        shamir.split(secret, xs=[1, 2.0], threshold=2, random_bytes=_rand(0))  # type: ignore[list-item]
+    with pytest.raises(SecAggError, match="threshold"):
+        shamir.split(secret, xs=[1, 2], threshold=1.5, random_bytes=_rand(0))  # type: ignore[arg-type]

@@ -335,3 +335,40 @@ def test_default_parameters_meet_the_conditions(n: int) -> None:
     if n >= 100:
         assert k < n - 1  # SecAgg+ is sparser than the complete graph
         assert n * 0.1 ** (k // 2) <= 2.0**-40
+
+
+def test_min_survivors_above_the_threshold_is_enforced_by_server_and_clients() -> None:
+    """Distributed DP's minimum: fewer uploads than min_survivors are never unmasked."""
+    setup = dataclasses.replace(_setup(10, 8, 5), min_survivors=8)
+    assert setup.required_survivors == 8
+    got, want = _round(setup, drop=(set(), set(), {"d0", "d1"}, set()))  # 8 upload: enough
+    assert np.array_equal(got, want)
+    with pytest.raises(SecAggError, match="below_threshold"):  # 7 upload: the server aborts
+        _round(setup, drop=(set(), set(), {"d0", "d1", "d2"}, set()))
+    # A server that asks anyway meets honest clients that refuse.
+    clients = _clients(setup)
+    server = SecAggServer(setup)
+    for d in setup.cohort:
+        server.receive_keys(d, clients[d].advertise_keys())
+    directory = server.close_keys()
+    for d in setup.cohort:
+        server.receive_shares(d, clients[d].share_keys(directory))
+    inbox = server.close_shares()
+    clients["d5"].receive_shares(inbox["d5"])
+    clients["d5"].masked_input(np.zeros(L, dtype=np.uint32))
+    few = UnmaskRequest(tuple(f"d{i}" for i in range(3, 10)), ())
+    with pytest.raises(SecAggError, match="at least 8") as info:
+        clients["d5"].unmask(few)
+    assert info.value.device == "d5"
+
+
+@pytest.mark.parametrize("bad", [-1, 11, True, 2.0])
+def test_setup_refuses_a_bad_min_survivors(bad: object) -> None:
+    with pytest.raises(ConfigError, match="min_survivors"):
+        dataclasses.replace(_setup(10, 4, 3), min_survivors=bad)
+
+
+def test_setup_index_and_neighbour_sets_agree_with_the_cohort_and_graph() -> None:
+    setup = _setup(12, 6, 4)
+    assert [setup.index[d] for d in setup.cohort] == list(range(1, 13))
+    assert [sorted(s) for s in setup.neighbour_sets] == [list(v) for v in setup.neighbours()]

@@ -28,6 +28,7 @@ from fedge import params as P
 from fedge.errors import ConfigError, PrivacyBudgetError
 from fedge.privacy.accounting import ACCOUNTANTS, Accountant, RoundEvent, calibrate_noise_multiplier
 from fedge.privacy.adaptive import AdaptiveClip, corrected_noise_multiplier
+from fedge.privacy.distributed import DistributedGrid, DistributedPlan, plan_grid, share_stddev
 from fedge.privacy.mechanisms import DevicePrivacy, noise_generator, noised_mean
 from fedge.strategies.base import Aggregate
 
@@ -150,21 +151,31 @@ class PrivacySession:
         planned_rounds: what ``target_epsilon`` is calibrated for.
         seed: ``None`` for noise from the OS entropy (every deployment), an
             integer for a reproducible simulation.
+        grid: distributed mode only: what fixes the secure-aggregation grid
+            (:class:`~fedge.privacy.distributed.DistributedGrid`). The
+            accountant then charges the *effective* multiplier (the nominal
+            one less the rounding inflation of the sensitivity): a target
+            epsilon calibrates the effective one, and the devices add the
+            nominal one, slightly more (:func:`~fedge.privacy.distributed.plan_grid`).
 
     Raises (from the constructor):
-        ConfigError: distributed mode (it needs secure aggregation, handled
-            by the caller), a target no noise multiplier reaches, or adaptive
+        ConfigError: distributed mode without a ``grid`` (it needs secure
+            aggregation), a target no noise multiplier reaches, or adaptive
             clipping whose count noise would take the whole budget.
     """
 
     def __init__(self, config: PrivacyConfig, *, sampling: str, expected_reports: float,
                  planned_rounds: int, sample_rate: float = 1.0, population: int | None = None,
-                 cohort: int | None = None, seed: int | None = None) -> None:
-        if config.mode == "distributed":
+                 cohort: int | None = None, seed: int | None = None,
+                 grid: DistributedGrid | None = None) -> None:
+        if config.mode == "distributed" and grid is None:
             raise ConfigError(
-                "--dp distributed needs secure aggregation (--secagg), which this build does not have "
-                "yet; use --dp central or --dp local"
+                "--dp distributed needs secure aggregation (--secagg): the devices' noise shares "
+                "protect them only if the coordinator sees nothing but their sum; add --secagg, "
+                "or use --dp central or --dp local"
             )
+        if config.mode != "distributed" and grid is not None:
+            raise ConfigError(f"a distributed-DP grid was given for --dp {config.mode}")
         if not (math.isfinite(expected_reports) and expected_reports > 0):
             raise ConfigError(f"DP needs a positive expected cohort, got {expected_reports!r}")
         self.config = config
@@ -183,6 +194,16 @@ class PrivacySession:
                 delta=config.delta, accountant=config.accountant, sampling=self.sampling,
                 population=population, cohort=cohort,
             )
+        self.distributed: DistributedPlan | None = None
+        if grid is not None:
+            assert not isinstance(config.clip_norm, str)  # adaptive is central-only
+            if config.noise_multiplier is not None:  # the devices add z; the accountant charges less
+                self.distributed = plan_grid(grid, clip_norm=float(config.clip_norm),
+                                             noise_multiplier=float(config.noise_multiplier))
+            else:  # calibrated: charge what the target allows; the devices add a little more
+                self.distributed = plan_grid(grid, clip_norm=float(config.clip_norm),
+                                             charged=self.noise_multiplier)
+            self.noise_multiplier = self.distributed.effective_noise_multiplier
         self.update_noise_multiplier = self.noise_multiplier
         self.adaptive: AdaptiveClip | None = None
         if config.adaptive:
@@ -238,6 +259,17 @@ class PrivacySession:
             self._would_be = (len(self.ledger), self.accountant.epsilon_of_counts(counts))
         return self._would_be[1]
 
+    def noise_share_stddev(self, min_contributors: int) -> float:
+        """Distributed DP: one device's noise stddev when ``min_contributors`` shares must be summed.
+
+        Raises:
+            ConfigError: not in distributed mode.
+        """
+        if self.distributed is None:
+            raise ConfigError(f"noise shares are for --dp distributed, not --dp {self.config.mode}")
+        return share_stddev(noise_multiplier=self.distributed.noise_multiplier,
+                            clip_norm=self.clip_norm, min_contributors=min_contributors)
+
     def device_privacy(self) -> DevicePrivacy:
         """What every device does to its update this round."""
         local = self.noise_multiplier * self.clip_norm if self.config.mode == "local" else 0.0
@@ -246,8 +278,9 @@ class PrivacySession:
     def release(self, round_id: int, aggregate: Aggregate, *, unclipped: int) -> Aggregate:
         """The round's DP release from the mean of weight-1 clipped updates.
 
-        Central: ``(sum + N(0, (z_delta C)^2 I)) / expected_reports``. Local:
-        ``sum / expected_reports`` (the noise is already in the updates).
+        Central: ``(sum + N(0, (z_delta C)^2 I)) / expected_reports``. Local
+        and distributed: ``sum / expected_reports`` (the noise is already in
+        the updates, or in their securely aggregated sum).
         Adaptive clipping then moves the clip for the next round.
         """
         total = P.scale(aggregate.delta, aggregate.total_weight)
@@ -317,4 +350,10 @@ class PrivacySession:
             "sampling": self.sampling,
             "sample_rate": self.sample_rate,
             "rounds_charged": len(self.ledger),
+            **({} if self.distributed is None else {
+                "device_noise_multiplier": self.distributed.noise_multiplier,
+                "grid_bits": self.distributed.bits,
+                "grid_step": self.distributed.step,
+                "sensitivity_inflation": self.distributed.sensitivity_inflation,
+            }),
         }

@@ -42,7 +42,7 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -54,7 +54,7 @@ from fedge.secagg.primitives import (
     KEY_BYTES,
     NONCE_BYTES,
     SecAggError,
-    add_mask_,
+    add_masks_,
     agree,
     decrypt_share,
     derive_key,
@@ -175,6 +175,7 @@ class RoundSetup:
     threshold: int
     graph_seed: bytes
     vector_length: int
+    min_survivors: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.cohort)
@@ -194,9 +195,32 @@ class RoundSetup:
             raise ConfigError(f"vector_length must be >= 1, got {self.vector_length}")
         if len(self.graph_seed) != KEY_BYTES:
             raise ConfigError("graph_seed must be 32 bytes")
+        if isinstance(self.min_survivors, bool) or not isinstance(self.min_survivors, int) or not (
+            0 <= self.min_survivors <= n
+        ):
+            raise ConfigError(f"min_survivors must be in 0..{n}, got {self.min_survivors!r}")
 
     def neighbours(self) -> tuple[tuple[int, ...], ...]:
         return neighbour_graph(len(self.cohort), self.k, self.graph_seed)
+
+    @cached_property
+    def index(self) -> Mapping[str, int]:
+        """Each device's Shamir point: its 1-based position in the cohort."""
+        return {name: i + 1 for i, name in enumerate(self.cohort)}
+
+    @cached_property
+    def neighbour_sets(self) -> tuple[frozenset[int], ...]:
+        """``neighbours()`` as sets, for membership checks."""
+        return tuple(frozenset(v) for v in self.neighbours())
+
+    @property
+    def required_survivors(self) -> int:
+        """The fewest uploaders whose sum may be unmasked: ``max(threshold, min_survivors)``.
+
+        ``min_survivors`` above the threshold is what distributed DP needs:
+        each device's noise share assumes at least that many shares in the sum.
+        """
+        return max(self.threshold, self.min_survivors)
 
     def salt(self) -> bytes:
         return struct.pack(">8sQ", b"fedgesa1", self.round_id) + self.graph_seed
@@ -254,10 +278,7 @@ def apply_masks(material: MaskingMaterial, vector: np.ndarray) -> np.ndarray:
             "wrong_length",
             f"the input must be a uint32 vector of length {material.vector_length}",
         )
-    scratch = np.empty_like(vector)
-    add_mask_(vector, material.self_seed, scratch, sign=1)
-    for seed, sign in material.pairwise:
-        add_mask_(vector, seed, scratch, sign=sign)
+    add_masks_(vector, ((material.self_seed, 1), *material.pairwise))
     return vector
 
 
@@ -286,7 +307,7 @@ class SecAggClient:
             raise SecAggError("not_invited", "not in the cohort", device=device)
         self.setup = setup
         self.device = device
-        self.index = setup.cohort.index(device) + 1
+        self.index = setup.index[device]
         self._rand = random_bytes
         self._nbrs = setup.neighbours()[self.index - 1]
         self._c_sk = load_private(random_bytes(KEY_BYTES))
@@ -327,8 +348,9 @@ class SecAggClient:
         if mine is None or mine != self._mine:
             raise SecAggError("bad_directory", "the key directory alters this device's keys",
                               device=self.device)
+        index = self.setup.index
         for name, keys in directory.items():
-            if name not in cohort:
+            if name not in index:
                 raise SecAggError("not_invited", "in the key directory, not in the cohort",
                                   device=name)
             if not isinstance(keys, AdvertiseKeys):
@@ -379,10 +401,9 @@ class SecAggClient:
         self._expect(Phase.MASK)
         if self._material is not None:
             raise SecAggError("duplicate", "shares already received", device=self.device)
-        cohort = self.setup.cohort
         held: dict[int, tuple[int, int]] = {}
         for name, blob in ciphertexts.items():
-            u = cohort.index(name) + 1 if name in cohort else 0
+            u = self.setup.index.get(name, 0)
             if u not in self._keys:
                 raise SecAggError("not_neighbour", "sent a share to a non-neighbour", device=name)
             try:
@@ -430,7 +451,9 @@ class SecAggClient:
         Raises:
             SecAggError: a device is named both survivor and dropped (revealing
                 both secrets would unmask its input alone), a device that did
-                not share keys, or fewer than ``threshold`` survivors.
+                not share keys, or fewer survivors than the threshold (or than
+                ``setup.min_survivors``, below which the sum would carry less
+                distributed-DP noise than each share assumed).
         """
         self._expect(Phase.UNMASK)
         cohort = self.setup.cohort
@@ -439,11 +462,12 @@ class SecAggClient:
         if both:
             raise SecAggError("both_shares", "the unmask request names a device both survivor "
                               "and dropped", device=sorted(both)[0])
-        if len(surv) < self.setup.threshold or self.device not in surv:
-            raise SecAggError("below_threshold", f"{len(surv)} survivors, threshold "
-                              f"{self.setup.threshold}", device=self.device)
+        need = self.setup.required_survivors
+        if len(surv) < need or self.device not in surv:
+            raise SecAggError("below_threshold", f"{len(surv)} survivors, at least {need} "
+                              f"needed (threshold {self.setup.threshold})", device=self.device)
         for name in surv | drop:
-            if name not in cohort:
+            if name not in self.setup.index:
                 raise SecAggError("not_invited", "named in the unmask request", device=name)
         self._phase = Phase.DONE
         self_sh: dict[str, bytes] = {}
@@ -479,8 +503,8 @@ class SecAggServer:
 
     def __init__(self, setup: RoundSetup) -> None:
         self.setup = setup
-        self._index = {name: i + 1 for i, name in enumerate(setup.cohort)}
-        self._nbrs = setup.neighbours()
+        self._index = setup.index
+        self._nbrs = setup.neighbour_sets
         self._phase = Phase.ADVERTISE
         self._r = _ServerRound()
         self._sum = np.zeros(setup.vector_length, dtype=np.uint32)
@@ -499,11 +523,12 @@ class SecAggServer:
                               device=device)
         return u
 
-    def _abort_if_few(self, count: int, what: str) -> None:
-        if count < self.setup.threshold:
+    def _abort_if_few(self, count: int, what: str, need: int | None = None) -> None:
+        need = self.setup.threshold if need is None else need
+        if count < need:
             self._phase = Phase.DONE
-            raise SecAggError("below_threshold", f"only {count} devices {what}; threshold is "
-                              f"{self.setup.threshold}: the round is aborted and nothing revealed")
+            raise SecAggError("below_threshold", f"only {count} devices {what}; {need} are "
+                              "needed: the round is aborted and nothing revealed")
 
     # round 0
     def receive_keys(self, device: str, msg: AdvertiseKeys) -> None:
@@ -597,7 +622,8 @@ class SecAggServer:
         """End round 2: the unmask request (survivors = uploaders; dropped = shared, no upload)."""
         if self._phase is not Phase.MASK:
             raise SecAggError("out_of_phase", f"close_masked during {self._phase.value}")
-        self._abort_if_few(len(self._r.uploaded), "uploaded masked inputs")
+        self._abort_if_few(len(self._r.uploaded), "uploaded masked inputs",
+                           self.setup.required_survivors)
         self._phase = Phase.UNMASK
         cohort = self.setup.cohort
         dropped = set(self._r.shares) - self._r.uploaded
@@ -653,17 +679,19 @@ class SecAggServer:
                 shares_b.setdefault(self._index[name], {})[w] = shamir.decode_share(raw)
             for name, raw in msg.key_shares.items():
                 shares_sk.setdefault(self._index[name], {})[w] = shamir.decode_share(raw)
-        total = self._sum.copy()
-        scratch = np.empty_like(total)
+        # Every secret is rebuilt (and checked) before the sum is touched; then
+        # all the masks to take away go in one pass over the vector.
+        masks: list[tuple[bytes, int]] = []
         for u in sorted(self._r.uploaded):
             try:
                 b = shamir.reconstruct(shares_b.get(u, {}), threshold=t)
             except SecAggError as e:
                 raise SecAggError(e.reason, "its self-mask cannot be rebuilt; round aborted",
                                   device=cohort[u - 1]) from None
-            add_mask_(total, b, scratch, sign=-1)
+            masks.append((b, -1))
+        ordered = self.setup.neighbours()
         for v in (self._index[n] for n in self._request.dropped):
-            partners = [u for u in self._nbrs[v - 1]
+            partners = [u for u in ordered[v - 1]
                         if u in self._r.uploaded and u in self._r.shares[v]]
             if not partners:
                 continue  # nobody masked against v: nothing to rebuild
@@ -679,5 +707,7 @@ class SecAggServer:
             for u in partners:
                 seed = derive_key(agree(sk_key, self._r.keys[u].s_pk), info=INFO_MASK_SEED, salt=salt)
                 # u added sign(u, v) * PRG(s_uv); take it away.
-                add_mask_(total, seed, scratch, sign=-1 if u < v else 1)
+                masks.append((seed, -1 if u < v else 1))
+        total = self._sum  # the round is over: the masked sum becomes the result
+        add_masks_(total, masks)
         return total

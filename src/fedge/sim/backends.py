@@ -7,6 +7,10 @@
   round ships the params once per worker and gets back one partial
   accumulator per worker, so the driver holds O(model) memory whatever the
   cohort size. Results equal ``inline``'s up to floating-point summation order.
+  With ``--secagg`` each worker also hosts the SecAgg+ clients of its devices
+  (:class:`~fedge.sim.secagg.SecAggDevices`): :meth:`ProcessBackend.secagg_call`
+  sends a protocol step to every worker at once, so the devices' key
+  agreements and secret sharing run on every core.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from fedge.errors import BackendError, ConfigError, DataError, FedgeError, TaskE
 from fedge.params import Params
 from fedge.sim.attacks import Attack
 from fedge.sim.devices import DeviceJob, DeviceRunner, PartialRound
+from fedge.sim.secagg import SecAggDevices
 from fedge.strategies.base import Strategy
 from fedge.tasks import load_task
 from fedge.tasks.base import Task, TrainConfig
@@ -105,11 +110,16 @@ def _worker_main(conn: Connection) -> None:
             task=load_task(task_name, spec), strategy=strategy, datasets=datasets,
             base_config=base, seed=seed, attack=attack, encoding=encoding, count_bytes=count_bytes,
         )
+        secagg = SecAggDevices(seed)  # the SecAgg+ clients of this worker's devices
         conn.send(("ready", None))
         while True:
             msg = conn.recv()
             if msg[0] == "stop":
                 return
+            if msg[0] == "secagg":
+                _, method, shared, items = msg
+                conn.send(("ok", secagg.call(method, shared, items)))
+                continue
             _, round_id, jobs = msg
             # The params come as one pickle made once for every worker.
             params = ForkingPickler.loads(conn.recv_bytes())
@@ -226,6 +236,26 @@ class ProcessBackend:
                 raise BackendError(f"simulator worker {w} is gone") from None
         parts: list[PartialRound] = [self._receive(w) for w in busy]
         return merge_partials(parts)
+
+    def secagg_call(self, method: str, shared: Any, items: Mapping[str, Any]) -> dict[str, Any]:
+        """One SecAgg+ step for the named devices, each on the worker that trains it.
+
+        Every worker with a device in ``items`` gets the step at once; the
+        answers (per device name) are merged. See :meth:`SecAggDevices.call`.
+        """
+        per_worker: list[dict[str, Any]] = [{} for _ in range(self.workers)]
+        for name, item in items.items():
+            per_worker[int(name) % self.workers][name] = item
+        busy = [w for w in range(self.workers) if per_worker[w]]
+        for w in busy:
+            try:
+                self._conns[w].send(("secagg", method, shared, per_worker[w]))
+            except (BrokenPipeError, OSError):
+                raise BackendError(f"simulator worker {w} is gone") from None
+        out: dict[str, Any] = {}
+        for w in busy:
+            out.update(self._receive(w))
+        return out
 
     def close(self) -> None:
         for conn in self._conns:

@@ -86,6 +86,7 @@ class SimConfig:
     delta: float | None = None
     epsilon_budget: float | None = None
     accountant: str | None = None
+    dp_min_contributors: int | None = None  # --dp distributed: shares each device's noise assumes
     secagg: bool = False
     secagg_k: int | None = None
     secagg_threshold: int | None = None
@@ -155,6 +156,16 @@ class SimConfig:
             )
         self.encoding_pipeline()  # refuses a bad --compress now, before any data is loaded
         self.privacy  # noqa: B018 - checks the DP settings now, before any round
+        if self.dp == "distributed" and not self.secagg:
+            raise ConfigError(
+                "--dp distributed needs secure aggregation (--secagg): the devices' noise shares "
+                "protect them only if the coordinator sees nothing but their sum; add --secagg, "
+                "or use --dp central or --dp local"
+            )
+        if self.dp_min_contributors is not None:
+            if self.dp != "distributed":
+                raise ConfigError("--dp-min-contributors needs --dp distributed")
+            _check_int("dp_min_contributors", self.dp_min_contributors, low=1)
 
     def _check_ray(self) -> None:
         if self.ray_address is not None and self.backend not in ("ray", "auto"):

@@ -176,7 +176,9 @@ class DeviceRunner:
             if not all(np.isfinite(v).all() for v in delta.values()):
                 out.rejected.append(job.device_id)
                 continue
-            if job.privacy is not None:
+            if job.secagg is not None and job.secagg.dp_clip_norm is not None:
+                weight = 1  # distributed DP: the clip and the noise are in the masked upload
+            elif job.privacy is not None:
                 delta, weight = self._privatize(job.privacy, delta, round_id, job.device_id, out)
             if job.secagg is not None:  # secure aggregation: only the masked vector leaves
                 out.masked_sum = job.secagg.add_masked(out.masked_sum, delta, int(weight), rng)

@@ -25,6 +25,7 @@ from fedge.data import load_federated
 from fedge.data.dataset import FederatedData
 from fedge.errors import ConfigError, PrivacyBudgetError, TaskError
 from fedge.params import Params
+from fedge.privacy.distributed import DistributedGrid
 from fedge.privacy.session import PrivacySession
 from fedge.rounds import Round, RoundState, choose_stragglers, select_cohort, select_within_deadline
 from fedge.secagg import SecAggError
@@ -185,7 +186,7 @@ class Simulation:
         self.strategy: Strategy = _strategy_of(config, self.attack, invited, n)
         # The robust rules' condition on malicious devices, before any training.
         check_cohort(self.strategy, updates, what=what)
-        self.privacy = _privacy_of(config, n, self.strategy)
+        self.privacy = _privacy_of(config, n, self.strategy, self._distributed_grid(n))
         # --profiles is checked here (a bad spec costs no training); the clock starts in run().
         self._profiles = (None if config.profiles is None
                           else build_profiles(config.profiles, n, _stream(config.seed, _PROFILES)))
@@ -203,12 +204,16 @@ class Simulation:
         self._data_given = data is not None
         self.secagg: SimSecAgg | None = None
         if config.secagg:
+            distributed = config.dp == "distributed"
             self.secagg = SimSecAgg(
                 strategy=self.strategy, k=config.secagg_k, threshold=config.secagg_threshold,
                 clip=config.secagg_clip, bits=config.secagg_bits,
-                max_weight=max(len(ds) for ds in self.data.devices),
+                # Under DP every update weighs 1 (docs/privacy.md), so the grid's weight range is 1.
+                max_weight=1 if self.privacy is not None else max(len(ds) for ds in self.data.devices),
                 dropout=config.secagg_dropout, seed=config.seed, cohort=config.cohort or (
                     n if config.sample_rate is None else None),
+                privacy=self.privacy if distributed else None,
+                min_contributors=config.dp_min_contributors,
             )
         self.setup_s = time.perf_counter() - t0
 
@@ -284,6 +289,16 @@ class Simulation:
             backend=self.backend_choice.backend,
             backend_info=dict(getattr(backend, "describe", dict)()),
         )
+
+    def _distributed_grid(self, n: int) -> DistributedGrid | None:
+        """What fixes the secure-aggregation grid under --dp distributed (else ``None``)."""
+        cfg, settings = self.config, self.config.privacy
+        if settings is None or settings.mode != "distributed" or not cfg.secagg:
+            return None
+        assert not isinstance(settings.clip_norm, str)  # adaptive clipping is central-only
+        dim = P.num_values(self.task.init_params(_stream(cfg.seed, _INIT)))
+        return DistributedGrid(value_range=min(cfg.secagg_clip, float(settings.clip_norm)), dim=dim,
+                               max_cohort=cfg.cohort or n, bits=cfg.secagg_bits)
 
     def _build_backend(self) -> Backend:
         cfg, name = self.config, self.backend_choice.backend
@@ -416,19 +431,23 @@ class Simulation:
         invited = [j.device_id for j in jobs]
         train_s, train_loss, rejected, uploaded = 0.0, None, 0, 0
         part: PartialRound | None = None
+        # The device side of the protocol runs where the backend hosts it (its workers), else here.
+        devices = getattr(backend, "secagg_call", None)
+        distributed = self.config.dp == "distributed"
         try:
-            server, clients, masking, _, grid = self.secagg.prepare(r, state.params, invited)
+            server, masking, _, grid = self.secagg.prepare(r, state.params, invited, devices)
             part = backend.run_round(r, state.params, [
-                dataclasses.replace(j, secagg=masking[j.device_id])
+                # Distributed DP: the device's clip and noise happen in its masked upload.
+                dataclasses.replace(j, secagg=masking[j.device_id],
+                                    privacy=None if distributed else j.privacy)
                 for j in jobs if j.device_id in masking
             ]) if masking else None
             done = [d for d, _ in part.reports] if part else []
             train_s = part.train_s if part else 0.0
             rejected = len(part.rejected) if part else 0
             uploaded = len(done)
-            aggregate = self.secagg.finish(r, server, clients, done,
-                                           part.masked_sum if part else None,
-                                           P.ParamsSpec.of(state.params), grid)
+            aggregate = self.secagg.finish(r, server, done, part.masked_sum if part else None,
+                                           P.ParamsSpec.of(state.params), grid, devices)
             if self.privacy is not None and part is not None:
                 aggregate = self.privacy.release(r, aggregate, unclipped=part.unclipped)
             state = self.strategy.apply(state, aggregate)
@@ -550,8 +569,12 @@ def _strategy_of(config: SimConfig, attack: Attack | None = None, invited: int =
     return build_strategy(config.strategy, options)
 
 
-def _privacy_of(config: SimConfig, num_devices: int, strategy: Strategy) -> PrivacySession | None:
-    """The run's DP session, with the sampling assumption that matches how cohorts are chosen."""
+def _privacy_of(config: SimConfig, num_devices: int, strategy: Strategy,
+                grid: DistributedGrid | None = None) -> PrivacySession | None:
+    """The run's DP session, with the sampling assumption that matches how cohorts are chosen.
+
+    ``grid``: --dp distributed's secure-aggregation grid (the session plans the noise on it).
+    """
     settings = config.privacy
     if settings is None:
         return None
@@ -560,13 +583,13 @@ def _privacy_of(config: SimConfig, num_devices: int, strategy: Strategy) -> Priv
     if config.sample_rate is not None:
         return PrivacySession(settings, sampling="poisson", sample_rate=config.sample_rate,
                               expected_reports=config.sample_rate * num_devices,
-                              planned_rounds=config.rounds, seed=config.seed)
+                              planned_rounds=config.rounds, seed=config.seed, grid=grid)
     if config.cohort is not None and config.cohort < num_devices:
         return PrivacySession(settings, sampling="fixed", population=num_devices, cohort=config.cohort,
                               expected_reports=float(config.cohort), planned_rounds=config.rounds,
-                              seed=config.seed)
+                              seed=config.seed, grid=grid)
     return PrivacySession(settings, sampling="full", expected_reports=float(num_devices),
-                          planned_rounds=config.rounds, seed=config.seed)
+                          planned_rounds=config.rounds, seed=config.seed, grid=grid)
 
 
 def simulate(
