@@ -201,7 +201,7 @@ class SecureSession:
         shares = self._secagg.unmask(UnmaskRequest(tuple(request.survivors), tuple(request.dropped)))
         message = SecAggUnmaskShares(round=plan.round, attempt=plan.attempt,
                                      self_shares=dict(shares.self_shares), key_shares=dict(shares.key_shares))
-        self._send(lambda: self._client.send_unmask_shares(message), self._unmask_at)
+        self._send(lambda: self._client.send_unmask_shares(message), self._unmask_at, last=True)
         return len(shares.self_shares) + len(shares.key_shares)
 
     # ------------------------------------------------------------ transport
@@ -220,11 +220,16 @@ class SecureSession:
         logger.debug("secure aggregation: %s; retrying in %.1f s", error, delay)
         self._pause(min(delay, until - now))
 
-    def _send(self, send: Callable[[], object], deadline: float) -> None:
+    def _send(self, send: Callable[[], object], deadline: float, *, last: bool = False) -> None:
         """POST a phase's message; after a network error, again until the deadline.
 
-        A retry refused as ``duplicate`` means an earlier try arrived: the message is in.
+        A retry refused as ``duplicate``, or as ``out_of_phase`` (the phase closed
+        meanwhile), may mean an earlier try arrived and its answer was lost: the
+        session goes on, and the next phase's result says whether it counted (a
+        device that missed the phase is refused there). After the ``last``
+        message a round that has ended (``closed``) leaves nothing more to do.
         """
+        settled = ("duplicate", "out_of_phase", "closed") if last else ("duplicate", "out_of_phase")
         failures = 0
         while True:
             if self._stopping():
@@ -236,7 +241,9 @@ class SecureSession:
                 self._retry(failures, e, deadline + _GRACE_S)
                 failures += 1
             except RefusalError as e:
-                if failures and e.reason == "duplicate":
+                if failures and e.reason in settled:
+                    logger.info("round %d: a retried message was refused as %s: an earlier try arrived, "
+                                "or the phase is over", self._plan.round, e.reason)
                     return
                 raise
 

@@ -409,8 +409,9 @@ def _check_secagg(config: CoordinatorConfig) -> None:
         raise ConfigError(f"[secagg] needs at least 3 updates in every round (fewer reveal each other's "
                           f"inputs); rounds.min_updates is {low}")
     k, t = config.secagg_k, config.secagg_threshold
-    if k is not None and (isinstance(k, bool) or k < 2 or k % 2):
-        raise ConfigError(f"secagg.k must be an even number >= 2, got {k!r}")
+    if k is not None and (isinstance(k, bool) or k < 2 or (k % 2 and k < high - 1)):
+        raise ConfigError(f"secagg.k must be an even number >= 2 (or at least the {high - 1} other "
+                          f"devices of a full cohort: the complete graph), got {k!r}")
     if t is not None and (isinstance(t, bool) or t < 2):
         raise ConfigError(f"secagg.threshold must be >= 2, got {t!r}")
     rate = config.secagg_dropout_rate

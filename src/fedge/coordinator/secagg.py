@@ -289,6 +289,10 @@ class SecureRound:
         return SecAggInbox(round=self.round_id, attempt=self.attempt, ready=True,
                            shares=self._inbox.get(device, {}))
 
+    def accepts_upload(self, device: str, attempt: int) -> None:
+        """Refuse at once, before its frame is decoded, a masked vector this round cannot take."""
+        self._check(attempt, device, _Phase.UPLOAD, "uploaded a masked vector")
+
     def receive_masked(self, device: str, attempt: int, vector: npt.NDArray[np.uint32]) -> None:
         """Phase 2: ``device``'s masked vector, summed at once (memory O(model), not O(cohort))."""
         server = self._check(attempt, device, _Phase.UPLOAD, "uploaded a masked vector")

@@ -453,6 +453,7 @@ class Coordinator:
         secure = self.secure_round(device_id, round_id)
         rnd = self._round_for(device_id, round_id)
         rnd.bytes_in[device_id] = rnd.bytes_in.get(device_id, 0) + len(body)
+        secure.accepts_upload(device_id, secure.attempt)  # out of phase: refused before decoding
         t0 = time.perf_counter()
         upload, vector = await asyncio.to_thread(
             _decode_masked, body, secure.setup.vector_length, secure.grid.wire_bits)
