@@ -606,6 +606,9 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--agents", type=int, default=8, help="agent processes to start")
     p.add_argument("--rounds", type=int, default=20, help="rounds to train")
     p.add_argument("--seed", type=int, default=0, help="seed for the data split and the coordinator")
+    p.add_argument("--secagg", action="store_true",
+                   help="secure aggregation (SecAgg+): the coordinator sees only the sum of the agents' "
+                   "updates (docs/secagg.md)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder (default: a new folder under runs/)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -619,7 +622,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out_dir = args.out if args.out is not None else default_out_dir(Path("runs"), "demo")
     print("fedge demo: a new CA, a server certificate, a one-time token per agent; every agent enrols "
           "and then speaks mutual TLS", file=sys.stderr)
-    print(f"fedge demo: {args.agents} agents, {args.rounds} rounds; logs in {out_dir}/logs/", file=sys.stderr)
+    print(f"fedge demo: {args.agents} agents, {args.rounds} rounds"
+          f"{', secure aggregation (SecAgg+)' if args.secagg else ''}; logs in {out_dir}/logs/",
+          file=sys.stderr)
     seen: set[tuple[int, int]] = set()
 
     def progress(status: dict[str, Any]) -> None:
@@ -631,12 +636,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 continue
             seen.add(key)
             acc = f"{h['accuracy']:.4f}" if "accuracy" in h else "-"
+            secure = ""
+            if "secagg_survivors" in h:  # dropouts by phase: advertise/share/upload/unmask
+                dropped = "/".join(str(int(h.get(f"secagg_dropped_{p}", 0)))
+                                   for p in ("advertise", "share", "upload", "unmask"))
+                secure = f"  secagg dropped {dropped}"
             print(f"round {h['round']:>3}/{status['rounds']}  {h['state']:<9}  participants "
-                  f"{h['reported']}/{h['invited']}  accuracy {acc}  {h['duration_s']:.2f} s", file=sys.stderr)
+                  f"{h['reported']}/{h['invited']}  accuracy {acc}  {h['duration_s']:.2f} s{secure}",
+                  file=sys.stderr)
 
     try:
         result = run_demo(agents=args.agents, rounds=args.rounds, out_dir=Path(out_dir), seed=args.seed,
-                          progress=progress)
+                          secagg=args.secagg, progress=progress)
     except KeyboardInterrupt:
         print(f"fedge: interrupted; every process is stopped; logs are in {out_dir}/logs/", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -667,3 +667,38 @@ def test_widen_sign_extends_values_and_keeps_the_weight() -> None:
         held = exact if bits == 32 else (exact & np.uint32((1 << bits) - 1)) | (
             noise & ~np.uint32((1 << bits) - 1))
         np.testing.assert_array_equal(widen(held, bits), exact)
+
+
+def test_a_long_poll_answers_as_soon_as_the_phase_closes(make_net: Callable[..., Net]) -> None:
+    import threading
+
+    net = make_net()
+    members = net.join(7)
+    everyone = list(members.values())
+    for m in everyone[:-1]:
+        m.advertise()
+    got: list[tuple[float, dict[str, Any]]] = []
+
+    def wait() -> None:
+        t0 = time.monotonic()
+        r = net.client.get("/v1/rounds/1/secagg/keys", params={"attempt": 1, "wait_s": 8},
+                           headers={DEVICE_HEADER: "d0"})
+        got.append((time.monotonic() - t0, r.json()))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.3)
+    assert not got  # held open: the phase has not closed
+    everyone[-1].advertise()
+    waiter.join(timeout=10)
+    (took, reply), = got
+    assert reply["ready"] and set(reply["keys"]) == set(members) and took < 5
+    # Held at most wait_s, and only for a result that is not ready.
+    t0 = time.monotonic()
+    pending = net.client.get("/v1/rounds/1/secagg/shares", params={"attempt": 1, "wait_s": 0.3},
+                             headers={DEVICE_HEADER: "d0"}).json()
+    assert pending["ready"] is False and 0.25 < time.monotonic() - t0 < 5
+    for bad in ("-1", "nan", "inf", "soon"):
+        refused("bad_request", net.client.get("/v1/rounds/1/secagg/shares",
+                                              params={"attempt": 1, "wait_s": bad},
+                                              headers={DEVICE_HEADER: "d0"}))

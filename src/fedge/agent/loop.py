@@ -99,6 +99,8 @@ _EVENT_BATCH = 50
 _EVENT_EVERY_S = 10.0
 # The capability benchmark's time bound (it trains one epoch of 256 synthetic examples).
 _BENCH_MAX_S = 10.0
+# How long a secure round's phase result may be held open by the coordinator (a long poll).
+_LONG_POLL_S = 5.0
 
 _T = TypeVar("_T")
 
@@ -419,6 +421,9 @@ class Agent:
             sleep=self._sleep, stopping=self._stop.is_set,
             backoff=lambda n: backoff_delay(n, base_s=self._config.backoff_base_s,
                                             cap_s=self._config.backoff_cap_s, rng=self._rng),
+            # Held open by the coordinator until a phase closes, well within the request timeout;
+            # a stop waits for at most one such request.
+            long_poll_s=min(_LONG_POLL_S, self._config.request_timeout_s / 2),
         )
         try:
             secure.exchange_keys()

@@ -11,8 +11,9 @@ per invitation, in order (docs/secagg.md)::
     upload(delta)     encode on the round's grid (encode_for_secagg), mask, POST masked
     unmask()          poll GET unmask (survivors, dropped), POST the shares it asks for
 
-A phase's result is polled every ``poll_s`` until the coordinator closes the
-phase, and never past its deadline; a network error is retried with
+A phase's result is long-polled (the coordinator holds the request until
+the phase closes, up to ``long_poll_s``) and asked again after ``poll_s``
+until then, never past the phase's deadline; a network error is retried with
 exponential backoff and full jitter until then. A refusal (a 4xx) or a
 message the :class:`~fedge.secagg.protocol.SecAggClient` refuses (a
 directory that alters this device's keys, shares that fail authentication,
@@ -96,6 +97,8 @@ class SecureSession:
         sleep: waits, returning early once the agent stops.
         stopping: whether the agent is stopping.
         backoff: the delay before retry ``n`` after ``n`` network errors in a row.
+        long_poll_s: how long the coordinator may hold a request for a phase's result
+            (0: answer at once); below the request timeout.
 
     Raises (from the constructor):
         ProtocolError: ``bad_plan`` (a setup or grid no honest coordinator
@@ -105,7 +108,7 @@ class SecureSession:
     def __init__(
         self, client: CoordinatorClient, plan: TrainPlan, device_id: str, *, received_at: float,
         clock: Callable[[], float], sleep: Callable[[float], object], stopping: Callable[[], bool],
-        backoff: Callable[[int], float],
+        backoff: Callable[[int], float], long_poll_s: float = 0.0,
     ) -> None:
         sa = plan.secagg
         if sa is None:
@@ -124,6 +127,7 @@ class SecureSession:
         self._client = client
         self._clock, self._sleep, self._stopping = clock, sleep, stopping
         self._backoff = backoff
+        self._long_poll_s = max(0.0, long_poll_s)
         self._poll_s = max(_MIN_POLL_S, sa.poll_s)
         self._advertise_at = received_at + sa.advertise_deadline_s
         self._share_at = received_at + sa.share_deadline_s
@@ -146,13 +150,13 @@ class SecureSession:
         mine = self._secagg.advertise_keys()
         keys = SecAggKeys(round=plan.round, attempt=plan.attempt, c_pk=mine.c_pk, s_pk=mine.s_pk)
         self._send(lambda: self._client.send_secagg_keys(keys), self._advertise_at)
-        directory = self._poll(lambda: self._client.fetch_secagg_keys(plan.round, plan.attempt),
+        directory = self._poll(lambda w: self._client.fetch_secagg_keys(plan.round, plan.attempt, wait_s=w),
                                self._advertise_at, "the key directory")
         shares = self._secagg.share_keys(
             {name: AdvertiseKeys(c_pk=k.c_pk, s_pk=k.s_pk) for name, k in directory.keys.items()})
         message = SecAggShares(round=plan.round, attempt=plan.attempt, shares=dict(shares.ciphertexts))
         self._send(lambda: self._client.send_secagg_shares(message), self._share_at)
-        inbox = self._poll(lambda: self._client.fetch_secagg_shares(plan.round, plan.attempt),
+        inbox = self._poll(lambda w: self._client.fetch_secagg_shares(plan.round, plan.attempt, wait_s=w),
                            self._share_at, "the shares")
         self._secagg.receive_shares(inbox.shares)
         logger.info("round %d attempt %d: secure aggregation keys exchanged with %d neighbours",
@@ -196,7 +200,7 @@ class SecureSession:
             SessionStopped: the agent is stopping.
         """
         plan = self._plan
-        request = self._poll(lambda: self._client.fetch_unmask_request(plan.round, plan.attempt),
+        request = self._poll(lambda w: self._client.fetch_unmask_request(plan.round, plan.attempt, wait_s=w),
                              self._unmask_at, "the unmask request")
         shares = self._secagg.unmask(UnmaskRequest(tuple(request.survivors), tuple(request.dropped)))
         message = SecAggUnmaskShares(round=plan.round, attempt=plan.attempt,
@@ -247,15 +251,15 @@ class SecureSession:
                     return
                 raise
 
-    def _poll(self, fetch: Callable[[], _R], deadline: float, what: str) -> _R:
-        """A phase's result: asked again every ``retry_s`` until the coordinator closed the phase."""
+    def _poll(self, fetch: Callable[[float], _R], deadline: float, what: str) -> _R:
+        """A phase's result: long-polled, and asked again after ``retry_s``, until the phase closed."""
         failures = 0
         give_up = deadline + max(_GRACE_S, 4 * self._poll_s)
         while True:
             if self._stopping():
                 raise SessionStopped
             try:
-                reply = fetch()
+                reply = fetch(min(self._long_poll_s, max(0.0, give_up - self._clock())))
             except TransportError as e:
                 self._retry(failures, e, give_up)
                 failures += 1

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +31,7 @@ from fedge import __version__
 from fedge.coordinator.dashboard import add_dashboard_routes
 from fedge.coordinator.identity import Identity
 from fedge.coordinator.metrics import CoordinatorCollector
+from fedge.coordinator.secagg import SecureRound
 from fedge.coordinator.service import Coordinator
 from fedge.errors import ProtocolError
 from fedge.wire import (
@@ -49,6 +51,7 @@ from fedge.wire import (
     SecAggDirectory,
     SecAggInbox,
     SecAggKeys,
+    SecAggPoll,
     SecAggShares,
     SecAggUnmaskRequest,
     SecAggUnmaskShares,
@@ -65,6 +68,8 @@ logger = logging.getLogger(__name__)
 _JSON_LIMIT = 64 * 1024
 # Secure aggregation's JSON messages grow with the neighbours (k): ~250 bytes per encrypted share.
 _SECAGG_JSON_LIMIT = 4 * 1024 * 1024
+# The longest a phase's result is held open for (?wait_s=): well below any client's request timeout.
+LONG_POLL_S = 10.0
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 _OCTETS = "application/octet-stream"
 _CHUNK = 64 * 1024
@@ -300,7 +305,8 @@ def _same_round(sent: int, path: int) -> None:
 
 def _add_secagg_routes(app: FastAPI, coordinator: Coordinator, identity: Identity | None) -> None:
     """Secure aggregation's phases (docs/secagg.md): each a POST of the device's message and a GET
-    of the phase's result, which answers ``ready: false`` until the phase has closed."""
+    of the phase's result, which answers ``ready: false`` until the phase has closed (held open up
+    to ``wait_s`` seconds for it, at most :data:`LONG_POLL_S`)."""
 
     def ack(round: int, attempt: int) -> Response:
         return _json(UpdateAck(round=round, attempt=attempt))
@@ -311,7 +317,20 @@ def _add_secagg_routes(app: FastAPI, coordinator: Coordinator, identity: Identit
         coordinator.count_upload(device, round, len(raw))
         return raw
 
-    def reply(device: str, round: int, message: Message) -> Response:
+    async def result(device: str, round: int, wait_s: float,
+                     get: Callable[[SecureRound], SecAggPoll]) -> Response:
+        # A long poll: held until the phase has closed (the result is ready) or wait_s passed.
+        if not (math.isfinite(wait_s) and wait_s >= 0):
+            raise _refusal("bad_request", f"wait_s must be a number >= 0, got {wait_s}")
+        loop = asyncio.get_running_loop()
+        until = loop.time() + min(wait_s, LONG_POLL_S)
+        while True:
+            secure = coordinator.secure_round(device, round)  # refused if the round ended meanwhile
+            message = get(secure)
+            left = until - loop.time()
+            if message.ready or left <= 0:
+                break
+            await secure.wait_change(left)
         response = _json(message)
         coordinator.count_download(device, round, len(response.body))
         return response
@@ -326,10 +345,10 @@ def _add_secagg_routes(app: FastAPI, coordinator: Coordinator, identity: Identit
         return ack(round, msg.attempt)
 
     @app.get("/v1/rounds/{round}/secagg/keys", response_model=SecAggDirectory)
-    async def secagg_directory(request: Request, round: int, attempt: int) -> Response:
+    async def secagg_directory(request: Request, round: int, attempt: int, wait_s: float = 0.0) -> Response:
         """Phase 0's result: the public keys of the device's neighbours that advertised."""
         device = device_identity(request, identity)
-        return reply(device, round, coordinator.secure_round(device, round).directory(device, attempt))
+        return await result(device, round, wait_s, lambda s: s.directory(device, attempt))
 
     @app.post("/v1/rounds/{round}/secagg/shares", response_model=UpdateAck,
               openapi_extra=_schema(SecAggShares))
@@ -342,10 +361,10 @@ def _add_secagg_routes(app: FastAPI, coordinator: Coordinator, identity: Identit
         return ack(round, msg.attempt)
 
     @app.get("/v1/rounds/{round}/secagg/shares", response_model=SecAggInbox)
-    async def secagg_inbox(request: Request, round: int, attempt: int) -> Response:
+    async def secagg_inbox(request: Request, round: int, attempt: int, wait_s: float = 0.0) -> Response:
         """Phase 1's result: the encrypted shares the device's neighbours addressed to it."""
         device = device_identity(request, identity)
-        return reply(device, round, coordinator.secure_round(device, round).inbox(device, attempt))
+        return await result(device, round, wait_s, lambda s: s.inbox(device, attempt))
 
     @app.post(
         "/v1/rounds/{round}/secagg/masked",
@@ -359,10 +378,11 @@ def _add_secagg_routes(app: FastAPI, coordinator: Coordinator, identity: Identit
         return _json(await coordinator.submit_masked(device, round, frame))
 
     @app.get("/v1/rounds/{round}/secagg/unmask", response_model=SecAggUnmaskRequest)
-    async def secagg_unmask_request(request: Request, round: int, attempt: int) -> Response:
+    async def secagg_unmask_request(request: Request, round: int, attempt: int, wait_s: float = 0.0
+                                    ) -> Response:
         """Phase 2's result: the survivors and the dropped, for a survivor to answer."""
         device = device_identity(request, identity)
-        return reply(device, round, coordinator.secure_round(device, round).unmask_request(device, attempt))
+        return await result(device, round, wait_s, lambda s: s.unmask_request(device, attempt))
 
     @app.post("/v1/rounds/{round}/secagg/unmask", response_model=UpdateAck,
               openapi_extra=_schema(SecAggUnmaskShares))

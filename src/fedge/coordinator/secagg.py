@@ -10,7 +10,9 @@ al., CCS 2020, on Bonawitz et al., CCS 2017) as request/response pairs under
     upload      masked  its packed masked vector   unmask  who survived, who dropped
     unmask      unmask  Shamir shares              -
 
-A GET before its phase closed answers ``ready: false`` and when to ask again.
+A GET before its phase closed answers ``ready: false`` and when to ask again;
+with ``wait_s`` it is held open until the phase closes or that long passes
+(a long poll: one request per phase rather than one per poll period).
 A phase closes as soon as every device still in it has answered, or at its
 deadline, fixed when the round opens: keys by ``advertise_s``, shares by
 ``advertise_s + share_s``, the masked upload by ``rounds.deadline_s`` (as a
@@ -196,6 +198,7 @@ class SecureRound:
         self.aborted_in: str | None = None
         self.phase_s: dict[str, float] = {}
         self.unmask_cpu_s = 0.0
+        self._changed = asyncio.Event()  # set (and replaced) whenever the phase moves on
 
     # ------------------------------------------------------------ state
 
@@ -229,6 +232,16 @@ class SecureRound:
         """For ``/v1/status``: the phase and how many devices answered each one so far."""
         return {"phase": self.phase, "advertised": len(self.advertised), "shared": len(self.shared),
                 "uploaded": len(self.uploaded), "answered": len(self.answered)}
+
+    async def wait_change(self, timeout_s: float) -> None:
+        """Wait until the phase moves on, or ``timeout_s`` passes (for a long-polled result)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+
+    def _moved_on(self, phase: _Phase) -> None:
+        self._phase = phase
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def _check(self, attempt: int, device: str, phase: _Phase, what: str) -> SecAggServer:
         if attempt != self.attempt:
@@ -366,21 +379,21 @@ class SecureRound:
         phase = self._phase
         if phase is _Phase.ADVERTISE:
             self._directory = server.close_keys()
-            self._phase = _Phase.SHARE
+            self._moved_on(_Phase.SHARE)
         elif phase is _Phase.SHARE:
             self._inbox = server.close_shares()
             self.phase_s["keys"] = now - self.times.opened_at
             self.keys_closed_at = now
-            self._phase = _Phase.UPLOAD
+            self._moved_on(_Phase.UPLOAD)
         elif phase is _Phase.UPLOAD:
             if len(self.uploaded) < min_updates:
                 raise SecAggError("below_threshold", f"only {len(self.uploaded)} masked vectors arrived; "
                                   f"the round needs {min_updates}: nothing is unmasked")
             self._request = server.close_masked()
             self._upload_closed_at = now
-            self._phase = _Phase.UNMASK
+            self._moved_on(_Phase.UNMASK)
         elif phase is _Phase.UNMASK:
-            self._phase = _Phase.UNMASKING
+            self._moved_on(_Phase.UNMASKING)
             t0 = time.perf_counter()
             total, cpu_s = await asyncio.to_thread(_unmask, server, self.grid)
             self.unmask_cpu_s = cpu_s
@@ -388,7 +401,7 @@ class SecureRound:
             self._check_total(total)
             self.total = total
             self.phase_s["unmask"] = (now - (self._upload_closed_at or now)) + (time.perf_counter() - t0)
-            self._phase = _Phase.DONE
+            self._moved_on(_Phase.DONE)
             logger.info("round %d attempt %d: the sum of %d masked vectors unmasked (%d devices dropped, "
                         "%d did not answer the unmask request)", self.round_id, self.attempt,
                         len(self.uploaded), len(self.shared - self.uploaded),
@@ -410,7 +423,7 @@ class SecureRound:
     def _abort(self, reason: str) -> None:
         self.aborted_in = {_Phase.UNMASKING: "unmask"}.get(self._phase, self._phase.value)
         self.abort_reason = reason
-        self._phase = _Phase.ABORTED
+        self._moved_on(_Phase.ABORTED)
         self._server = None  # the masked sum goes with it: nothing of an abandoned attempt is revealed
         logger.warning("round %d attempt %d: secure aggregation abandoned in the %s phase: %s",
                        self.round_id, self.attempt, self.aborted_in, reason)
