@@ -53,9 +53,9 @@ The file has up to eight tables; every key is optional except the task's shape
     bits = 24                  # signed bits per value on the shared grid (default: the most that fits)
     max_weight = 1000          # the largest example weight (default: the cohort's largest)
     dropout_rate = 0.1         # the dropout rate k is chosen for
-    advertise_s = 15.0         # phase deadlines, from the round's opening (the upload's is
-    share_s = 10.0             #   rounds.deadline_s) and, for unmasking, from the upload's
-    unmask_s = 10.0
+    advertise_s = 15.0         # how long each phase may last: keys from the round's opening,
+    share_s = 10.0             #   shares from the keys' end, unmasking from the upload's end
+    unmask_s = 10.0            #   (the upload itself ends rounds.deadline_s after the opening)
     poll_s = 1.0               # how often devices ask whether a phase has closed
 
     [security]

@@ -14,9 +14,11 @@ A GET before its phase closed answers ``ready: false`` and when to ask again;
 with ``wait_s`` it is held open until the phase closes or that long passes
 (a long poll: one request per phase rather than one per poll period).
 A phase closes as soon as every device still in it has answered, or at its
-deadline, fixed when the round opens: keys by ``advertise_s``, shares by
-``advertise_s + share_s``, the masked upload by ``rounds.deadline_s`` (as a
-plaintext round's update), unmask shares ``unmask_s`` after that. A device
+deadline: keys ``advertise_s`` after the round opened, shares ``share_s``
+after the keys phase closed, the masked upload ``rounds.deadline_s`` after
+the opening (as a plaintext round's update: training happens in this phase),
+unmask shares ``unmask_s`` after the upload closed. A device is told the
+latest each can be (the phases before it taking all their time). A device
 that missed a phase is out of the round; the ones that remain carry it on,
 and the pairwise masks of those that shared keys but did not upload are
 rebuilt from their neighbours' shares. At any phase with fewer than the
@@ -138,13 +140,22 @@ def _refusals() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class PhaseTimes:
-    """When each phase closes at the latest, on the coordinator's clock."""
+    """The phases' deadlines, on the coordinator's clock: keys and upload at fixed instants, the
+    share and unmask phases a length after the phase before them closed."""
 
     opened_at: float
     advertise_at: float
-    share_at: float
+    share_s: float
     upload_at: float
     unmask_s: float
+
+    @property
+    def latest_share_at(self) -> float:
+        return self.advertise_at + self.share_s
+
+    @property
+    def latest_unmask_at(self) -> float:
+        return self.upload_at + self.unmask_s
 
 
 class SecureRound:
@@ -188,6 +199,7 @@ class SecureRound:
         self._directory: dict[str, AdvertiseKeys] = {}
         self._inbox: dict[str, dict[str, bytes]] = {}
         self._request: UnmaskRequest | None = None
+        self._advertise_closed_at: float | None = None
         self._upload_closed_at: float | None = None
         #: When the key phases ended (devices train from then on).
         self.keys_closed_at: float | None = None
@@ -224,8 +236,9 @@ class SecureRound:
             graph_seed=self.setup.graph_seed, vector_length=self.setup.vector_length,
             clip=self.grid.clip, bits=self.grid.bits, max_weight=self.grid.max_weight,
             wire_bits=self.grid.wire_bits, weighted=self.weighted,
-            advertise_deadline_s=max(0.0, t.advertise_at - now), share_deadline_s=max(0.0, t.share_at - now),
-            unmask_deadline_s=max(0.0, t.upload_at + t.unmask_s - now), poll_s=self.poll_s,
+            advertise_deadline_s=max(0.0, t.advertise_at - now),
+            share_deadline_s=max(0.0, t.latest_share_at - now),
+            unmask_deadline_s=max(0.0, t.latest_unmask_at - now), poll_s=self.poll_s,
         )
 
     def status(self) -> dict[str, object]:
@@ -345,19 +358,24 @@ class SecureRound:
         if phase is _Phase.ADVERTISE:
             return len(self.advertised) == len(self.setup.cohort) or now >= t.advertise_at
         if phase is _Phase.SHARE:
-            return self.shared >= self.advertised or now >= t.share_at
+            return self.shared >= self.advertised or now >= self.next_deadline()
         if phase is _Phase.UPLOAD:
             settled = self.uploaded | (set(aborted) & self.shared)
             return settled >= self.shared or len(self.uploaded) >= target or now >= t.upload_at
         if phase is _Phase.UNMASK:
-            return self.answered >= self.uploaded or now >= t.upload_at + t.unmask_s
+            return self.answered >= self.uploaded or now >= self.next_deadline()
         return False
 
     def next_deadline(self) -> float:
         """The instant the open phase closes at the latest."""
         t = self.times
-        return {_Phase.ADVERTISE: t.advertise_at, _Phase.SHARE: t.share_at,
-                _Phase.UPLOAD: t.upload_at}.get(self._phase, t.upload_at + t.unmask_s)
+        if self._phase is _Phase.ADVERTISE:
+            return t.advertise_at
+        if self._phase is _Phase.SHARE:
+            return (self._advertise_closed_at or t.advertise_at) + t.share_s
+        if self._phase is _Phase.UPLOAD:
+            return t.upload_at
+        return (self._upload_closed_at or t.upload_at) + t.unmask_s
 
     async def advance(self, now: float, *, aborted: Collection[str], target: int, min_updates: int) -> bool:
         """Close every phase that is due; True once the round is over (unmasked or abandoned).
@@ -379,6 +397,7 @@ class SecureRound:
         phase = self._phase
         if phase is _Phase.ADVERTISE:
             self._directory = server.close_keys()
+            self._advertise_closed_at = now
             self._moved_on(_Phase.SHARE)
         elif phase is _Phase.SHARE:
             self._inbox = server.close_shares()
@@ -520,7 +539,7 @@ def open_secure_round(
     setup = RoundSetup(secagg_setup_id(round_id, attempt), names, k_eff, t, os.urandom(32),
                        P.num_values(params) + 1)
     advertise_s, share_s, unmask_s = phases_s
-    times = PhaseTimes(opened_at=now, advertise_at=now + advertise_s, share_at=now + advertise_s + share_s,
+    times = PhaseTimes(opened_at=now, advertise_at=now + advertise_s, share_s=share_s,
                        upload_at=now + deadline_s, unmask_s=unmask_s)
     logger.info("round %d attempt %d: secure aggregation of %d devices, k %d, threshold %d, %d-bit grid "
                 "(%d bits sent per value)", round_id, attempt, n, k_eff, t, grid.bits, grid.wire_bits)
