@@ -22,6 +22,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fedge.agent import Agent, AgentConfig
+from fedge.cli import main
 from fedge.coordinator.app import create_app
 from fedge.coordinator.config import CoordinatorConfig
 from fedge.coordinator.secagg import SecureRound
@@ -94,7 +95,9 @@ def run(coordinator: Coordinator, paths: list[Path], tmp_path: Path,
         return client.get("/v1/status").json()  # type: ignore[no-any-return]
 
 
-def test_secure_rounds_reach_the_plaintext_model_within_the_grid(tmp_path: Path) -> None:
+def test_secure_rounds_reach_the_plaintext_model_within_the_grid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     paths = data_files(tmp_path, 5)
     plain = Coordinator(config(tmp_path, "plain"))
     run(plain, paths, tmp_path)
@@ -119,6 +122,12 @@ def test_secure_rounds_reach_the_plaintext_model_within_the_grid(tmp_path: Path)
     assert len(updates) == 5 and all(u["num_examples"] == 0 for u in updates)
     plain.close()
     secure.close()
+    # `fedge rounds show N` lists the round's dropouts by phase; examples are "masked".
+    assert main(["rounds", "show", "2", "--data-dir", str(tmp_path / "secure")]) == 0
+    shown = capsys.readouterr().out
+    assert "secure aggregation: k 4, threshold 3" in shown and "5 survivors" in shown
+    assert "dropped by phase: advertise 0, share 0, upload 0, unmask 0" in shown
+    assert shown.count("masked") == 5 and "keys" in shown and "unmask" in shown
 
 
 def test_an_agent_refuses_an_unmask_request_naming_a_device_both_survivor_and_dropped(
