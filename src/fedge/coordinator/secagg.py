@@ -472,6 +472,8 @@ class SecureRound:
         # Only phases that closed: a dropout is a device that missed its phase's end.
         for name, was, now_in in list(zip(PHASES, before, after, strict=True))[: self._stage()]:
             out[f"secagg_dropped_{name}"] = float(len(was - now_in))
+        if self.total is not None:  # the coordinator's CPU to rebuild and remove the masks
+            out["secagg_unmask_cpu_s"] = self.unmask_cpu_s
         if self.aborted_in is not None:
             out[f"secagg_aborted_{self.aborted_in}"] = 1.0
         out.update({f"phase_{name}_s": s for name, s in self.phase_s.items()})
