@@ -385,7 +385,13 @@ class UpdateAck(Message):
 
 
 class _SecAggStep(Message):
-    """A secure-aggregation message: which round attempt it belongs to."""
+    """A secure-aggregation message: which round attempt it belongs to.
+
+    Validators are built on first use (``defer_build``): an agent that never
+    runs a secure round does not pay their memory.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     round: Annotated[int, Field(ge=1)]
     attempt: Annotated[int, Field(ge=1)]
@@ -402,7 +408,7 @@ class SecAggPoll(_SecAggStep):
 class SecAggKeyPair(BaseModel):
     """A device's two X25519 public keys: ``c_pk`` encrypts shares, ``s_pk`` agrees masks."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     c_pk: _Key
     s_pk: _Key

@@ -236,3 +236,13 @@ def test_encode_for_secagg_puts_the_update_on_the_grid_with_its_weight_last() ->
         encode_for_secagg(delta, weight=11, grid=grid, rng=np.random.default_rng(0))
     with pytest.raises(ConfigError, match="non-finite"):
         encode_for_secagg({"b": np.array([np.nan])}, weight=1, grid=grid, rng=np.random.default_rng(0))
+
+
+def test_an_idle_agent_does_not_load_secure_aggregation() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; import fedge.agent, fedge.agent.loop, fedge.agent.client, fedge.wire; "
+            "bad = [m for m in sys.modules if m.startswith(('fedge.secagg', 'fedge.agent.secagg')) "
+            "or m.endswith(('.x25519', '.aead', '.hkdf'))]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
