@@ -41,7 +41,7 @@ class Clock:
         return self.now
 
 
-def wait_until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
+def wait_until(cond: Callable[[], bool], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if cond():
@@ -230,7 +230,14 @@ class Net:
         wait_until(lambda: secure.phase != phase)
 
     def finished(self) -> None:
-        wait_until(lambda: self.coordinator.open is None)
+        """Wait until the attempt has been closed (a retry may open at once after it)."""
+        secure = self.secure
+        assert secure is not None
+
+        def ended() -> bool:
+            rnd = self.coordinator.open
+            return rnd is None or rnd.secagg is not secure
+        wait_until(ended)
 
 
 @pytest.fixture
@@ -702,3 +709,30 @@ def test_a_long_poll_answers_as_soon_as_the_phase_closes(make_net: Callable[...,
         refused("bad_request", net.client.get("/v1/rounds/1/secagg/shares",
                                               params={"attempt": 1, "wait_s": bad},
                                               headers={DEVICE_HEADER: "d0"}))
+
+
+def test_a_vector_off_the_grid_makes_the_attempt_abandoned_never_a_wrong_model(
+    make_net: Callable[..., Net]
+) -> None:
+    net = make_net()
+    members = net.join(7)
+    cheat = members["d3"]
+    cheat.quantized = cheat.quantized.copy()
+    cheat.quantized[-1] = np.uint32(10**6)  # a weight no device may claim (max_weight is 70)
+    for phase in PHASES:
+        for m in members.values():
+            _ACT[phase](m)
+        net.settle(phase, everyone=True)
+    net.finished()
+    assert net.secure is not None and net.secure.total is None
+    assert net.secure.aborted_in == "unmask" and "total weight" in (net.secure.abort_reason or "")
+    row = net.coordinator.store.round_row(1, 1)
+    assert row is not None and row.state == "abandoned" and net.coordinator.state.round == 0
+
+
+def test_the_secure_demo_needs_three_agents(tmp_path: Path) -> None:
+    from fedge.demo import run_demo
+
+    with pytest.raises(ConfigError, match="at least 3 agents"):
+        run_demo(agents=2, rounds=1, out_dir=tmp_path / "demo", secagg=True)
+    assert not (tmp_path / "demo").exists()  # refused before anything was written
