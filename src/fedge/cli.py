@@ -612,6 +612,9 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--agents", type=int, default=8, help="agent processes to start")
     p.add_argument("--rounds", type=int, default=20, help="rounds to train")
     p.add_argument("--seed", type=int, default=0, help="seed for the data split and the coordinator")
+    p.add_argument("--secagg", action="store_true",
+                   help="secure aggregation (SecAgg+): the coordinator sees only the sum of the agents' "
+                   "updates (docs/secagg.md)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder (default: a new folder under runs/)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -625,7 +628,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     out_dir = args.out if args.out is not None else default_out_dir(Path("runs"), "demo")
     print("fedge demo: a new CA, a server certificate, a one-time token per agent; every agent enrols "
           "and then speaks mutual TLS", file=sys.stderr)
-    print(f"fedge demo: {args.agents} agents, {args.rounds} rounds; logs in {out_dir}/logs/", file=sys.stderr)
+    print(f"fedge demo: {args.agents} agents, {args.rounds} rounds"
+          f"{', secure aggregation (SecAgg+)' if args.secagg else ''}; logs in {out_dir}/logs/",
+          file=sys.stderr)
     seen: set[tuple[int, int]] = set()
 
     def progress(status: dict[str, Any]) -> None:
@@ -637,12 +642,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 continue
             seen.add(key)
             acc = f"{h['accuracy']:.4f}" if "accuracy" in h else "-"
+            secure = ""
+            if "secagg_survivors" in h:  # dropouts by phase: advertise/share/upload/unmask
+                dropped = "/".join(str(int(h.get(f"secagg_dropped_{p}", 0)))
+                                   for p in ("advertise", "share", "upload", "unmask"))
+                secure = f"  secagg dropped {dropped}"
             print(f"round {h['round']:>3}/{status['rounds']}  {h['state']:<9}  participants "
-                  f"{h['reported']}/{h['invited']}  accuracy {acc}  {h['duration_s']:.2f} s", file=sys.stderr)
+                  f"{h['reported']}/{h['invited']}  accuracy {acc}  {h['duration_s']:.2f} s{secure}",
+                  file=sys.stderr)
 
     try:
         result = run_demo(agents=args.agents, rounds=args.rounds, out_dir=Path(out_dir), seed=args.seed,
-                          progress=progress)
+                          secagg=args.secagg, progress=progress)
     except KeyboardInterrupt:
         print(f"fedge: interrupted; every process is stopped; logs are in {out_dir}/logs/", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -786,9 +797,10 @@ def _cmd_events(args: argparse.Namespace) -> int:
 def _add_rounds(sub: Any) -> None:
     p = sub.add_parser(
         "rounds", help="rounds and where their time went",
-        description=("List every round attempt with its phases (selection, download, training, upload, "
-                     "decode, aggregation, evaluation, store), or, with `show N`, one round's devices "
-                     "with their training throughput. Reads the coordinator's data directory."),
+        description=("List every round attempt with its phases (selection, download, keys, training, "
+                     "upload, decode, aggregation, unmask, evaluation, store), or, with `show N`, one "
+                     "round's devices with their training throughput (and a secure round's dropouts by "
+                     "phase). Reads the coordinator's data directory."),
     )
     _data_dir_args(p)
     p.add_argument("show", nargs="?", choices=["show"], help="show one round")
@@ -800,7 +812,7 @@ def _add_rounds(sub: Any) -> None:
 def _cmd_rounds(args: argparse.Namespace) -> int:
     import json
 
-    from fedge.store import PHASES, Store
+    from fedge.store import PHASES, SECAGG_PHASES, Store
 
     if (args.show is None) != (args.round is None):
         raise ConfigError("give `fedge rounds` alone, or `fedge rounds show N`")
@@ -835,9 +847,11 @@ def _cmd_rounds(args: argparse.Namespace) -> int:
             for u in store.updates(r.round, r.attempt):
                 reported: dict[str, Any] = u["metrics"]  # type: ignore[assignment]
                 took = reported.get("train_s")
-                n = int(str(u["num_examples"]))
+                # 0: a secure round's masked vector, whose example count the coordinator never sees.
+                n = int(str(u["num_examples"])) or None
                 devices.append({"device": u["device_id"], "examples": n, "bytes": u["size_bytes"],
-                                "train_s": took, "examples_per_s": None if not took else n * epochs / took})
+                                "train_s": took,
+                                "examples_per_s": None if not took or n is None else n * epochs / took})
             out.append({"round": r.round, "attempt": r.attempt, "state": r.state,
                         "dropped": list(r.dropped), "metrics": r.metrics, "devices": devices})
     if args.json:
@@ -849,11 +863,20 @@ def _cmd_rounds(args: argparse.Namespace) -> int:
         m = o["metrics"]
         phases = [f"{p} {m[f'phase_{p}_s']:.3f} s" for p in PHASES if f"phase_{p}_s" in m]
         print("  phases: " + ("; ".join(phases) or "not recorded"))
+        if "secagg_k" in m:
+            dropped = ", ".join(f"{p} {int(m[f'secagg_dropped_{p}'])}" for p in SECAGG_PHASES
+                                if f"secagg_dropped_{p}" in m)
+            aborted = [p for p in SECAGG_PHASES if m.get(f"secagg_aborted_{p}")]
+            print(f"  secure aggregation: k {int(m['secagg_k'])}, threshold {int(m['secagg_threshold'])}, "
+                  f"{int(m['secagg_bits'])}-bit grid ({int(m['secagg_wire_bits'])} bits sent), "
+                  f"{int(m['secagg_survivors'])} survivors; dropped by phase: {dropped or 'none recorded'}"
+                  + (f"; abandoned in the {aborted[0]} phase, nothing unmasked" if aborted else ""))
         print(f"  {'device':<24} {'examples':>8} {'bytes':>9} {'train s':>8} {'examples/s':>11}")
         for d in o["devices"]:
             took = "-" if d["train_s"] is None else f"{d['train_s']:.3f}"
             rate = "-" if d["examples_per_s"] is None else f"{d['examples_per_s']:.0f}"
-            print(f"  {d['device']:<24} {d['examples']:>8} {d['bytes']:>9} {took:>8} {rate:>11}")
+            examples = "masked" if d["examples"] is None else d["examples"]
+            print(f"  {d['device']:<24} {examples:>8} {d['bytes']:>9} {took:>8} {rate:>11}")
     return EXIT_OK
 
 

@@ -5,7 +5,10 @@ The demo writes each agent its own Dirichlet(0.5) share of the digits to an
 coordinator's central evaluation, starts ``fedge coordinator`` and ``fedge
 agent`` as separate processes, shows progress from ``/v1/status`` and, at
 the end, writes ``summary.json``, ``metrics.jsonl`` and ``model.safetensors``
-like the simulator does. Every child is stopped on completion, on error and
+like the simulator does. With ``secagg=True`` the coordinator's ``[secagg]``
+table is on: every round runs SecAgg+ between the agents (docs/secagg.md)
+and the coordinator sees only the sum of their updates. Every child is
+stopped on completion, on error and
 on Ctrl-C, and dies with the demo even if the demo is killed outright
 (``PR_SET_PDEATHSIG``), so nothing is left running.
 """
@@ -128,7 +131,11 @@ def _write_data(out_dir: Path, agents: int, seed: int) -> tuple[list[Path], Path
     return paths, test
 
 
-def _coordinator_toml(*, test: Path, port: int, data_dir: Path, agents: int, rounds: int, seed: int) -> str:
+def _coordinator_toml(
+    *, test: Path, port: int, data_dir: Path, agents: int, rounds: int, seed: int, secagg: bool = False
+) -> str:
+    # Secure aggregation needs at least 3 updates a round (fewer would reveal each other's).
+    min_updates = max(3, agents // 2) if secagg else max(1, agents // 2)
     return "\n".join(
         [
             "[task]",
@@ -141,7 +148,7 @@ def _coordinator_toml(*, test: Path, port: int, data_dir: Path, agents: int, rou
             "[rounds]",
             f"count = {rounds}",
             f"cohort_size = {agents}",
-            f"min_updates = {max(1, agents // 2)}",
+            f"min_updates = {min_updates}",
             # Round 1 waits for every agent; later rounds need half of them.
             f"min_devices = {agents}",
             "deadline_s = 60.0",
@@ -158,6 +165,7 @@ def _coordinator_toml(*, test: Path, port: int, data_dir: Path, agents: int, rou
             f"data_dir = {json.dumps(str(data_dir))}",
             f"seed = {seed}",
             "",
+            *(["[secagg]", "enabled = true", ""] if secagg else []),
         ]
     )
 
@@ -178,6 +186,7 @@ def run_demo(
     rounds: int = 20,
     out_dir: Path,
     seed: int = 0,
+    secagg: bool = False,
     progress: Any = None,
 ) -> DemoResult:
     """Run the demo federation to completion; ``progress(status)`` sees each new status.
@@ -190,6 +199,9 @@ def run_demo(
 
     if agents < 2:
         raise ConfigError(f"--agents must be at least 2, got {agents}")
+    if secagg and agents < 3:
+        raise ConfigError(f"--secagg needs at least 3 agents (secure aggregation of two reveals each "
+                          f"one's update to the other), got {agents}")
     if rounds < 1:
         raise ConfigError(f"--rounds must be at least 1, got {rounds}")
     t0 = time.perf_counter()
@@ -203,7 +215,8 @@ def run_demo(
     config = out_dir / "coordinator.toml"
     store_dir = out_dir / "coordinator"
     config.write_text(
-        _coordinator_toml(test=test, port=port, data_dir=store_dir, agents=agents, rounds=rounds, seed=seed)
+        _coordinator_toml(test=test, port=port, data_dir=store_dir, agents=agents, rounds=rounds, seed=seed,
+                          secagg=secagg)
     )
     # The whole flow an operator follows: a CA, a server certificate, and a
     # one-time token per device, bound to its id; each agent makes its own key.
@@ -228,6 +241,7 @@ def run_demo(
         )
         with httpx.Client(verify=context, headers={"authorization": f"Bearer {admin_token}"}) as client:
             _wait_healthy(client, url, coordinator, children)
+            cpu_at_start = _cpu_s(coordinator.pid)
             for i, path in enumerate(data_paths):
                 children.start(
                     f"agent-{i}",
@@ -268,6 +282,7 @@ def run_demo(
                     )
                 time.sleep(_POLL_S)
             train_s = time.perf_counter() - t_train
+            cpu_at_end = _cpu_s(coordinator.pid)
             assert last is not None
             statuses.append(last)
         # The coordinator lingers for the agents to hear "done", then exits.
@@ -275,10 +290,21 @@ def run_demo(
         children.stop(["coordinator"], timeout_s=15.0)
     finally:
         children.close()
+    cpu_s = None if cpu_at_start is None or cpu_at_end is None else cpu_at_end - cpu_at_start
     summary = _summarize(
-        statuses[-1], store_dir, out_dir, agents=agents, train_s=train_s, wall_s=time.perf_counter() - t0
+        statuses[-1], store_dir, out_dir, agents=agents, train_s=train_s, wall_s=time.perf_counter() - t0,
+        secagg=secagg, coordinator_cpu_s=cpu_s,
     )
     return DemoResult(out_dir, summary)
+
+
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``), or None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _wait_healthy(client: Any, url: str, coordinator: subprocess.Popen[bytes], children: _Children) -> None:
@@ -299,7 +325,8 @@ def _wait_healthy(client: Any, url: str, coordinator: subprocess.Popen[bytes], c
 
 
 def _summarize(
-    status: dict[str, Any], store_dir: Path, out_dir: Path, *, agents: int, train_s: float, wall_s: float
+    status: dict[str, Any], store_dir: Path, out_dir: Path, *, agents: int, train_s: float, wall_s: float,
+    secagg: bool = False, coordinator_cpu_s: float | None = None,
 ) -> dict[str, Any]:
     from safetensors.numpy import save
 
@@ -330,11 +357,16 @@ def _summarize(
         "rounds_complete": status["rounds_complete"],
         "attempts": len(history),
         "devices": agents,
+        "secagg": secagg,
         "wall_s": round(wall_s, 4),
         "timing": {
             "rounds_s": round(train_s, 4),
             "round_s_mean": round(sum(h["duration_s"] for h in complete) / max(1, len(complete)), 4),
             "protocol_overhead_s_per_round": round(sum(overheads) / len(overheads), 4) if overheads else None,
+            # The coordinator process's CPU from its first answer to the last round (startup excluded).
+            "coordinator_cpu_s": None if coordinator_cpu_s is None else round(coordinator_cpu_s, 3),
+            "coordinator_cpu_s_per_round": None if coordinator_cpu_s is None or not status["rounds_complete"]
+            else round(coordinator_cpu_s / status["rounds_complete"], 4),
         },
         # As the coordinator counted them: update bodies in, params payloads out
         # (zstd-compressed, as sent; HTTP and TLS framing not included).

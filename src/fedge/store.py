@@ -49,7 +49,7 @@ import struct
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ from fedge.strategies.base import ServerState
 __all__ = [
     "PHASES",
     "SCHEMA_VERSION",
+    "SECAGG_PHASES",
     "TOKEN_REASONS",
     "CertificateRow",
     "DeviceRow",
@@ -80,7 +81,11 @@ __all__ = [
 SCHEMA_VERSION = 4
 
 #: The phases a round's profile times (``phase_NAME_s`` in its metrics; docs/observability.md).
-PHASES = ("selection", "download", "training", "upload", "decode", "aggregation", "evaluation", "store")
+PHASES = ("selection", "download", "keys", "training", "upload", "decode", "aggregation", "unmask",
+          "evaluation", "store")
+
+#: The phases of a secure round a device can drop out in (``secagg_dropped_<phase>`` in its metrics).
+SECAGG_PHASES = ("advertise", "share", "upload", "unmask")
 
 #: The :attr:`TokenError.reason` codes of :meth:`Store.consume_token`.
 TOKEN_REASONS = ("unknown_token", "expired_token", "used_token", "wrong_device")
@@ -160,6 +165,10 @@ class RoundStats:
     phases: dict[str, float]  # seconds spent in each phase, summed over complete rounds
     bytes_up: float = 0.0  # request bodies of updates, every attempt
     bytes_down: float = 0.0  # params sent, every attempt
+    # Secure rounds, every ended attempt: devices that dropped out in each phase, and
+    # attempts abandoned in each phase (below the threshold).
+    secagg_dropped: dict[str, float] = field(default_factory=dict)
+    secagg_aborted: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -803,17 +812,27 @@ class Store:
                 "TOTAL(CASE WHEN j.key LIKE 'down:%' THEN j.value END) "
                 "FROM metrics AS m, json_each(m.metrics) AS j WHERE m.kind = 'traffic'"
             ).fetchone()
+            secure = conn.execute(
+                "SELECT " + ", ".join(f"TOTAL(json_extract(metrics, '$.secagg_{what}_{p}'))"
+                                      for what in ("dropped", "aborted") for p in SECAGG_PHASES)
+                + " FROM rounds WHERE state IN ('complete', 'abandoned')"
+            ).fetchone()
         phases = dict(zip(PHASES, map(float, sums), strict=True))
-        return RoundStats(by_state, durations, updates, events, phases, float(up), float(down))
+        n = len(SECAGG_PHASES)
+        return RoundStats(by_state, durations, updates, events, phases, float(up), float(down),
+                          dict(zip(SECAGG_PHASES, map(float, secure[:n]), strict=True)),
+                          dict(zip(SECAGG_PHASES, map(float, secure[n:]), strict=True)))
 
     def refusal_counts(self) -> dict[str, int]:
         rows = self._query("SELECT code, COUNT(*) FROM refusals GROUP BY code ORDER BY code")
         return {str(code): int(n) for code, n in rows}
 
     def abandon_round(
-        self, round: int, attempt: int, *, closed_at: float, reported: Sequence[str], dropped: Sequence[str]
+        self, round: int, attempt: int, *, closed_at: float, reported: Sequence[str], dropped: Sequence[str],
+        metrics: Mapping[str, float] | None = None,
     ) -> None:
-        """Close an open attempt without a result (too few updates by the deadline).
+        """Close an open attempt without a result (too few updates by the deadline); ``metrics``,
+        if given, are kept with it (a secure round's dropouts by phase).
 
         Raises:
             ValueError: the attempt is not open.
@@ -821,9 +840,10 @@ class Store:
         with self._write() as conn:
             _require_open(conn, round, attempt, "abandon")
             conn.execute(
-                "UPDATE rounds SET state = 'abandoned', closed_at = ?, reported = ?, dropped = ? "
-                "WHERE round = ? AND attempt = ?",
-                (closed_at, json.dumps(list(reported)), json.dumps(list(dropped)), round, attempt),
+                "UPDATE rounds SET state = 'abandoned', closed_at = ?, reported = ?, dropped = ?, "
+                "metrics = ? WHERE round = ? AND attempt = ?",
+                (closed_at, json.dumps(list(reported)), json.dumps(list(dropped)), _json(metrics or {}),
+                 round, attempt),
             )
 
     def complete_round(

@@ -6,6 +6,11 @@ Two kinds of thing cross the wire (see "Round protocol" in DESIGN.md):
   bodies) are pydantic models with ``extra="forbid"``: an unknown field or a
   wrong type is refused, never ignored. Every message carries ``protocol``;
   a version this build does not speak is refused with ``bad_version``.
+* **Secure-aggregation messages** (:class:`SecAggPlan` in the train plan,
+  the keys, shares and unmask messages, see docs/secagg.md) are JSON too,
+  their keys and shares base64 in strings; the masked vector is a compact
+  binary frame (:func:`encode_masked`): a 26-byte header and the packed
+  ``wire_bits`` of every value, no compression (masked values are uniform).
 * **Tensor payloads** (the round's params, a device's update) are
   safetensors files compressed with zstd. Nothing is ever unpickled. The
   decoder reads the safetensors header itself first, so names, shapes and
@@ -21,6 +26,8 @@ This module is pure: no sockets, no disk, no clock.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
 import json
@@ -32,7 +39,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fedge.errors import ProtocolError
 from fedge.params import Array, Params, ParamsSpec
@@ -47,6 +63,7 @@ __all__ = [
     "EVENT_LEVELS",
     "PROTOCOL_VERSION",
     "REFUSALS",
+    "SECAGG_REFUSALS",
     "AbortReport",
     "CheckIn",
     "CheckInReply",
@@ -58,20 +75,33 @@ __all__ = [
     "EvalReport",
     "EventBatch",
     "EventsAck",
+    "MaskedUpload",
     "Message",
     "RenewRequest",
+    "SecAggDirectory",
+    "SecAggInbox",
+    "SecAggKeyPair",
+    "SecAggKeys",
+    "SecAggPlan",
+    "SecAggPoll",
+    "SecAggShares",
+    "SecAggUnmaskRequest",
+    "SecAggUnmaskShares",
     "TaskInfo",
     "TokenReply",
     "TokenRequest",
     "TrainPlan",
     "Update",
     "UpdateAck",
+    "decode_masked",
     "decode_params",
     "decode_update",
+    "encode_masked",
     "encode_params",
     "encode_update",
     "parse_message",
     "payload_etag",
+    "secagg_setup_id",
 ]
 
 #: The protocol version this build speaks (the ``/v1`` in every path).
@@ -104,7 +134,15 @@ REFUSALS: dict[str, int] = {
     "non_finite": 422,  # NaN or infinity in a tensor or a metric
     "bad_weight": 422,  # the example count is not a positive number
     "rate_limited": 429,  # more events than a device may send in a minute
+    # Secure aggregation (docs/secagg.md): a message the round's SecAgg+ state machine refuses.
+    "out_of_phase": 409,  # a step of another phase than the open one, or one the device may not take
+    "not_neighbour": 422,  # an encrypted share addressed to a device that is not a neighbour
+    "wrong_length": 422,  # a masked vector of another length or bit width than the round's
+    "malformed": 400,  # keys of the wrong size, too few shares, an unrequested unmask share
 }
+
+#: The refusal codes only secure-aggregation rounds send.
+SECAGG_REFUSALS = ("out_of_phase", "not_neighbour", "wrong_length", "malformed")
 
 _ZSTD_LEVEL = 3
 # A safetensors header lists names, dtypes, shapes and offsets; 1 MiB is far
@@ -172,6 +210,71 @@ class EncodingInfo(BaseModel):
     shared_range: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = None
 
 
+#: A device id as it may appear inside a message (a cohort list, a key directory).
+DeviceName = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
+
+
+def _from_base64(value: object) -> object:
+    """Standard base64 text -> bytes, strictly (no stray characters); bytes pass as they are."""
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise ValueError("not valid base64") from None
+    return value
+
+
+def _to_base64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+#: Bytes carried in JSON as a standard base64 string.
+Base64Bytes = Annotated[bytes, BeforeValidator(_from_base64), PlainSerializer(_to_base64, return_type=str)]
+_Key = Annotated[Base64Bytes, Field(min_length=32, max_length=32)]
+# An encrypted share (196 bytes today) or a Shamir share (66): bounded well above either.
+_Blob = Annotated[Base64Bytes, Field(min_length=1, max_length=1024)]
+_MAX_COHORT = 100_000
+
+
+def secagg_setup_id(round: int, attempt: int) -> int:
+    """The id a secure round's SecAgg+ setup is bound to: (round, attempt) in 64 bits.
+
+    Shares are encrypted with it as associated data and masks salted with it, so
+    nothing of one attempt can be replayed into another of the same round.
+    """
+    return (int(round) << 32) | int(attempt)
+
+
+class SecAggPlan(BaseModel):
+    """What a cohort member needs for a secure round (docs/secagg.md), sent in the train plan.
+
+    The cohort's order gives every device its Shamir point (the i-th device
+    has point i + 1); ``k``, ``threshold``, ``graph_seed`` and ``vector_length``
+    complete the SecAgg+ setup; ``clip``, ``bits`` and ``max_weight`` are the
+    round's shared fixed-point grid, ``wire_bits`` how many bits of each masked
+    value are sent. ``weighted`` false: every device encodes weight 1 (DP
+    rounds, whose updates are clipped and weigh the same). The deadlines are
+    seconds from the reply, like :attr:`TrainPlan.deadline_s` (the upload's).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cohort: Annotated[list[DeviceName], Field(min_length=3, max_length=_MAX_COHORT)]
+    k: Annotated[int, Field(ge=2)]
+    threshold: Annotated[int, Field(ge=2)]
+    graph_seed: _Key
+    vector_length: Annotated[int, Field(ge=2)]
+    clip: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    bits: Annotated[int, Field(ge=2, le=32)]
+    max_weight: Annotated[int, Field(ge=1)]
+    wire_bits: Annotated[int, Field(ge=1, le=32)]
+    weighted: bool = True
+    advertise_deadline_s: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    share_deadline_s: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    unmask_deadline_s: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    poll_s: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
 class TrainPlan(Message):
     """An invitation to one round attempt: which params to fetch and how to train."""
 
@@ -189,6 +292,8 @@ class TrainPlan(Message):
     # to this L2 norm and adds N(0, noise_stddev^2) to every value before upload.
     clip_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     noise_stddev: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    # Secure aggregation: the device runs the SecAgg+ phases and uploads only a masked vector.
+    secagg: SecAggPlan | None = None
 
     @model_validator(mode="after")
     def _noise_needs_a_clip(self) -> TrainPlan:
@@ -277,6 +382,76 @@ class UpdateAck(Message):
 
     round: int
     attempt: int
+
+
+class _SecAggStep(Message):
+    """A secure-aggregation message: which round attempt it belongs to.
+
+    Validators are built on first use (``defer_build``): an agent that never
+    runs a secure round does not pay their memory.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+    round: Annotated[int, Field(ge=1)]
+    attempt: Annotated[int, Field(ge=1)]
+
+
+class SecAggPoll(_SecAggStep):
+    """A phase's result, once the coordinator closed the phase (``ready``); until then poll
+    again after ``retry_s``."""
+
+    ready: bool
+    retry_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+
+
+class SecAggKeyPair(BaseModel):
+    """A device's two X25519 public keys: ``c_pk`` encrypts shares, ``s_pk`` agrees masks."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+
+    c_pk: _Key
+    s_pk: _Key
+
+
+class SecAggKeys(_SecAggStep):
+    """Phase 0, device -> coordinator: this device's public keys."""
+
+    c_pk: _Key
+    s_pk: _Key
+
+
+class SecAggDirectory(SecAggPoll):
+    """Phase 0's result: the public keys of the device and of its neighbours that advertised."""
+
+    keys: Annotated[dict[DeviceName, SecAggKeyPair], Field(max_length=_MAX_COHORT)] = Field(
+        default_factory=dict)
+
+
+class SecAggShares(_SecAggStep):
+    """Phase 1, device -> coordinator: an encrypted share pair for each neighbour, by receiver."""
+
+    shares: Annotated[dict[DeviceName, _Blob], Field(max_length=_MAX_COHORT)]
+
+
+class SecAggInbox(SecAggPoll):
+    """Phase 1's result: the encrypted shares neighbours addressed to this device, by sender."""
+
+    shares: Annotated[dict[DeviceName, _Blob], Field(max_length=_MAX_COHORT)] = Field(default_factory=dict)
+
+
+class SecAggUnmaskRequest(SecAggPoll):
+    """Phase 2's result: who uploaded (survivors) and who shared keys but did not (dropped)."""
+
+    survivors: Annotated[list[DeviceName], Field(max_length=_MAX_COHORT)] = Field(default_factory=list)
+    dropped: Annotated[list[DeviceName], Field(max_length=_MAX_COHORT)] = Field(default_factory=list)
+
+
+class SecAggUnmaskShares(_SecAggStep):
+    """Phase 3, device -> coordinator: Shamir shares of survivors' self-masks and dropped devices' keys."""
+
+    self_shares: Annotated[dict[DeviceName, _Blob], Field(max_length=_MAX_COHORT)]
+    key_shares: Annotated[dict[DeviceName, _Blob], Field(max_length=_MAX_COHORT)]
 
 
 _M = TypeVar("_M", bound=Message)
@@ -523,6 +698,70 @@ def decode_update(
             raise _refuse("non_finite", f"metric {k!r} is {v}")
         metrics[str(k)] = float(v)
     return Update(round_id, attempt, num_examples, metrics, delta)
+
+
+# ------------------------------------------------------------ masked vectors
+
+# magic "FSM", protocol version, round, attempt, values, bits per value, training seconds.
+_MASKED_HEADER = struct.Struct(">3sBIIIBd")
+_MASKED_MAGIC = b"FSM"
+
+
+@dataclass(frozen=True)
+class MaskedUpload:
+    """A decoded masked-vector frame: its round attempt and the packed low bits of each value."""
+
+    round: int
+    attempt: int
+    length: int
+    bits: int
+    train_s: float
+    packed: bytes
+
+
+def encode_masked(
+    packed: bytes, *, round: int, attempt: int, length: int, bits: int, train_s: float
+) -> bytes:
+    """The frame a device uploads in a secure round: a 25-byte header, then ``packed``.
+
+    ``packed`` is :func:`fedge.encoding.fixedpoint.pack` of the masked vector
+    (``length`` values, ``bits`` each). There is no compression: masked values are
+    uniformly random and do not compress. ``train_s`` is the local training time,
+    for the round's profile (participation metadata the coordinator sees anyway).
+    """
+    if len(packed) != (length * bits + 7) // 8:
+        raise ValueError(f"{len(packed)} packed bytes do not hold {length} values of {bits} bits")
+    if not (math.isfinite(train_s) and train_s >= 0):
+        raise ValueError(f"train_s must be a finite number >= 0, got {train_s}")
+    header = _MASKED_HEADER.pack(_MASKED_MAGIC, PROTOCOL_VERSION, round, attempt, length, bits, train_s)
+    return header + packed
+
+
+def decode_masked(body: bytes, *, length: int, bits: int) -> MaskedUpload:
+    """Check a masked-vector frame against the round's vector ``length`` and ``bits``.
+
+    Raises:
+        ProtocolError: ``bad_payload`` (not such a frame), ``bad_version``,
+            ``wrong_length`` (another length or bit width, or a payload of the
+            wrong size), ``non_finite`` (the training time).
+    """
+    if len(body) < _MASKED_HEADER.size or body[:3] != _MASKED_MAGIC:
+        raise _refuse("bad_payload", "not a masked-vector frame (secure aggregation)")
+    magic, version, round_id, attempt, n, b, train_s = _MASKED_HEADER.unpack_from(body)
+    del magic
+    if version != PROTOCOL_VERSION:
+        raise _refuse("bad_version",
+                      f"masked vector of protocol {version}; this build speaks {PROTOCOL_VERSION}")
+    if (n, b) != (length, bits):
+        raise _refuse("wrong_length", f"a masked vector of {n} values of {b} bits; this round takes "
+                                      f"{length} values of {bits} bits")
+    size = len(body) - _MASKED_HEADER.size
+    if size != (length * bits + 7) // 8:
+        raise _refuse("wrong_length",
+                      f"the masked vector holds {size} bytes, expected {(length * bits + 7) // 8}")
+    if not math.isfinite(train_s) or train_s < 0:
+        raise _refuse("non_finite", f"the training time {train_s} is not a finite number >= 0")
+    return MaskedUpload(round_id, attempt, n, b, float(train_s), body[_MASKED_HEADER.size :])
 
 
 def _expected_size(spec: ParamsSpec) -> int:

@@ -28,7 +28,7 @@ from fedge_processes import (
 )
 
 from fedge.store import Store
-from fedge.wire import DEVICE_HEADER, REFUSALS, decode_params, encode_params, encode_update
+from fedge.wire import DEVICE_HEADER, REFUSALS, SECAGG_REFUSALS, decode_params, encode_params, encode_update
 
 _AGENT_EXIT_S = 30.0
 
@@ -453,9 +453,10 @@ def test_every_refusal_over_http_leaves_the_coordinator_and_the_rounds_running(
         rows
     )
     # "late" needs a deadline to pass mid-request (the in-process tests cover it); the identity
-    # refusals (certificates, tokens, CSRs, admin) are sent over mutual TLS in test_tls.py.
+    # refusals (certificates, tokens, CSRs, admin) are sent over mutual TLS in test_tls.py, and
+    # secure aggregation's in tests/integration/test_secagg_coordinator.py and test_secagg.py.
     identity = {"no_certificate", "unauthorized", "revoked", "bad_token", "bad_csr", "device_exists"}
-    assert set(sent) == set(REFUSALS) - {"late"} - identity
+    assert set(sent) == set(REFUSALS) - {"late"} - identity - set(SECAGG_REFUSALS)
 
 
 def _prometheus_refusals(text: str) -> dict[str, int]:

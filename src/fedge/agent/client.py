@@ -32,6 +32,13 @@ from fedge.wire import (
     EvalReport,
     EventBatch,
     EventsAck,
+    Message,
+    SecAggDirectory,
+    SecAggInbox,
+    SecAggKeys,
+    SecAggShares,
+    SecAggUnmaskRequest,
+    SecAggUnmaskShares,
     UpdateAck,
     parse_message,
 )
@@ -167,6 +174,55 @@ class CoordinatorClient:
         )
         return parse_message(UpdateAck, r.body)
 
+    # Secure aggregation (docs/secagg.md): each phase's message, and its result once the phase closed.
+    # Every one raises as the calls above: TransportError, RefusalError, ProtocolError.
+
+    def send_secagg_keys(self, message: SecAggKeys) -> UpdateAck:
+        """``POST /v1/rounds/{round}/secagg/keys``: this device's two public keys."""
+        return self._post_step(message, "keys")
+
+    def fetch_secagg_keys(self, round_id: int, attempt: int, *, wait_s: float = 0.0) -> SecAggDirectory:
+        """``GET /v1/rounds/{round}/secagg/keys``: the neighbours' public keys, once phase 0 closed.
+
+        ``wait_s`` > 0: the coordinator holds the request until the phase closes or that long passes.
+        """
+        return parse_message(SecAggDirectory, self._get_step(round_id, attempt, "keys", wait_s))
+
+    def send_secagg_shares(self, message: SecAggShares) -> UpdateAck:
+        """``POST /v1/rounds/{round}/secagg/shares``: the encrypted shares, by receiver."""
+        return self._post_step(message, "shares")
+
+    def fetch_secagg_shares(self, round_id: int, attempt: int, *, wait_s: float = 0.0) -> SecAggInbox:
+        """``GET /v1/rounds/{round}/secagg/shares``: the shares addressed here, once phase 1 closed."""
+        return parse_message(SecAggInbox, self._get_step(round_id, attempt, "shares", wait_s))
+
+    def send_masked(self, round_id: int, body: bytes) -> UpdateAck:
+        """``POST /v1/rounds/{round}/secagg/masked``: the frame of :func:`fedge.wire.encode_masked`."""
+        r = self._call(
+            "POST", f"/v1/rounds/{round_id}/secagg/masked", content=body,
+            extra_headers={"content-type": "application/octet-stream"},
+        )
+        return parse_message(UpdateAck, r.body)
+
+    def fetch_unmask_request(
+        self, round_id: int, attempt: int, *, wait_s: float = 0.0
+    ) -> SecAggUnmaskRequest:
+        """``GET /v1/rounds/{round}/secagg/unmask``: survivors and dropped, once phase 2 closed."""
+        return parse_message(SecAggUnmaskRequest, self._get_step(round_id, attempt, "unmask", wait_s))
+
+    def send_unmask_shares(self, message: SecAggUnmaskShares) -> UpdateAck:
+        """``POST /v1/rounds/{round}/secagg/unmask``: the shares the unmask request asked for."""
+        return self._post_step(message, "unmask")
+
+    def _post_step(self, message: SecAggKeys | SecAggShares | SecAggUnmaskShares, step: str) -> UpdateAck:
+        r = self._call("POST", f"/v1/rounds/{message.round}/secagg/{step}",
+                       content=_json_bytes(message), json_body=True)
+        return parse_message(UpdateAck, r.body)
+
+    def _get_step(self, round_id: int, attempt: int, step: str, wait_s: float) -> bytes:
+        query = f"attempt={int(attempt)}" + (f"&wait_s={wait_s:.3f}" if wait_s > 0 else "")
+        return self._call("GET", f"/v1/rounds/{round_id}/secagg/{step}?{query}").body
+
     def _identity(self) -> dict[str, str]:
         """The headers that say who is asking (a client certificate, once mutual TLS arrives)."""
         return {DEVICE_HEADER: self._device_id}
@@ -197,6 +253,10 @@ class CoordinatorClient:
             raise RefusalError(reason, detail, r.status, request=request)
         where = f", location {_one_line(r.headers['location'])}" if "location" in r.headers else ""
         raise ProtocolError("unexpected_status", f"{request}: HTTP {r.status}{where}", r.status)
+
+
+def _json_bytes(message: Message) -> bytes:
+    return message.model_dump_json().encode()
 
 
 def _error_body(r: Response) -> tuple[str, str]:

@@ -99,6 +99,8 @@ _EVENT_BATCH = 50
 _EVENT_EVERY_S = 10.0
 # The capability benchmark's time bound (it trains one epoch of 256 synthetic examples).
 _BENCH_MAX_S = 10.0
+# How long a secure round's phase result may be held open by the coordinator (a long poll).
+_LONG_POLL_S = 5.0
 
 _T = TypeVar("_T")
 
@@ -158,6 +160,12 @@ def _device_seed(device_id: str) -> tuple[int]:
     return (int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:8], "big"),)
 
 
+def _encoding_rng(device_id: str, plan: TrainPlan) -> np.random.Generator:
+    """The stream an update's stochastic rounding draws from: its own, since training may run in a
+    child process (which leaves the training generator untouched here) and must not share draws."""
+    return np.random.default_rng([*_device_seed(device_id), plan.round, plan.attempt, 1])
+
+
 @dataclass(frozen=True)
 class _Session:
     """What one :meth:`Agent.run` works with once its startup checks passed."""
@@ -175,6 +183,16 @@ class _Pending:
     key: tuple[int, int, str]
     body: bytes
     num_examples: int
+    train_s: float
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """A round's training result, ready to encode: the (privatized) delta and what goes with it."""
+
+    delta: Params
+    num_examples: int
+    metrics: dict[str, float]
     train_s: float
 
 
@@ -359,6 +377,9 @@ class Agent:
     def _train_and_upload(
         self, session: _Session, task: _TaskState, plan: TrainPlan, received_at: float, label: str
     ) -> None:
+        if plan.secagg is not None:
+            self._secure_round(session, task, plan, received_at, label)
+            return
         pending = self._pending
         if pending is not None and pending.key == _key(plan):
             logger.info("%s: sending the update again (its upload got no answer)", label)
@@ -368,10 +389,73 @@ class Agent:
         params = self._fetch_params(session, task, plan, label)
         if params is None or self._abandoned(label):
             return
+        trained = self._evaluate_and_train(session, task, plan, params, received_at, label)
+        if trained is None:
+            return
+        # The local training time goes with the update, so the coordinator can
+        # tell training from protocol overhead in a round's duration.
+        metrics = {**trained.metrics, "train_s": trained.train_s}
+        tensors, encoding = self._encode(plan, task, trained.delta, _encoding_rng(session.device_id, plan))
+        body = encode_update(
+            tensors, round=plan.round, attempt=plan.attempt, num_examples=trained.num_examples,
+            metrics=metrics, encoding=encoding,
+        )
+        if self._past_deadline(plan, received_at, label):
+            return
+        pending = _Pending(_key(plan), body, trained.num_examples, trained.train_s)
+        self._pending = pending
+        self._upload(session, plan, pending, label)
+
+    def _secure_round(
+        self, session: _Session, task: _TaskState, plan: TrainPlan, received_at: float, label: str
+    ) -> None:
+        """A round under secure aggregation: the key phases, training, the masked upload, unmasking."""
+        # Imported here: the X25519/AES code loads only when a secure round happens.
+        from fedge.agent.secagg import SecureSession, SessionStopped
+
+        params = self._fetch_params(session, task, plan, label)
+        if params is None or self._abandoned(label):
+            return
+        secure = SecureSession(
+            session.client, plan, session.device_id, received_at=received_at, clock=self._clock,
+            sleep=self._sleep, stopping=self._stop.is_set,
+            backoff=lambda n: backoff_delay(n, base_s=self._config.backoff_base_s,
+                                            cap_s=self._config.backoff_cap_s, rng=self._rng),
+            # Held open by the coordinator until a phase closes, well within the request timeout;
+            # a stop waits for at most one such request.
+            long_poll_s=min(_LONG_POLL_S, self._config.request_timeout_s / 2),
+        )
+        try:
+            secure.exchange_keys()
+            if self._abandoned(label):
+                return
+            trained = self._evaluate_and_train(session, task, plan, params, received_at, label)
+            if trained is None or self._past_deadline(plan, received_at, label):
+                return
+            size = secure.upload(trained.delta, num_examples=trained.num_examples, train_s=trained.train_s,
+                                 rng=_encoding_rng(session.device_id, plan))
+            self._finished = _key(plan)
+            if self._rounds_today is not None:
+                self._rounds_today.add()
+            logger.info("%s: trained %d examples in %.2f s, uploaded a masked vector of %.1f KiB",
+                        label, trained.num_examples, trained.train_s, size / 1024)
+            sent = secure.unmask()
+            logger.info("%s: answered the unmask request (%d shares)", label, sent)
+        except SessionStopped:
+            logger.info("stopping: %s abandoned (secure aggregation)", label)
+
+    def _evaluate_and_train(
+        self, session: _Session, task: _TaskState, plan: TrainPlan, params: Params, received_at: float,
+        label: str,
+    ) -> _Trained | None:
+        """Evaluate the round's params (if asked), train, and privatize the delta as the plan says.
+
+        ``None`` when training stopped (the coordinator is told) or the agent is stopping.
+        """
         if plan.evaluate:
             self._report_evaluation(session, task, plan, params, label)
             if self._abandoned(label):
-                return
+                return None
         config = TrainConfig(
             local_epochs=plan.local_epochs, batch_size=plan.batch_size, lr=plan.lr, mu=plan.mu
         )
@@ -388,13 +472,13 @@ class Agent:
             logger.warning("%s: training stopped: %s", label, stop, extra={"event": "abort"})
             session.client.send_abort(AbortReport(round=plan.round, attempt=plan.attempt,
                                                   reasons=[r[:200] for r in stop.reasons[:16]]))
-            return
+            return None
         train_s = self._clock() - started
         if stats.pauses:
             logger.info("%s: training paused %d times (%.1f s) for other work", label, stats.pauses,
                         stats.paused_s)
         if self._abandoned(label):
-            return
+            return None
         delta = _delta(result.params, params, task.spec)
         try:
             check_finite(delta, what="update")
@@ -402,27 +486,18 @@ class Agent:
             raise TaskError(f"training diverged: {e}") from None
         if plan.clip_norm is not None:
             delta = _privatize(delta, plan)
-        # The local training time goes with the update, so the coordinator can
-        # tell training from protocol overhead in a round's duration.
-        metrics = {**_finite_metrics(result.metrics, label, "training"), "train_s": train_s}
-        # Its own stream: training may run in a child process, which leaves
-        # ``rng`` untouched here, and rounding must not reuse training's draws.
-        encoding_rng = np.random.default_rng([*_device_seed(session.device_id), plan.round, plan.attempt, 1])
-        tensors, encoding = self._encode(plan, task, delta, encoding_rng)
-        body = encode_update(
-            tensors, round=plan.round, attempt=plan.attempt, num_examples=result.num_examples,
-            metrics=metrics, encoding=encoding,
-        )
+        metrics = _finite_metrics(result.metrics, label, "training")
+        return _Trained(delta, result.num_examples, metrics, train_s)
+
+    def _past_deadline(self, plan: TrainPlan, received_at: float, label: str) -> bool:
         elapsed = self._clock() - received_at
         if elapsed > plan.deadline_s:
             self._finished = _key(plan)
             logger.warning(
                 "%s: past the deadline (%.1f s of %.1f s); not uploading", label, elapsed, plan.deadline_s
             )
-            return
-        pending = _Pending(_key(plan), body, result.num_examples, train_s)
-        self._pending = pending
-        self._upload(session, plan, pending, label)
+            return True
+        return False
 
     def _encode(
         self, plan: TrainPlan, task: _TaskState, delta: Params, rng: np.random.Generator

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +31,7 @@ from fedge import __version__
 from fedge.coordinator.dashboard import add_dashboard_routes
 from fedge.coordinator.identity import Identity
 from fedge.coordinator.metrics import CoordinatorCollector
+from fedge.coordinator.secagg import SecureRound
 from fedge.coordinator.service import Coordinator
 from fedge.errors import ProtocolError
 from fedge.wire import (
@@ -46,6 +48,13 @@ from fedge.wire import (
     EventsAck,
     Message,
     RenewRequest,
+    SecAggDirectory,
+    SecAggInbox,
+    SecAggKeys,
+    SecAggPoll,
+    SecAggShares,
+    SecAggUnmaskRequest,
+    SecAggUnmaskShares,
     TokenReply,
     TokenRequest,
     UpdateAck,
@@ -57,6 +66,10 @@ __all__ = ["TLS_IDENTITY", "create_app", "device_identity"]
 logger = logging.getLogger(__name__)
 
 _JSON_LIMIT = 64 * 1024
+# Secure aggregation's JSON messages grow with the neighbours (k): ~250 bytes per encrypted share.
+_SECAGG_JSON_LIMIT = 4 * 1024 * 1024
+# The longest a phase's result is held open for (?wait_s=): well below any client's request timeout.
+LONG_POLL_S = 10.0
 _DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 _OCTETS = "application/octet-stream"
 _CHUNK = 64 * 1024
@@ -273,6 +286,7 @@ def create_app(
         rows = coordinator.store.events(device_id=device, since=since, limit=limit)
         return [row.to_json() for row in rows]
 
+    _add_secagg_routes(app, coordinator, identity)
     if identity is not None:
         _add_identity_routes(app, identity, admin)
     add_dashboard_routes(app, coordinator, admin)
@@ -282,6 +296,103 @@ def create_app(
         return {"status": "ok"}
 
     return app
+
+
+def _same_round(sent: int, path: int) -> None:
+    if sent != path:
+        raise _refusal("bad_request", f"the message is for round {sent}, sent to round {path}")
+
+
+def _add_secagg_routes(app: FastAPI, coordinator: Coordinator, identity: Identity | None) -> None:
+    """Secure aggregation's phases (docs/secagg.md): each a POST of the device's message and a GET
+    of the phase's result, which answers ``ready: false`` until the phase has closed (held open up
+    to ``wait_s`` seconds for it, at most :data:`LONG_POLL_S`)."""
+
+    def ack(round: int, attempt: int) -> Response:
+        return _json(UpdateAck(round=round, attempt=attempt))
+
+    async def body(request: Request, device: str, round: int) -> bytes:
+        # Counted before parsing, as an update is: the round's bytes up include every phase.
+        raw = await read_body(request, _SECAGG_JSON_LIMIT)
+        coordinator.count_upload(device, round, len(raw))
+        return raw
+
+    async def result(device: str, round: int, wait_s: float,
+                     get: Callable[[SecureRound], SecAggPoll]) -> Response:
+        # A long poll: held until the phase has closed (the result is ready) or wait_s passed.
+        if not (math.isfinite(wait_s) and wait_s >= 0):
+            raise _refusal("bad_request", f"wait_s must be a number >= 0, got {wait_s}")
+        loop = asyncio.get_running_loop()
+        until = loop.time() + min(wait_s, LONG_POLL_S)
+        while True:
+            secure = coordinator.secure_round(device, round)  # refused if the round ended meanwhile
+            message = get(secure)
+            left = until - loop.time()
+            if message.ready or left <= 0:
+                break
+            await secure.wait_change(left)
+        response = _json(message)
+        coordinator.count_download(device, round, len(response.body))
+        return response
+
+    @app.post("/v1/rounds/{round}/secagg/keys", response_model=UpdateAck, openapi_extra=_schema(SecAggKeys))
+    async def secagg_advertise(request: Request, round: int) -> Response:
+        """Phase 0 (advertise keys): the device's two X25519 public keys."""
+        device = device_identity(request, identity)
+        msg = parse_message(SecAggKeys, await body(request, device, round))
+        _same_round(msg.round, round)
+        coordinator.secure_round(device, round).receive_keys(device, msg)
+        return ack(round, msg.attempt)
+
+    @app.get("/v1/rounds/{round}/secagg/keys", response_model=SecAggDirectory)
+    async def secagg_directory(request: Request, round: int, attempt: int, wait_s: float = 0.0) -> Response:
+        """Phase 0's result: the public keys of the device's neighbours that advertised."""
+        device = device_identity(request, identity)
+        return await result(device, round, wait_s, lambda s: s.directory(device, attempt))
+
+    @app.post("/v1/rounds/{round}/secagg/shares", response_model=UpdateAck,
+              openapi_extra=_schema(SecAggShares))
+    async def secagg_share(request: Request, round: int) -> Response:
+        """Phase 1 (share keys): encrypted Shamir shares for each neighbour, by receiver."""
+        device = device_identity(request, identity)
+        msg = parse_message(SecAggShares, await body(request, device, round))
+        _same_round(msg.round, round)
+        coordinator.secure_round(device, round).receive_shares(device, msg)
+        return ack(round, msg.attempt)
+
+    @app.get("/v1/rounds/{round}/secagg/shares", response_model=SecAggInbox)
+    async def secagg_inbox(request: Request, round: int, attempt: int, wait_s: float = 0.0) -> Response:
+        """Phase 1's result: the encrypted shares the device's neighbours addressed to it."""
+        device = device_identity(request, identity)
+        return await result(device, round, wait_s, lambda s: s.inbox(device, attempt))
+
+    @app.post(
+        "/v1/rounds/{round}/secagg/masked",
+        response_model=UpdateAck,
+        openapi_extra={"requestBody": {"required": True, "content": {_OCTETS: {}}}},
+    )
+    async def secagg_masked(request: Request, round: int) -> Response:
+        """Phase 2 (masked input): the packed masked vector (fedge.wire.encode_masked)."""
+        device = device_identity(request, identity)
+        frame = await read_body(request, coordinator.config.max_body_bytes)
+        return _json(await coordinator.submit_masked(device, round, frame))
+
+    @app.get("/v1/rounds/{round}/secagg/unmask", response_model=SecAggUnmaskRequest)
+    async def secagg_unmask_request(request: Request, round: int, attempt: int, wait_s: float = 0.0
+                                    ) -> Response:
+        """Phase 2's result: the survivors and the dropped, for a survivor to answer."""
+        device = device_identity(request, identity)
+        return await result(device, round, wait_s, lambda s: s.unmask_request(device, attempt))
+
+    @app.post("/v1/rounds/{round}/secagg/unmask", response_model=UpdateAck,
+              openapi_extra=_schema(SecAggUnmaskShares))
+    async def secagg_unmask(request: Request, round: int) -> Response:
+        """Phase 3 (unmask): shares of each survivor's self-mask seed and each dropped device's key."""
+        device = device_identity(request, identity)
+        msg = parse_message(SecAggUnmaskShares, await body(request, device, round))
+        _same_round(msg.round, round)
+        coordinator.secure_round(device, round).receive_unmask(device, msg)
+        return ack(round, msg.attempt)
 
 
 def _add_identity_routes(app: FastAPI, identity: Identity, admin: Callable[[Request], None]) -> None:

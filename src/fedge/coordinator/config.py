@@ -45,6 +45,19 @@ The file has up to eight tables; every key is optional except the task's shape
     budget = 3.0               # epsilon no round may take the run past
     accountant = "rdp"         # or "pld"
 
+    [secagg]                   # secure aggregation, SecAgg+ (docs/secagg.md); absent: off
+    enabled = true
+    k = 8                      # neighbours per device (default: from the cohort size)
+    threshold = 5              # shares that rebuild a secret (default: k/2 + 1)
+    clip = 1.0                 # every value of an update clipped to [-clip, clip]
+    bits = 24                  # signed bits per value on the shared grid (default: the most that fits)
+    max_weight = 1000          # the largest example weight (default: the cohort's largest)
+    dropout_rate = 0.1         # the dropout rate k is chosen for
+    advertise_s = 15.0         # how long each phase may last: keys from the round's opening,
+    share_s = 10.0             #   shares from the keys' end, unmasking from the upload's end
+    unmask_s = 10.0            #   (the upload itself ends rounds.deadline_s after the opening)
+    poll_s = 1.0               # how often devices ask whether a phase has closed
+
     [security]
     cert_days = 30             # validity of the client certificates issued at enrolment
     insecure = false           # plain HTTP, devices named by a header: loopback only...
@@ -63,10 +76,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedge.encoding import EncodingConfig, Pipeline, build_pipeline
+from fedge.encoding.fixedpoint import FixedPoint, max_bits
 from fedge.errors import ConfigError
 from fedge.rounds import SELECTIONS
 from fedge.sim.config import coerce_fields, load_toml
-from fedge.strategies import build_strategy, check_cohort, min_updates
+from fedge.strategies import build_strategy, check_cohort, check_secure_aggregation, min_updates
 
 if TYPE_CHECKING:
     from fedge.privacy.session import PrivacyConfig
@@ -115,6 +129,19 @@ _TABLES: dict[str, dict[str, str]] = {
         "delta": "delta",
         "budget": "epsilon_budget",
         "accountant": "accountant",
+    },
+    "secagg": {
+        "enabled": "secagg",
+        "k": "secagg_k",
+        "threshold": "secagg_threshold",
+        "clip": "secagg_clip",
+        "bits": "secagg_bits",
+        "max_weight": "secagg_max_weight",
+        "dropout_rate": "secagg_dropout_rate",
+        "advertise_s": "secagg_advertise_s",
+        "share_s": "secagg_share_s",
+        "unmask_s": "secagg_unmask_s",
+        "poll_s": "secagg_poll_s",
     },
     "security": {
         "insecure": "insecure",
@@ -170,6 +197,17 @@ class CoordinatorConfig:
     delta: float | None = None
     epsilon_budget: float | None = None
     accountant: str | None = None
+    secagg: bool = False
+    secagg_k: int | None = None
+    secagg_threshold: int | None = None
+    secagg_clip: float | None = None
+    secagg_bits: int | None = None
+    secagg_max_weight: int | None = None
+    secagg_dropout_rate: float | None = None
+    secagg_advertise_s: float | None = None
+    secagg_share_s: float | None = None
+    secagg_unmask_s: float | None = None
+    secagg_poll_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("rounds", "cohort_size", "eval_every", "local_epochs", "batch_size"):
@@ -214,6 +252,7 @@ class CoordinatorConfig:
             )
         _check_strategy(self)
         self.privacy  # noqa: B018 - checks the [privacy] table now
+        _check_secagg(self)
 
     @property
     def privacy(self) -> PrivacyConfig | None:
@@ -225,9 +264,10 @@ class CoordinatorConfig:
                 raise ConfigError("the [privacy] settings need privacy.mode (central)")
             return None
         if self.dp == "distributed":
-            raise ConfigError("privacy.mode = 'distributed' is not available in a federation: it needs "
-                              "secure aggregation ([secagg]), which this build does not have yet; use "
-                              "privacy.mode = 'central' or 'local'")
+            raise ConfigError("privacy.mode = 'distributed' is not available in a federation yet: it "
+                              "needs secure aggregation ([secagg] enabled = true) and the devices' noise "
+                              "shares, which arrive in a later release; use privacy.mode = 'central' "
+                              "(with or without [secagg]) or 'local'")
         from fedge.privacy.session import PrivacyConfig
 
         if "epsilon_budget" in given:
@@ -258,7 +298,35 @@ class CoordinatorConfig:
 
     def encoding_pipeline(self) -> Pipeline:
         """The pipeline the coordinator decodes updates with."""
-        return build_pipeline(self.encoding, secure_aggregation=False)
+        return build_pipeline(self.encoding, secure_aggregation=self.secagg)
+
+    @property
+    def secagg_clip_value(self) -> float:
+        """``[secagg] clip``; by default 1.0, or the DP clip norm if larger (an update clipped to an
+        L2 norm C has no value beyond C, so the grid then clips nothing more)."""
+        if self.secagg_clip is not None:
+            return float(self.secagg_clip)
+        return max(1.0, self.clip_norm) if isinstance(self.clip_norm, int | float) else 1.0
+
+    @property
+    def secagg_poll_value(self) -> float:
+        """``[secagg] poll_s``; by default the check-in period, at most 1 s."""
+        return float(self.secagg_poll_s) if self.secagg_poll_s is not None else min(1.0, self.wait_s)
+
+    @property
+    def secagg_phases_s(self) -> tuple[float, float, float]:
+        """The advertise, share and unmask phases' lengths, in seconds.
+
+        By default an invited device has three check-in periods (10 s at least) to hear
+        of the round and advertise keys, and 10 s for each of sharing and unmasking,
+        each key phase at most a quarter of ``rounds.deadline_s`` (the upload's deadline).
+        """
+        advertise = self.secagg_advertise_s
+        if advertise is None:
+            advertise = min(max(10.0, 3 * self.wait_s), self.deadline_s / 4)
+        share = self.secagg_share_s if self.secagg_share_s is not None else min(10.0, self.deadline_s / 4)
+        unmask = self.secagg_unmask_s if self.secagg_unmask_s is not None else 10.0
+        return float(advertise), float(share), float(unmask)
 
     @property
     def max_body_bytes(self) -> int:
@@ -293,6 +361,94 @@ def _check_strategy(config: CoordinatorConfig) -> None:
             f"rounds.min_devices ({config.effective_min_devices}) must be at least the {need} "
             f"updates strategy {config.strategy} needs per round"
         )
+
+
+_SECAGG_OPTIONS = ("secagg_k", "secagg_threshold", "secagg_clip", "secagg_bits", "secagg_max_weight",
+                   "secagg_dropout_rate", "secagg_advertise_s", "secagg_share_s", "secagg_unmask_s",
+                   "secagg_poll_s")
+
+
+def _check_secagg(config: CoordinatorConfig) -> None:
+    """Refuse a ``[secagg]`` table that cannot work, before any round (docs/secagg.md).
+
+    A strategy that needs every update, an encoding that is not summable on the
+    shared grid, adaptive clipping (its count is per device), a round that may
+    hold fewer than 3 updates, a ``k``/``threshold`` that no cohort size the
+    rounds allow accepts, and a grid whose sum could wrap around 2^32.
+    """
+    given = [f"secagg.{_key_of('secagg', name)}" for name in _SECAGG_OPTIONS
+             if getattr(config, name) is not None]
+    if not config.secagg:
+        if given:
+            raise ConfigError(f"{', '.join(given)} need secagg.enabled = true")
+        return
+    options = dict(config.strategy_options)
+    if config.strategy == "fedprox" and config.mu is not None:
+        options["mu"] = config.mu
+    strategy = build_strategy(config.strategy, options)
+    try:
+        check_secure_aggregation(strategy)
+    except ConfigError as e:
+        raise ConfigError(f"[secagg]: {e}") from None
+    if getattr(strategy, "needs_every_update", False):
+        raise ConfigError(f"[secagg] cannot be used with strategy {config.strategy!r}: it keeps every "
+                          "update, and secure aggregation reveals only their sum")
+    if not config.encoding_pipeline().identity:
+        raise ConfigError(
+            f"[encoding] compress = {config.compress!r} cannot be combined with [secagg]: a secure "
+            "round encodes updates on its shared fixed-point grid and sends only the bits the sum "
+            "needs ([secagg] bits); set compress = \"none\""
+        )
+    privacy = config.privacy
+    if privacy is not None and privacy.adaptive:
+        raise ConfigError("privacy.clip_norm = 'adaptive' cannot be combined with [secagg]: adaptive "
+                          "clipping counts which updates were clipped, and the coordinator sees no "
+                          "single update; give a fixed clip_norm")
+    low, high = config.effective_min_updates, config.invite_count
+    if low < 3:
+        raise ConfigError(f"[secagg] needs at least 3 updates in every round (fewer reveal each other's "
+                          f"inputs); rounds.min_updates is {low}")
+    k, t = config.secagg_k, config.secagg_threshold
+    if k is not None and (isinstance(k, bool) or k < 2 or (k % 2 and k < high - 1)):
+        raise ConfigError(f"secagg.k must be an even number >= 2 (or at least the {high - 1} other "
+                          f"devices of a full cohort: the complete graph), got {k!r}")
+    if t is not None and (isinstance(t, bool) or t < 2):
+        raise ConfigError(f"secagg.threshold must be >= 2, got {t!r}")
+    rate = config.secagg_dropout_rate
+    if rate is not None and not (math.isfinite(rate) and 0 <= rate < 1):
+        raise ConfigError(f"secagg.dropout_rate must be in [0, 1), got {rate}")
+    from fedge.coordinator.secagg import secagg_parameters
+
+    for n in sorted({low, high}):
+        secagg_parameters(n, k=k, threshold=t, dropout_rate=rate)
+    clip = config.secagg_clip_value
+    if not (math.isfinite(clip) and clip > 0):
+        raise ConfigError(f"secagg.clip must be a positive number, got {clip}")
+    bits, weight = config.secagg_bits, config.secagg_max_weight
+    if bits is not None and (isinstance(bits, bool) or not 2 <= bits <= 32):
+        raise ConfigError(f"secagg.bits must be between 2 and 32, got {bits!r}")
+    if weight is not None and (isinstance(weight, bool) or weight < 1):
+        raise ConfigError(f"secagg.max_weight must be >= 1, got {weight!r}")
+    try:  # the largest cohort a round may invite must not wrap the sum
+        FixedPoint(clip=clip, bits=bits if bits is not None else min(max_bits(high), 24),
+                   max_weight=weight if weight is not None else 1, cohort_size=high)
+    except ConfigError as e:
+        raise ConfigError(f"[secagg] with up to {high} devices a round: {e}".replace("--secagg-bits", "bits")
+                          ) from None
+    for name in ("secagg_advertise_s", "secagg_share_s", "secagg_unmask_s", "secagg_poll_s"):
+        value = getattr(config, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"secagg.{_key_of('secagg', name)} must be a positive number, got {value}")
+    advertise, share, _ = config.secagg_phases_s
+    if advertise + share >= config.deadline_s:
+        raise ConfigError(
+            f"secagg.advertise_s + secagg.share_s ({advertise + share:g} s) must end before the upload "
+            f"deadline, rounds.deadline_s ({config.deadline_s:g} s), leaving time to train"
+        )
+
+
+def _key_of(table: str, field_name: str) -> str:
+    return next(k for k, v in _TABLES[table].items() if v == field_name)
 
 
 def _at_least(name: str, value: int, low: int) -> None:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from fedge.store import SECAGG_PHASES
+
 if TYPE_CHECKING:
     from fedge.coordinator.service import Coordinator
 
@@ -78,6 +80,15 @@ class CoordinatorCollector(Collector):
                 refused.add_metric([code], float(n))
         yield refused
         yield CounterMetricFamily("fedge_device_events", "Events devices reported", value=float(stats.events))
+        dropouts = CounterMetricFamily("fedge_secagg_dropouts", "Devices that dropped out of secure rounds, "
+                                       "by the phase they missed (docs/secagg.md)", labels=["phase"])
+        aborted = CounterMetricFamily("fedge_secagg_aborted_rounds", "Secure round attempts abandoned below "
+                                      "the threshold, nothing revealed, by phase", labels=["phase"])
+        for phase in SECAGG_PHASES:
+            dropouts.add_metric([phase], stats.secagg_dropped.get(phase, 0.0))
+            aborted.add_metric([phase], stats.secagg_aborted.get(phase, 0.0))
+        yield dropouts
+        yield aborted
 
         now = c.clock()
         devices = GaugeMetricFamily("fedge_devices", "Devices: heard from since the start, online "

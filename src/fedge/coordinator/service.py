@@ -12,7 +12,9 @@ in recently (inviting ``cohort_size * over_selection`` of them), accept each
 invited device's update once and only before the deadline, close as soon as
 ``cohort_size`` updates arrived or at the deadline, and then either apply the
 strategy and checkpoint (enough updates) or abandon the attempt and retry the
-same round with a fresh cohort. The store is written before any reply that
+same round with a fresh cohort. With ``[secagg]`` a round's updates arrive
+masked instead, through the phases of :class:`~fedge.coordinator.secagg.SecureRound`,
+and the strategy is applied to their unmasked sum in the same way. The store is written before any reply that
 depends on it, so a coordinator killed at any instant restarts from the last
 complete round (see :mod:`fedge.store`).
 """
@@ -35,8 +37,10 @@ import numpy as np
 
 from fedge import params as P
 from fedge.coordinator.config import CoordinatorConfig
+from fedge.coordinator.secagg import SecureRound, open_secure_round
 from fedge.data.dataset import Dataset, DataSpec
 from fedge.data.files import load_file
+from fedge.encoding.fixedpoint import unpack
 from fedge.errors import ConfigError, PrivacyBudgetError, ProtocolError, RoundError, TaskError
 from fedge.params import ParamsSpec
 from fedge.privacy.mechanisms import DevicePrivacy, clip_by_l2
@@ -56,9 +60,11 @@ from fedge.wire import (
     EvalReport,
     EventBatch,
     EventsAck,
+    MaskedUpload,
     TaskInfo,
     TrainPlan,
     UpdateAck,
+    decode_masked,
     decode_params,
     decode_update,
     encode_params,
@@ -115,6 +121,7 @@ class _OpenRound:
     clip_norm: float | None = None  # central DP: the bound every update is clipped to on receipt
     local: DevicePrivacy | None = None  # local DP: what each device does to its update before upload
     unclipped: int = 0  # central DP: updates already within the bound (adaptive clipping's count)
+    secagg: SecureRound | None = None  # secure aggregation: the round's SecAgg+ phases
 
     @property
     def settled(self) -> bool:
@@ -294,9 +301,16 @@ class Coordinator:
             rnd is not None
             and not rnd.closing
             and device_id in rnd.round.cohort
-            and device_id not in rnd.round.reported
-            and now < rnd.round.deadline
+            and (
+                # A secure round takes only devices that join before its keys are exchanged.
+                rnd.secagg.invites(device_id, now) if rnd.secagg is not None
+                else device_id not in rnd.round.reported and now < rnd.round.deadline
+            )
         ):
+            # Central DP clips every update; under secure aggregation the coordinator sees
+            # none, so the device clips its own (and a malicious device may not: docs/secagg.md).
+            clip_norm = rnd.local.clip_norm if rnd.local is not None else (
+                rnd.clip_norm if rnd.secagg is not None else None)
             plan = TrainPlan(
                 round=rnd.round.round_id,
                 attempt=rnd.attempt,
@@ -308,8 +322,9 @@ class Coordinator:
                 mu=self.mu,
                 evaluate=True,
                 encoding=self.encoding_info,
-                clip_norm=None if rnd.local is None else rnd.local.clip_norm,
+                clip_norm=clip_norm,
                 noise_stddev=0.0 if rnd.local is None else rnd.local.local_stddev,
+                secagg=None if rnd.secagg is None else rnd.secagg.plan(now),
             )
             return CheckInReply(action="train", task=self.task_info, plan=plan)
         # Spread the next check-ins over +-25% of wait_s: devices that came
@@ -331,6 +346,12 @@ class Coordinator:
             rnd.fetched_at.setdefault(device_id, self._clock())
         return rnd.payload, rnd.etag
 
+    def count_upload(self, device_id: str, round_id: int, size: int) -> None:
+        """Count ``size`` bytes ``device_id`` sent to round ``round_id`` (a secure round's key messages)."""
+        rnd = self.open
+        if rnd is not None and rnd.round.round_id == round_id and device_id in rnd.round.cohort:
+            rnd.bytes_in[device_id] = rnd.bytes_in.get(device_id, 0) + size
+
     def count_download(self, device_id: str, round_id: int, size: int) -> None:
         """Count ``size`` bytes of params sent to ``device_id`` for round ``round_id``."""
         rnd = self.open
@@ -348,6 +369,9 @@ class Coordinator:
         t0 = time.perf_counter()
         # Counted before decoding: a refused body crossed the wire too.
         rnd.bytes_in[device_id] = rnd.bytes_in.get(device_id, 0) + len(body)
+        if rnd.secagg is not None:  # never read: an update in the clear has no place in a secure round
+            raise ProtocolError("out_of_phase", f"round {round_id} uses secure aggregation: updates go "
+                                "masked to /secagg/masked", REFUSALS["out_of_phase"])
         update, digest = await asyncio.to_thread(self._decode, body)
         decode_s = time.perf_counter() - t0
         if update.round != round_id:
@@ -404,6 +428,64 @@ class Coordinator:
         )
         if len(rnd.round.reported) >= rnd.target:
             self._wake.set()
+        return UpdateAck(round=round_id, attempt=rnd.attempt)
+
+    def secure_round(self, device_id: str, round_id: int) -> SecureRound:
+        """The secure round ``round_id`` for a request of ``device_id`` (the app calls its methods).
+
+        Raises:
+            ProtocolError: as for an update (``closed``, ``unknown_round``,
+                ``not_invited``), or ``out_of_phase`` if the round is not secure.
+        """
+        rnd = self._round_for(device_id, round_id)
+        if rnd.secagg is None:
+            raise ProtocolError("out_of_phase", f"round {round_id} does not use secure aggregation",
+                                REFUSALS["out_of_phase"])
+        return rnd.secagg
+
+    async def submit_masked(self, device_id: str, round_id: int, body: bytes) -> UpdateAck:
+        """Check a device's masked vector and add it to the round's masked sum.
+
+        Raises:
+            ProtocolError: a refusal of :data:`fedge.wire.REFUSALS` (``wrong_length``,
+                ``out_of_phase``, ``duplicate``, ``late``...); the round carries on.
+        """
+        secure = self.secure_round(device_id, round_id)
+        rnd = self._round_for(device_id, round_id)
+        rnd.bytes_in[device_id] = rnd.bytes_in.get(device_id, 0) + len(body)
+        secure.accepts_upload(device_id, secure.attempt)  # out of phase: refused before decoding
+        t0 = time.perf_counter()
+        upload, vector = await asyncio.to_thread(
+            _decode_masked, body, secure.setup.vector_length, secure.grid.wire_bits)
+        decode_s = time.perf_counter() - t0
+        if upload.round != round_id:
+            raise ProtocolError(
+                "bad_payload", f"the masked vector is for round {upload.round}, sent to round {round_id}"
+            )
+        if self.secure_round(device_id, round_id) is not secure:  # the round moved on meanwhile
+            raise ProtocolError("closed", f"round {round_id} attempt {secure.attempt} has ended",
+                                REFUSALS["closed"])
+        now = self._clock()
+        if now > rnd.round.deadline:
+            raise ProtocolError("late", f"round {round_id}'s upload deadline has passed", REFUSALS["late"])
+        t0 = time.perf_counter()
+        secure.receive_masked(device_id, upload.attempt, vector)
+        _add_phase(rnd.phases, "aggregation", time.perf_counter() - t0)
+        _add_phase(rnd.phases, "decode", decode_s)
+        try:
+            rnd.round.accept(device_id, 1.0, now)  # the weight is inside the masked vector
+        except RoundError as e:
+            raise ProtocolError(e.reason, e.detail, REFUSALS.get(e.reason, 409)) from None
+        self._round_trip_s[device_id] = now - rnd.opened_at
+        rnd.train_s = max(upload.train_s, rnd.train_s or 0.0)
+        # The device trains once it holds its shares, so its upload time counts from then.
+        if secure.keys_closed_at is not None:
+            rnd.upload_s.append(max(0.0, now - secure.keys_closed_at - upload.train_s))
+        self.store.record_update(
+            round_id, rnd.attempt, device_id, digest=hashlib.sha256(body).hexdigest(), size_bytes=len(body),
+            num_examples=0,  # unknown: the example count is masked with the update
+            received_at=now, metrics={"train_s": upload.train_s},
+        )
         return UpdateAck(round=round_id, attempt=rnd.attempt)
 
     def submit_events(self, device_id: str, batch: EventBatch) -> EventsAck:
@@ -514,6 +596,12 @@ class Coordinator:
                 if self._open_round(now):
                     continue
                 timeout = 0.5
+            elif rnd.secagg is not None:
+                if await rnd.secagg.advance(now, aborted=rnd.aborted.keys(), target=rnd.target,
+                                            min_updates=rnd.round.min_updates):
+                    await self._close_round(rnd)
+                    continue
+                timeout = min(1.0, max(0.0, rnd.secagg.next_deadline() - now))
             elif len(rnd.round.reported) >= rnd.target or rnd.settled or now >= rnd.round.deadline:
                 await self._close_round(rnd)
                 continue
@@ -591,6 +679,8 @@ class Coordinator:
         else:
             picked = select_cohort(np.arange(len(pool)), rng=rng, cohort_size=size)
             cohort = [pool[i] for i in picked.tolist()]
+        if cfg.secagg and len(cohort) < 3:  # the config makes it impossible; never risk it
+            return False
         for d in cohort:
             self._last_invited[d] = round_id
         min_updates = min(cfg.effective_min_updates, len(cohort))
@@ -615,6 +705,16 @@ class Coordinator:
                 self.open.local = how
             else:
                 self.open.clip_norm = how.clip_norm
+        if cfg.secagg:
+            self.open.secagg = open_secure_round(
+                round_id=round_id, attempt=attempt, cohort=cohort,
+                num_examples={d: self.devices[d].num_examples for d in cohort}, params=self.state.params,
+                now=now, k=cfg.secagg_k, threshold=cfg.secagg_threshold, dropout_rate=cfg.secagg_dropout_rate,
+                clip=cfg.secagg_clip_value, bits=cfg.secagg_bits, max_weight=cfg.secagg_max_weight,
+                # With DP every update is clipped and weighs 1 (docs/privacy.md, "Weights").
+                weighted=self.privacy is None, phases_s=cfg.secagg_phases_s, deadline_s=cfg.deadline_s,
+                poll_s=cfg.secagg_poll_value, wake=self._wake.set,
+            )
         logger.info(
             "round %d attempt %d open: %d devices invited, %d needed, deadline %.0f s",
             round_id,
@@ -645,10 +745,14 @@ class Coordinator:
         metrics["bytes_up"] = float(sum(rnd.bytes_in.values()))
         metrics["bytes_down"] = float(sum(rnd.bytes_out.values()))
         self._record_traffic(rnd, now)
+        secure = rnd.secagg
+        if secure is not None:
+            metrics.update(secure.metrics())
         state = None
         ledger: LedgerRow | None = None
-        if outcome.state is RoundState.COMPLETE:
-            aggregate = rnd.accumulator.result()
+        # A secure round is complete only once unmasked: an abandoned one revealed nothing.
+        if outcome.state is RoundState.COMPLETE and (secure is None or secure.total is not None):
+            aggregate = rnd.accumulator.result() if secure is None else secure.aggregate(self.params_spec)
             if self.privacy is not None:
                 aggregate = self.privacy.release(r, aggregate, unclipped=rnd.unclipped)
                 entry = self.privacy.charge(r)
@@ -696,9 +800,10 @@ class Coordinator:
                 f", accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else "",
             )
         else:
-            self.store.abandon_round(r, attempt, closed_at=now, reported=reported, dropped=dropped)
+            self.store.abandon_round(r, attempt, closed_at=now, reported=reported, dropped=dropped,
+                                     metrics=None if secure is None else metrics)
             self._last_dropped = frozenset(dropped)
-            if outcome.state is not RoundState.COMPLETE:
+            if outcome.state is not RoundState.COMPLETE and secure is None:
                 logger.warning(
                     "round %d attempt %d abandoned: %d of the %d needed reported; "
                     "retrying with a fresh cohort",
@@ -745,6 +850,7 @@ class Coordinator:
                 "invited": len(rnd.round.cohort),
                 "reported": len(rnd.round.reported),
                 "target": rnd.target,
+                **({} if rnd.secagg is None else {"secagg": rnd.secagg.status()}),
             },
             "devices": len(self.devices),
             "available": len(self.available(self._clock())),
@@ -758,6 +864,12 @@ class Coordinator:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _decode_masked(body: bytes, length: int, bits: int) -> tuple[MaskedUpload, np.ndarray]:
+    """A masked-vector frame and its values (uint32, low ``bits`` of each), checked (worker thread)."""
+    upload = decode_masked(body, length=length, bits=bits)
+    return upload, unpack(upload.packed, bits, length)
 
 
 def _privacy_of(config: CoordinatorConfig, strategy: Strategy) -> PrivacySession | None:
