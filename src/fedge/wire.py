@@ -253,8 +253,12 @@ class SecAggPlan(BaseModel):
     complete the SecAgg+ setup; ``clip``, ``bits`` and ``max_weight`` are the
     round's shared fixed-point grid, ``wire_bits`` how many bits of each masked
     value are sent. ``weighted`` false: every device encodes weight 1 (DP
-    rounds, whose updates are clipped and weigh the same). The deadlines are
-    seconds from the reply, like :attr:`TrainPlan.deadline_s` (the upload's).
+    rounds, whose updates are clipped and weigh the same). ``noise_stddev``
+    above 0 (distributed DP, docs/privacy.md): every device adds a noise share
+    of that standard deviation (in the values' units) on the grid, sized for
+    ``min_survivors`` shares, the fewest whose sum may be unmasked. The
+    deadlines are seconds from the reply, like :attr:`TrainPlan.deadline_s`
+    (the upload's).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -269,6 +273,8 @@ class SecAggPlan(BaseModel):
     max_weight: Annotated[int, Field(ge=1)]
     wire_bits: Annotated[int, Field(ge=1, le=32)]
     weighted: bool = True
+    noise_stddev: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    min_survivors: Annotated[int, Field(ge=0)] = 0
     advertise_deadline_s: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     share_deadline_s: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     unmask_deadline_s: Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -299,6 +305,9 @@ class TrainPlan(Message):
     def _noise_needs_a_clip(self) -> TrainPlan:
         if self.noise_stddev > 0 and self.clip_norm is None:
             raise ValueError("noise_stddev needs clip_norm: noise on an unbounded update protects nothing")
+        if self.secagg is not None and self.secagg.noise_stddev > 0 and self.clip_norm is None:
+            raise ValueError("secagg.noise_stddev needs clip_norm: noise on an unbounded update protects "
+                             "nothing")
         return self
 
 

@@ -220,3 +220,47 @@ def test_central_dp_with_secagg_clips_on_the_device_and_weighs_every_update_one(
     assert status["privacy"]["epsilon"] > 0
     assert len(coordinator.store.privacy_ledger()) == 2
     coordinator.close()
+
+
+def test_distributed_dp_devices_add_noise_shares_and_the_ledger_charges_the_effective_multiplier(
+    tmp_path: Path,
+) -> None:
+    paths = data_files(tmp_path, 5)
+    coordinator = Coordinator(config(tmp_path, "store", rounds=2, secagg=True, secagg_advertise_s=5.0,
+                                     secagg_share_s=5.0, secagg_unmask_s=5.0, dp="distributed",
+                                     clip_norm=0.05, noise_multiplier=0.5))
+    privacy = coordinator.privacy
+    assert privacy is not None and privacy.distributed is not None
+    plans: list[dict] = []
+
+    def spy(inner: Handler) -> Handler:
+        def handler(req: Request) -> Response:
+            r = inner(req)
+            if req.path == "/v1/check-in" and r.status == 200:
+                reply = json.loads(r.body)
+                if reply.get("plan"):
+                    plans.append(reply["plan"])
+            return r
+        return handler
+
+    watched: list[SecureRound] = []
+    status = run(coordinator, paths, tmp_path, spy, watch=watched)
+    assert [h["state"] for h in status["history"]] == ["complete", "complete"]
+    # Each share is sized so that m = max(threshold, min_updates) = 4 of them make the whole noise.
+    share = privacy.noise_share_stddev(4)
+    assert share > 0 and plans
+    for p in plans:
+        sa = p["secagg"]
+        assert p["clip_norm"] == 0.05 and p["noise_stddev"] == 0.0  # no local noise on top
+        assert sa["weighted"] is False and sa["max_weight"] == 1 and sa["min_survivors"] == 4
+        assert sa["noise_stddev"] == pytest.approx(share) and sa["bits"] == privacy.distributed.bits
+    for r in watched:
+        assert r.total is not None and int(r.total[-1]) == 5  # five updates of weight 1
+        assert r.grid.noise_stddev == pytest.approx(share)
+    ledger = coordinator.store.privacy_ledger()
+    assert [row.mode for row in ledger] == ["distributed", "distributed"]
+    # The accountant charges the effective multiplier (the nominal one less the grid's rounding).
+    assert all(row.noise_multiplier == privacy.distributed.effective_noise_multiplier for row in ledger)
+    assert privacy.distributed.effective_noise_multiplier < 0.5
+    assert status["privacy"]["epsilon"] == ledger[-1].epsilon > 0
+    coordinator.close()

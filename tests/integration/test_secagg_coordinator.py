@@ -640,7 +640,7 @@ def test_the_secagg_table_loads_and_its_defaults_follow_the_cohort(tmp_path: Pat
         ({"compress": "q8", "compress_range": 0.5}, "shared fixed-point grid"),
         ({"compress": "fp16"}, "shared fixed-point grid"),
         ({"dp": "central", "clip_norm": "adaptive", "noise_multiplier": 1.0}, "adaptive"),
-        ({"dp": "distributed", "noise_multiplier": 1.0}, r"needs secure aggregation \(\[secagg\]"),
+        ({"dp": "distributed", "clip_norm": "adaptive", "noise_multiplier": 1.0}, "adaptive"),
         ({"min_updates": 2}, "at least 3 updates"),
         ({"cohort_size": 2, "min_updates": 2, "min_devices": 2}, "at least 3 updates"),
         ({"secagg_bits": 32}, "could wrap around 2\\^32"),

@@ -238,6 +238,52 @@ def test_encode_for_secagg_puts_the_update_on_the_grid_with_its_weight_last() ->
         encode_for_secagg({"b": np.array([np.nan])}, weight=1, grid=grid, rng=np.random.default_rng(0))
 
 
+def test_encode_for_secagg_with_a_noise_share_clips_rounds_and_noises_like_the_simulator() -> None:
+    grid = FixedPoint(clip=0.5, bits=16, max_weight=1, cohort_size=50, noise_stddev=0.01)
+    steps = grid.noise_steps
+    zero = {"w": np.zeros(4000, np.float32)}
+    # Fifty devices with nothing to say: their sum is the noise alone, of stddev sqrt(50) shares.
+    total = np.zeros(4001, np.uint32)
+    for seed in range(50):
+        np.add(total, encode_for_secagg(zero, weight=1, grid=grid, rng=np.random.default_rng(seed),
+                                        clip_norm=1.0), out=total)
+    assert int(total[-1]) == 50  # every update weighs 1
+    noise = total[:-1].view(np.int32).astype(np.float64)
+    assert abs(noise.mean()) < 0.1 * steps * math.sqrt(50)
+    assert noise.std() == pytest.approx(steps * math.sqrt(50), rel=0.05)
+    # The L2 clip scales the update to norm 1 (each value 1/sqrt(4000)) before the noise is added.
+    big = {"w": np.full(4000, 0.4, np.float32)}
+    v = encode_for_secagg(big, weight=1, grid=grid, rng=np.random.default_rng(0), clip_norm=1.0)
+    values = v[:-1].view(np.int32).astype(np.float64) * grid.step
+    assert values.mean() == pytest.approx(1 / math.sqrt(4000), rel=0.05)
+    assert (values - 1 / math.sqrt(4000)).std() == pytest.approx(0.01, rel=0.05)
+    with pytest.raises(ConfigError, match="clip_norm"):
+        encode_for_secagg(zero, weight=1, grid=grid, rng=np.random.default_rng(0))
+    weighted = FixedPoint(clip=0.5, bits=16, max_weight=5, cohort_size=50, noise_stddev=0.01)
+    with pytest.raises(ConfigError, match="max_weight must be 1"):
+        encode_for_secagg(zero, weight=1, grid=weighted, rng=np.random.default_rng(0), clip_norm=1.0)
+
+
+def test_a_plan_with_a_noise_share_needs_a_clip_norm_and_a_matching_grid() -> None:
+    grid = FixedPoint(clip=1.0, bits=16, max_weight=1, cohort_size=len(COHORT), noise_stddev=0.05)
+    fields = dict(max_weight=1, weighted=False, noise_stddev=0.05, min_survivors=3)
+    with pytest.raises(ValidationError, match="noise_stddev needs clip_norm"):
+        train_plan(wire_bits=grid.wire_bits, **fields)
+    plan = TrainPlan.model_validate({**json.loads(train_plan().model_dump_json()), "clip_norm": 1.0,
+                                     "secagg": {**json.loads(train_plan().secagg.model_dump_json()),  # type: ignore[union-attr]
+                                                "wire_bits": grid.wire_bits, **fields}})
+    s = session(Script({}), plan, Clock())
+    assert s.grid.noise_stddev == 0.05 and s.grid.wire_bits == grid.wire_bits
+    # The noise widens the sum: a plan sending the noiseless grid's bits is refused.
+    stale = plan.model_copy(update={"secagg": plan.secagg.model_copy(  # type: ignore[union-attr]
+        update={"wire_bits": FixedPoint(clip=1.0, bits=16, max_weight=1, cohort_size=3).wire_bits})})
+    with pytest.raises(ProtocolError, match="needs") as e:
+        session(Script({}), stale, Clock())
+    assert e.value.reason == "bad_plan"
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        SecAggPlan.model_validate(plan_fields(min_survivors=-1))
+
+
 def test_an_idle_agent_does_not_load_secure_aggregation() -> None:
     import subprocess
     import sys

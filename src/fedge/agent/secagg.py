@@ -69,20 +69,35 @@ class SessionStopped(Exception):  # noqa: N818 - a signal to the loop, not an er
 
 
 def encode_for_secagg(
-    delta: Params, *, weight: int, grid: FixedPoint, rng: np.random.Generator
+    delta: Params, *, weight: int, grid: FixedPoint, rng: np.random.Generator, clip_norm: float | None = None,
 ) -> npt.NDArray[np.uint32]:
     """A device's update as integers on the round's shared grid, its weight appended.
 
-    Clip every value to ``[-clip, clip]``, scale by ``weight / max_weight``,
-    round stochastically (unbiased) and write two's complement uint32
-    (:meth:`FixedPoint.encode`). This is the one place a device turns its
-    update into what is masked: a distributed-DP noise share, drawn on the
-    same grid, belongs here.
+    Without a noise share (``grid.noise_stddev == 0``): clip every value to
+    ``[-clip, clip]``, scale by ``weight / max_weight``, round stochastically
+    (unbiased) and write two's complement uint32 (:meth:`FixedPoint.encode`).
+    With one (distributed DP): :func:`~fedge.privacy.distributed.privatize_on_grid`,
+    the simulator's own device step: clip to L2 norm ``clip_norm``, round onto
+    the grid, add this device's noise share, weight 1. This is the one place a
+    device turns its update into what is masked. ``rng`` must then be this
+    device's secret randomness (OS-seeded): the noise protects only if the
+    coordinator cannot predict it.
 
     Raises:
-        ConfigError: ``weight`` outside ``1..max_weight``, or non-finite values.
+        ConfigError: ``weight`` outside ``1..max_weight``, non-finite values,
+            or a noise share without a clip norm or with a weighted grid.
     """
-    return grid.encode(P.flatten(delta, np.float64), weight, rng)
+    if grid.noise_stddev == 0:
+        return grid.encode(P.flatten(delta, np.float64), weight, rng)
+    from fedge.privacy.distributed import privatize_on_grid
+
+    if clip_norm is None:
+        raise ConfigError("distributed DP needs the plan's clip_norm: noise on an unbounded update "
+                          "protects nothing")
+    try:
+        return privatize_on_grid(P.flatten(delta, np.float64), clip_norm=clip_norm, grid=grid, rng=rng)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 class SecureSession:
@@ -115,9 +130,9 @@ class SecureSession:
             raise ProtocolError("bad_plan", "the train plan holds no secure-aggregation setup")
         try:
             setup = RoundSetup(secagg_setup_id(plan.round, plan.attempt), tuple(sa.cohort), sa.k,
-                               sa.threshold, sa.graph_seed, sa.vector_length)
+                               sa.threshold, sa.graph_seed, sa.vector_length, min_survivors=sa.min_survivors)
             self.grid = FixedPoint(clip=sa.clip, bits=sa.bits, max_weight=sa.max_weight,
-                                   cohort_size=len(sa.cohort))
+                                   cohort_size=len(sa.cohort), noise_stddev=sa.noise_stddev)
         except ConfigError as e:
             raise ProtocolError("bad_plan", f"the secure-aggregation setup is unusable: {e}") from None
         if self.grid.wire_bits != sa.wire_bits:
@@ -175,13 +190,21 @@ class SecureSession:
     def upload(self, delta: Params, *, num_examples: int, train_s: float, rng: np.random.Generator) -> int:
         """Phase 2: encode ``delta`` on the grid, mask it and upload it; returns the bytes sent.
 
+        ``rng`` drives the stochastic rounding; with a distributed-DP noise share
+        the rounding and the noise are drawn from the OS's entropy instead.
+
         Raises:
             RefusalError, ProtocolError, TransportError: the round ends for this device.
             SessionStopped: the agent is stopping.
         """
         plan = self._plan
+        if self.grid.noise_stddev > 0:
+            from fedge.privacy.mechanisms import noise_generator
+
+            rng = noise_generator(None)  # the noise share and its rounding: the OS's entropy alone
         try:
-            vector = encode_for_secagg(delta, weight=self.weight(num_examples), grid=self.grid, rng=rng)
+            vector = encode_for_secagg(delta, weight=self.weight(num_examples), grid=self.grid, rng=rng,
+                                       clip_norm=plan.clip_norm)
         except ConfigError as e:
             raise ProtocolError("bad_plan", f"the update does not fit the round's grid: {e}") from None
         masked = self._secagg.masked_input(vector).vector

@@ -38,7 +38,8 @@ The file has up to eight tables; every key is optional except the task's shape
     bucket_size = 512          # q8/q4: one scale per this many values (default: per tensor)
     shared_range = 0.1         # q8/q4: a shared grid [-R, R] instead of per-device scales
     [privacy]                  # differential privacy (docs/privacy.md); absent: off
-    mode = "central"           # or "local" (each device noises its own update)
+    mode = "central"           # or "local" (each device noises its own update), or
+                               #   "distributed" (with [secagg]: devices add shares of the noise)
     clip_norm = 1.0            # or "adaptive"
     noise_multiplier = 1.0     # or target_epsilon = 3.0 (calibrated for rounds.count)
     delta = 1e-5
@@ -263,11 +264,11 @@ class CoordinatorConfig:
             if given:
                 raise ConfigError("the [privacy] settings need privacy.mode (central)")
             return None
-        if self.dp == "distributed":
-            raise ConfigError("privacy.mode = 'distributed' is not available in a federation yet: it "
-                              "needs secure aggregation ([secagg] enabled = true) and the devices' noise "
-                              "shares, which arrive in a later release; use privacy.mode = 'central' "
-                              "(with or without [secagg]) or 'local'")
+        if self.dp == "distributed" and not self.secagg:
+            raise ConfigError("privacy.mode = 'distributed' needs secure aggregation ([secagg] enabled = "
+                              "true): the devices' noise shares protect them only if the coordinator sees "
+                              "nothing but their sum; enable [secagg], or use privacy.mode = 'central' "
+                              "or 'local'")
         from fedge.privacy.session import PrivacyConfig
 
         if "epsilon_budget" in given:

@@ -48,6 +48,7 @@ import os
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -68,6 +69,9 @@ from fedge.secagg.protocol import (
     default_parameters,
 )
 from fedge.strategies.base import Aggregate
+
+if TYPE_CHECKING:
+    from fedge.privacy.session import PrivacySession
 from fedge.wire import (
     REFUSALS,
     SecAggDirectory,
@@ -236,6 +240,7 @@ class SecureRound:
             graph_seed=self.setup.graph_seed, vector_length=self.setup.vector_length,
             clip=self.grid.clip, bits=self.grid.bits, max_weight=self.grid.max_weight,
             wire_bits=self.grid.wire_bits, weighted=self.weighted,
+            noise_stddev=self.grid.noise_stddev, min_survivors=self.setup.min_survivors,
             advertise_deadline_s=max(0.0, t.advertise_at - now),
             share_deadline_s=max(0.0, t.latest_share_at - now),
             unmask_deadline_s=max(0.0, t.latest_unmask_at - now), poll_s=self.poll_s,
@@ -435,7 +440,9 @@ class SecureRound:
             raise SecAggError("bad_share", f"the unmasked total weight {weight} is outside {n}..{high}: "
                               "a device sent a vector off the round's grid; the round is abandoned")
         top = int(np.max(np.abs(total[:-1].view(np.int32).astype(np.int64)))) if total.size > 1 else 0
-        if top > n * self.grid.levels:
+        # With distributed DP the sum also holds every device's noise share: the grid's bound
+        # (for the whole cohort) leaves NOISE_TAIL standard deviations of it.
+        if top > (n * self.grid.levels if self.grid.noise_stddev == 0 else self.grid.sum_bound):
             raise SecAggError("bad_share", f"an unmasked value ({top}) exceeds what {n} devices on the grid "
                               "can sum to: a device sent a vector off the grid; the round is abandoned")
 
@@ -515,12 +522,20 @@ def open_secure_round(
     now: float, k: int | None, threshold: int | None, dropout_rate: float | None, clip: float,
     bits: int | None, max_weight: int | None, weighted: bool, phases_s: tuple[float, float, float],
     deadline_s: float, poll_s: float, wake: Callable[[], None],
+    distributed: PrivacySession | None = None, min_contributors: int = 0,
 ) -> SecureRound:
     """The secure round of a new attempt: SecAgg+ setup, grid and deadlines for ``cohort``.
 
     ``num_examples`` holds the cohort's example counts from their check-ins:
     without ``max_weight``, the largest is the grid's weight bound (a device
     that reports more when it uploads encodes it capped there).
+
+    ``distributed``: the run's distributed-DP session. Its plan fixes the
+    grid's bits (room for the noise) and every update weighs 1; each device's
+    noise share is sized so that ``m = max(threshold, min(min_contributors, n))``
+    shares add up to the whole noise, and ``m`` becomes the setup's
+    ``min_survivors``: the coordinator abandons, and honest devices refuse to
+    unmask, a sum of fewer (it would carry less noise than the accountant charges).
 
     Raises:
         ConfigError: a cohort below 3, or a grid that could wrap (the config checks forbid both).
@@ -534,12 +549,18 @@ def open_secure_round(
         weight_bound = max_weight
     else:  # the cohort's largest, bounded so that n of them cannot wrap the weight sum
         weight_bound = max(1, min(max((num_examples.get(d, 1) for d in names), default=1), _UINT32_MAX // n))
-    grid = FixedPoint(clip=clip, bits=bits if bits is not None else min(max_bits(n), _DEFAULT_BITS_CAP),
-                      max_weight=weight_bound, cohort_size=n)
+    need = 0
+    if distributed is None or distributed.distributed is None:
+        grid = FixedPoint(clip=clip, bits=bits if bits is not None else min(max_bits(n), _DEFAULT_BITS_CAP),
+                          max_weight=weight_bound, cohort_size=n)
+    else:
+        need = max(t, min(min_contributors, n))
+        grid = FixedPoint(clip=min(clip, distributed.clip_norm), bits=distributed.distributed.bits,
+                          max_weight=1, cohort_size=n, noise_stddev=distributed.noise_share_stddev(need))
     # A fresh 256-bit seed from the OS for every attempt: the neighbour ring, and (with the
     # setup id) the salt of every derived key, are never those of another attempt.
     setup = RoundSetup(secagg_setup_id(round_id, attempt), names, k_eff, t, os.urandom(32),
-                       P.num_values(params) + 1)
+                       P.num_values(params) + 1, min_survivors=need)
     advertise_s, share_s, unmask_s = phases_s
     times = PhaseTimes(opened_at=now, advertise_at=now + advertise_s, share_s=share_s,
                        upload_at=now + deadline_s, unmask_s=unmask_s)

@@ -43,6 +43,7 @@ from fedge.data.files import load_file
 from fedge.encoding.fixedpoint import unpack
 from fedge.errors import ConfigError, PrivacyBudgetError, ProtocolError, RoundError, TaskError
 from fedge.params import ParamsSpec
+from fedge.privacy.distributed import DistributedGrid
 from fedge.privacy.mechanisms import DevicePrivacy, clip_by_l2
 from fedge.privacy.session import LedgerEntry, PrivacySession
 from fedge.rounds import Round, RoundState, select_cohort, select_within_deadline
@@ -159,7 +160,7 @@ class Coordinator:
         self.task_info = TaskInfo(
             name=config.task, num_features=self.spec.num_features, num_classes=self.spec.num_classes
         )
-        self.privacy = _privacy_of(config, self.strategy)
+        self.privacy = _privacy_of(config, self.strategy, self._distributed_grid())
         #: Why no further round runs (the privacy budget), or None.
         self.stopped: str | None = None
         self.store = Store(config.data_dir)
@@ -242,6 +243,22 @@ class Coordinator:
             logger.error("%s", e)
             return False
         return True
+
+    def _distributed_grid(self) -> DistributedGrid | None:
+        """What fixes the secure-aggregation grid under distributed DP (else ``None``).
+
+        The grid's range is the smaller of ``[secagg] clip`` and the DP clip norm
+        (no coordinate of an update clipped to L2 norm C exceeds C), and its bits
+        the most that leave room, with every device of the largest cohort a round
+        may invite, for the noise of every share (docs/privacy.md, "Distributed DP").
+        """
+        cfg, settings = self.config, self.config.privacy
+        if settings is None or settings.mode != "distributed":
+            return None
+        assert not isinstance(settings.clip_norm, str)  # adaptive clipping is refused with [secagg]
+        return DistributedGrid(value_range=min(cfg.secagg_clip_value, float(settings.clip_norm)),
+                               dim=P.num_values(self._init_params()), max_cohort=cfg.invite_count,
+                               bits=cfg.secagg_bits)
 
     def _init_params(self) -> P.Params:
         # Seeded, so a coordinator that dies before round 1 completes starts
@@ -714,6 +731,8 @@ class Coordinator:
                 # With DP every update is clipped and weighs 1 (docs/privacy.md, "Weights").
                 weighted=self.privacy is None, phases_s=cfg.secagg_phases_s, deadline_s=cfg.deadline_s,
                 poll_s=cfg.secagg_poll_value, wake=self._wake.set,
+                distributed=self.privacy if self.privacy is not None and self.privacy.distributed else None,
+                min_contributors=min_updates,
             )
         logger.info(
             "round %d attempt %d open: %d devices invited, %d needed, deadline %.0f s",
@@ -872,8 +891,10 @@ def _decode_masked(body: bytes, length: int, bits: int) -> tuple[MaskedUpload, n
     return upload, unpack(upload.packed, bits, length)
 
 
-def _privacy_of(config: CoordinatorConfig, strategy: Strategy) -> PrivacySession | None:
-    """Central DP for a federation: noise from the OS entropy, and no amplification claimed.
+def _privacy_of(
+    config: CoordinatorConfig, strategy: Strategy, grid: DistributedGrid | None
+) -> PrivacySession | None:
+    """DP for a federation: noise from the OS entropy, and no amplification claimed.
 
     Cohorts are drawn from the devices that happen to be available, so no
     device's chance of being picked is known, and a device that becomes
@@ -888,7 +909,7 @@ def _privacy_of(config: CoordinatorConfig, strategy: Strategy) -> PrivacySession
     if getattr(strategy, "needs_every_update", False):
         raise ConfigError(f"[privacy] needs a strategy that sums updates; {config.strategy!r} keeps each one")
     return PrivacySession(settings, sampling="availability", expected_reports=float(config.cohort_size),
-                          planned_rounds=config.rounds, seed=None)
+                          planned_rounds=config.rounds, seed=None, grid=grid)
 
 
 def _weighted_eval(rows: list[dict[str, object]]) -> dict[str, float]:
