@@ -57,6 +57,7 @@ import numpy as np
 
 from fedge.errors import StoreError
 from fedge.params import Params
+from fedge.privacy.accounting import LedgerEntry
 from fedge.strategies.base import ServerState
 
 __all__ = [
@@ -67,7 +68,6 @@ __all__ = [
     "CertificateRow",
     "DeviceRow",
     "EventRow",
-    "LedgerRow",
     "RoundRow",
     "RoundStats",
     "Store",
@@ -190,23 +190,6 @@ class EventRow:
     def to_json(self) -> dict[str, object]:
         return {"id": self.id, "device": self.device_id, "at": self.at, "received_at": self.received_at,
                 "kind": self.kind, "level": self.level, "message": self.message, "fields": self.fields}
-
-
-@dataclass(frozen=True)
-class LedgerRow:
-    """One round's privacy cost as the store keeps it (see :mod:`fedge.privacy.session`)."""
-
-    round: int
-    mode: str
-    noise_multiplier: float
-    sampling: str
-    sample_rate: float
-    population: int | None
-    cohort: int | None
-    clip_norm: float
-    next_clip_norm: float
-    epsilon: float
-    delta: float
 
 
 @dataclass(frozen=True)
@@ -849,7 +832,7 @@ class Store:
     def complete_round(
         self, round: int, attempt: int, state: ServerState, *, closed_at: float,
         reported: Sequence[str], dropped: Sequence[str], metrics: Mapping[str, float],
-        privacy: LedgerRow | None = None,
+        privacy: LedgerEntry | None = None,
     ) -> Path:
         """Write ``state``'s checkpoint durably, then mark the attempt complete; return the file.
 
@@ -889,12 +872,12 @@ class Store:
                 )
         return path
 
-    def privacy_ledger(self) -> list[LedgerRow]:
+    def privacy_ledger(self) -> list[LedgerEntry]:
         """Every round's privacy cost, by round."""
         rows = self._query("SELECT round, mode, noise_multiplier, sampling, sample_rate, population, "
                            "cohort, clip_norm, next_clip_norm, epsilon, delta FROM privacy_ledger "
                            "ORDER BY round")
-        return [LedgerRow(int(r[0]), str(r[1]), float(r[2]), str(r[3]), float(r[4]),
+        return [LedgerEntry(int(r[0]), str(r[1]), float(r[2]), str(r[3]), float(r[4]),
                           None if r[5] is None else int(r[5]), None if r[6] is None else int(r[6]),
                           float(r[7]), float(r[8]), float(r[9]), float(r[10])) for r in rows]
 

@@ -9,17 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedge.store import SCHEMA_VERSION, LedgerRow, Store
+from fedge.privacy.accounting import LedgerEntry
+from fedge.store import SCHEMA_VERSION, Store
 from fedge.strategies.base import ServerState
 
 
-def entry(round_id: int, epsilon: float = 1.0) -> LedgerRow:
-    return LedgerRow(round=round_id, mode="central", noise_multiplier=1.1, sampling="full", sample_rate=1.0,
+def entry(round_id: int, epsilon: float = 1.0) -> LedgerEntry:
+    return LedgerEntry(round=round_id, mode="central", noise_multiplier=1.1, sampling="full", sample_rate=1.0,
                      population=None, cohort=None, clip_norm=0.5, next_clip_norm=0.45, epsilon=epsilon,
                      delta=1e-5)
 
 
-def complete(store: Store, round_id: int, privacy: LedgerRow | None) -> None:
+def complete(store: Store, round_id: int, privacy: LedgerEntry | None) -> None:
     attempt = store.open_round(round_id, cohort=["a"], min_updates=1, opened_at=1.0, deadline_at=9.0)
     state = ServerState(params={"w": np.zeros(2, dtype=np.float32)}, round=round_id)
     store.complete_round(round_id, attempt, state, closed_at=2.0, reported=["a"], dropped=[], metrics={},

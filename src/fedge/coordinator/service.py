@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -47,7 +46,7 @@ from fedge.privacy.distributed import DistributedGrid
 from fedge.privacy.mechanisms import DevicePrivacy, clip_by_l2
 from fedge.privacy.session import LedgerEntry, PrivacySession
 from fedge.rounds import Round, RoundState, select_cohort, select_within_deadline
-from fedge.store import LedgerRow, Store
+from fedge.store import Store
 from fedge.strategies import ServerState, Strategy, build_strategy
 from fedge.strategies.base import Accumulator
 from fedge.tasks import load_task
@@ -226,7 +225,7 @@ class Coordinator:
                     "trained under differential privacy and cannot go on without it ([privacy] table)"
                 )
             return
-        self.privacy.restore(LedgerEntry(**dataclasses.asdict(row)) for row in ledger)
+        self.privacy.restore(ledger)
         if ledger:
             logger.info("privacy ledger: %d rounds, epsilon %.4g at delta %g",
                         len(ledger), self.privacy.epsilon, self.privacy.config.delta)
@@ -768,16 +767,15 @@ class Coordinator:
         if secure is not None:
             metrics.update(secure.metrics())
         state = None
-        ledger: LedgerRow | None = None
+        ledger: LedgerEntry | None = None
         # A secure round is complete only once unmasked: an abandoned one revealed nothing.
         if outcome.state is RoundState.COMPLETE and (secure is None or secure.total is not None):
             aggregate = rnd.accumulator.result() if secure is None else secure.aggregate(self.params_spec)
             if self.privacy is not None:
                 aggregate = self.privacy.release(r, aggregate, unclipped=rnd.unclipped)
-                entry = self.privacy.charge(r)
-                ledger = LedgerRow(**dataclasses.asdict(entry))
-                metrics["epsilon"] = entry.epsilon
-                metrics["clip_norm"] = entry.clip_norm
+                ledger = self.privacy.charge(r)
+                metrics["epsilon"] = ledger.epsilon
+                metrics["clip_norm"] = ledger.clip_norm
             t0 = time.perf_counter()
             with np.errstate(over="ignore", invalid="ignore"):
                 state = self.strategy.apply(self.state, aggregate)

@@ -57,6 +57,7 @@ __all__ = [
     "ACCOUNTANTS",
     "SAMPLINGS",
     "Accountant",
+    "LedgerEntry",
     "RoundEvent",
     "calibrate_noise_multiplier",
     "epsilon_for",
@@ -118,6 +119,33 @@ class RoundEvent:
     def _key(self) -> tuple[Any, ...]:
         return (self.sampling, float(self.noise_multiplier), float(self.sample_rate),
                 self.population, self.cohort)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One round's line in the privacy ledger: the mechanism it ran and epsilon after it.
+
+    The session writes these and the store keeps them (the completing transaction);
+    :attr:`event` is what the accountant composes again after a restart.
+    """
+
+    round: int
+    mode: str
+    noise_multiplier: float
+    sampling: str
+    sample_rate: float
+    population: int | None
+    cohort: int | None
+    clip_norm: float
+    next_clip_norm: float
+    epsilon: float
+    delta: float
+
+    @property
+    def event(self) -> RoundEvent:
+        return RoundEvent(self.noise_multiplier, sampling=self.sampling,
+                          sample_rate=1.0 if self.sampling == "fixed" else self.sample_rate,
+                          population=self.population, cohort=self.cohort)
 
 
 def _dp_event(key: tuple[Any, ...]) -> Any:

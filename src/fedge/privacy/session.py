@@ -26,7 +26,13 @@ from dataclasses import dataclass
 
 from fedge import params as P
 from fedge.errors import ConfigError, PrivacyBudgetError
-from fedge.privacy.accounting import ACCOUNTANTS, Accountant, RoundEvent, calibrate_noise_multiplier
+from fedge.privacy.accounting import (
+    ACCOUNTANTS,
+    Accountant,
+    LedgerEntry,
+    RoundEvent,
+    calibrate_noise_multiplier,
+)
 from fedge.privacy.adaptive import AdaptiveClip, corrected_noise_multiplier
 from fedge.privacy.distributed import DistributedGrid, DistributedPlan, plan_grid, share_stddev
 from fedge.privacy.mechanisms import DevicePrivacy, noise_generator, noised_mean
@@ -111,29 +117,6 @@ class PrivacyConfig:
 
 def _flag(name: str) -> str:
     return {"budget": "epsilon-budget"}.get(name, name.replace("_", "-"))
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """One round's line in the privacy ledger: the mechanism it ran and epsilon after it."""
-
-    round: int
-    mode: str
-    noise_multiplier: float
-    sampling: str
-    sample_rate: float
-    population: int | None
-    cohort: int | None
-    clip_norm: float
-    next_clip_norm: float
-    epsilon: float
-    delta: float
-
-    @property
-    def event(self) -> RoundEvent:
-        return RoundEvent(self.noise_multiplier, sampling=self.sampling,
-                          sample_rate=1.0 if self.sampling == "fixed" else self.sample_rate,
-                          population=self.population, cohort=self.cohort)
 
 
 class PrivacySession:
