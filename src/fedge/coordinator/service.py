@@ -890,7 +890,7 @@ def _decode_masked(body: bytes, length: int, bits: int) -> tuple[MaskedUpload, n
 
 
 def _privacy_of(
-    config: CoordinatorConfig, strategy: Strategy, grid: DistributedGrid | None
+    config: CoordinatorConfig, strategy: Strategy, grid: DistributedGrid | None = None
 ) -> PrivacySession | None:
     """DP for a federation: noise from the OS entropy, and no amplification claimed.
 
