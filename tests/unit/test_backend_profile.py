@@ -21,37 +21,57 @@ def _load(owner: list[int], sizes: list[int], workers: int) -> tuple[list[int], 
     return counts, examples
 
 
-def test_devices_are_dealt_in_a_snake_of_decreasing_size() -> None:
-    #            d:  0  1  2  3  4  5
-    sizes = [10, 60, 30, 50, 40, 20]
-    # By size: 1 (60), 3 (50), 4 (40), 2 (30), 5 (20), 0 (10) -> workers 0, 1, 1, 0, 0, 1.
-    assert assign_devices(sizes, 2) == [1, 0, 0, 1, 1, 0]
-    assert _load(assign_devices(sizes, 2), sizes, 2) == ([3, 3], [110, 100])
+def _steps(sizes: list[int], batch_size: int) -> list[int]:
+    return [-(-n // batch_size) for n in sizes]
+
+
+def test_devices_go_to_the_worker_with_the_fewest_steps_then_examples() -> None:
+    #            d:  0   1   2   3   4   5
+    sizes = [10, 60, 30, 50, 40, 20]  # steps at batch 20: 1, 3, 2, 3, 2, 1
+    # Most steps first, each to the worker with (fewest steps, fewest examples):
+    # 1 -> w0 (3, 60); 3 -> w1 (3, 50); 4 -> w1, fewer examples (5, 90); 2 -> w0 (5, 90);
+    # 5 -> w0, a tie goes to the lower worker (6, 110); 0 -> w1 (6, 100).
+    owner = assign_devices(sizes, 2, batch_size=20)
+    assert owner == [1, 0, 0, 1, 1, 0]
+    counts, examples = _load(owner, sizes, 2)
+    assert counts == [3, 3] and examples == [110, 100]
+    assert _load(owner, _steps(sizes, 20), 2)[1] == [6, 6]
 
 
 def test_placement_balances_skewed_sizes_better_than_modulo() -> None:
     sizes = [33, 157, 113, 65, 97, 14, 39, 79, 78, 86, 105, 77, 80, 32, 58, 70, 44, 47, 36, 128]
-    counts, examples = _load(assign_devices(sizes, 2), sizes, 2)
+    owner = assign_devices(sizes, 2, batch_size=32)
+    counts, examples = _load(owner, sizes, 2)
     modulo = _load([d % 2 for d in range(len(sizes))], sizes, 2)[1]
     assert counts == [10, 10]
+    assert _load(owner, _steps(sizes, 32), 2)[1] == [28, 28]
     assert max(examples) - min(examples) < (max(modulo) - min(modulo)) / 3
     for workers in (3, 4, 7):
-        counts, examples = _load(assign_devices(sizes, workers), sizes, workers)
-        assert max(counts) - min(counts) <= 1
+        owner = assign_devices(sizes, workers, batch_size=32)
+        counts, examples = _load(owner, sizes, workers)
+        assert max(counts) <= -(-len(sizes) // workers)
         assert sum(examples) == sum(sizes)
+        steps = _load(owner, _steps(sizes, 32), workers)[1]
+        assert max(steps) - min(steps) <= max(_steps(sizes, 32))
 
 
 def test_placement_ties_follow_device_ids_and_extra_workers_stay_empty() -> None:
-    assert assign_devices([5, 5, 5, 5], 2) == [0, 1, 1, 0]
-    assert assign_devices([5, 5], 4) == [0, 1]
-    assert assign_devices([], 3) == []
-    assert assign_devices([7, 1, 3], 1) == [0, 0, 0]
+    assert assign_devices([5, 5, 5, 5], 2, batch_size=8) == [0, 1, 0, 1]
+    assert assign_devices([5, 5], 4, batch_size=8) == [0, 1]
+    assert assign_devices([], 3, batch_size=8) == []
+    assert assign_devices([7, 1, 3], 1, batch_size=8) == [0, 0, 0]
 
 
 @pytest.mark.parametrize("workers", [0, -2])
 def test_placement_refuses_fewer_than_one_worker(workers: int) -> None:
     with pytest.raises(ValueError, match=f"workers must be >= 1, got {workers}"):
-        assign_devices([1, 2, 3], workers)
+        assign_devices([1, 2, 3], workers, batch_size=8)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_placement_refuses_a_batch_size_below_one(batch_size: int) -> None:
+    with pytest.raises(ValueError, match=f"batch_size must be >= 1, got {batch_size}"):
+        assign_devices([1, 2, 3], 2, batch_size=batch_size)
 
 
 def _round(profile: BackendProfile, round_id: int, *, engine_s: float) -> RoundTimes:

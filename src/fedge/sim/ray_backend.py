@@ -8,7 +8,8 @@ multi-node cluster, or a KubeRay cluster on Kubernetes:
 - **Actors own devices.** ``W`` long-lived actors (cluster CPUs divided by
   ``--ray-cpus-per-device``, or ``--workers``) each hold the devices that
   :func:`~fedge.sim.backends.assign_devices` gives them (balanced in
-  devices and examples, as with ``processes``). An actor loads or generates its devices' data itself,
+  devices, local steps and examples, as with ``processes``). An actor
+  loads or generates its devices' data itself,
   once, from the run's data settings (every source is deterministic for a
   seed), so no data leaves the driver; data handed to the Python API as
   values is put in the object store once, one shard per actor.
@@ -377,7 +378,8 @@ class RayBackend:
             max_task_retries=MAX_RESTARTS if on_failure == "retry" else 0,
             scheduling_strategy="SPREAD",
         )
-        self.owner = assign_devices([len(ds) for ds in datasets], count)
+        self.owner = assign_devices([len(ds) for ds in datasets], count,
+                                    batch_size=base_config.batch_size)
         for index in range(count):
             mine = [d for d, w in enumerate(self.owner) if w == index]
             source: DataRecipe | Any = recipe
