@@ -15,10 +15,13 @@ could happen because some of the raylet failed to startup or the GCS has
 become overloaded". The raylet's own log said why: ``bind: Address already
 in use`` on a port the fixture had picked with ``free_port()`` (bind to port
 0, close, hand the number to Ray). Such a port is in the kernel's ephemeral
-range, which it hands out as the source port of every outgoing connection
-on the machine; between the pick and Ray's bind (seconds, under load) other
-tests' connections took it (reproduced by holding one connection on the
-port: the same 30 s failure, every time). So the fixture now leaves every
+range, which the kernel hands out again to anyone who binds port 0 (other
+tests' servers) and to outgoing connections; between the pick and Ray's
+bind (seconds, more under load) someone else could take it. Reproduced:
+holding one connection on such a port gives the same 30 s failure every
+time; with listeners on port 0 coming and going beside the test (150 a
+second, each held 5 s) and CPU hogs, the old fixture failed 3 of 19 runs
+and this one 0 of 13. So the fixture now leaves every
 port that Ray can bind as port 0 to Ray (the kernel picks it at bind time:
 no window), and picks the few that must be known in advance (the head's GCS
 port, each node's dashboard-agent HTTP port, which defaults to one fixed
