@@ -21,7 +21,8 @@ bind (seconds, more under load) someone else could take it. Reproduced:
 holding one connection on such a port gives the same 30 s failure every
 time; with listeners on port 0 coming and going beside the test (150 a
 second, each held 5 s) and CPU hogs, the old fixture failed 3 of 19 runs
-and this one 0 of 13. So the fixture now leaves every
+and this one 0 of 13 (under CPU hogs alone the old one passed 12 of 12).
+So the fixture now leaves every
 port that Ray can bind as port 0 to Ray (the kernel picks it at bind time:
 no window), and picks the few that must be known in advance (the head's GCS
 port, each node's dashboard-agent HTTP port, which defaults to one fixed
