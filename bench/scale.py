@@ -21,12 +21,16 @@ Workloads (``--only NAME`` runs one; default all):
   driver's peak RSS at cohorts 100 and 1,000 of the same 1,000 devices (the
   driver should not grow with the cohort).
 - ``mlp``: an MLP of 64*13000 + 13000 + 13000*10 + 10 = 975,010 parameters
-  on digits, 20 devices, 10 rounds of 2 local epochs, ray with 1 and with 2 workers: parallel
-  efficiency from the rounds' time (start-up excluded; target >= 1.6x).
+  on digits, 20 devices, 10 rounds of 2 local epochs (evaluation every
+  round, the default), ray and processes with 1 and with 2 workers: parallel
+  efficiency from the rounds' time (start-up excluded; target >= 1.6x), and
+  the same from CPU accounting (``backend.profile`` in summary.json, see
+  docs/scale.md, "Where the time goes"), which a busy machine distorts far
+  less than wall time. ``--repeat N`` alternates 1 and 2 workers N times.
 - ``startup``: a 1-round, 2-device run on each backend: ``backend_start_s``
   from summary.json is the fixed cost of starting its workers.
 
-    .venv/bin/python bench/scale.py [--only 10k|1k|mlp|startup] [--json OUT.json]
+    .venv/bin/python bench/scale.py [--only 10k|1k|mlp|startup] [--repeat N] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -66,8 +70,13 @@ def _hwm_mb(pid: int) -> float:
     return 0.0
 
 
+def _load() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def run(args: list[str]) -> dict[str, Any]:
     """One ``fedge simulate`` run: wall time, driver peak RSS, tree peak PSS, summary.json."""
+    load_before = _load()
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [FEDGE, "simulate", *args, "--no-plot", "--quiet", "--out", tmp]
         t0 = time.perf_counter()
@@ -95,6 +104,7 @@ def run(args: list[str]) -> dict[str, Any]:
         "tree_peak_pss_mb": round(tree_mb),
         "accuracy": summary["accuracy"],
         "backend": summary.get("backend"),
+        "load": [load_before, _load()],
     }
 
 
@@ -121,14 +131,78 @@ def bench_1k() -> list[dict[str, Any]]:
     return rows
 
 
-def bench_mlp() -> list[dict[str, Any]]:
+MLP = ["--task", "mlp:13000", "--devices", "20", "--rounds", "10", "--local-epochs", "2"]
+
+
+def _background_cpu_s(profile: dict[str, Any]) -> float:
+    """CPU spent beside the round's own work: Ray's processes, the driver's and workers' other threads."""
+    driver = profile["driver_process_cpu_s"] - profile["engine_cpu_s"] - profile["driver_backend_cpu_s"]
+    workers = sum((p or 0.0) - r for p, r in
+                  zip(profile["worker_process_cpu_s"], profile["worker_run_cpu_s"], strict=True))
+    return profile.get("system_cpu_s", 0.0) + max(0.0, driver) + max(0.0, workers)
+
+
+def _accounting(one: dict[str, Any], two: dict[str, Any]) -> dict[str, float]:
+    """The speed-up of 2 workers over 1 from CPU time, and its Amdahl decomposition.
+
+    A round's critical path is the driver's serial work (``serial``: the
+    engine between rounds and the backend's own part of run_round, in the
+    driver thread's CPU) plus its busiest worker's CPU. With 1 worker all
+    the training ``P1`` is on it; with 2 it would be ``P1 / 2`` if the work
+    split evenly and each worker ran as fast as alone. Two factors say how
+    far from that it is: ``imbalance`` (the busiest worker over the mean)
+    and ``contention`` (both workers' CPU over the single worker's: cache
+    and memory bandwidth shared, and the machine's other work).
+    ``speedup_cpu`` compares the CPU critical paths alone; ``speedup_estimate``
+    adds what a quiet machine would still see: the hand-offs' wall time
+    (params out, partials back) and, with 2 workers on 2 cores, half the
+    background CPU (Ray's processes and threads), which then competes with
+    the workers (with 1 worker it has the other core to itself).
+    Medians over rounds, times the rounds, resist bursts of other work.
+    """
+    p1, p2 = one["backend"]["profile"], two["backend"]["profile"]
+    m1, m2, n = p1["median_round"], p2["median_round"], p1["rounds"]
+    s1, w1 = m1["serial_cpu_s"] * n, m1["critical_worker_cpu_s"] * n
+    s2, c2, both = m2["serial_cpu_s"] * n, m2["critical_worker_cpu_s"] * n, m2["worker_cpu_s"] * n
+    h1, h2 = (m1["start_s"] + m1["collect_s"]) * n, (m2["start_s"] + m2["collect_s"]) * n
+    background = _background_cpu_s(p2)
+    serial_fraction = s1 / (s1 + w1)
+    quiet_1, quiet_2 = s1 + w1 + h1, s2 + c2 + h2 + background / 2
+    return {
+        "cpu_path_1_s": round(s1 + w1, 3),
+        "cpu_path_2_s": round(s2 + c2, 3),
+        "speedup_cpu": round((s1 + w1) / (s2 + c2), 3),
+        "estimate_1_s": round(quiet_1, 3),
+        "estimate_2_s": round(quiet_2, 3),
+        "speedup_estimate": round(quiet_1 / quiet_2, 3),
+        "serial_1_s": round(s1, 3),
+        "serial_2_s": round(s2, 3),
+        "serial_fraction_1": round(serial_fraction, 4),
+        "amdahl_bound_2": round(1 / (serial_fraction + (1 - serial_fraction) / 2), 3),
+        "imbalance_2": round(c2 / (both / 2), 4),
+        "contention_2": round(both / w1, 4),
+        # Wall-clock latencies of the round's hand-offs (inflated by load, not CPU).
+        "handoff_1_s": round(h1, 3),
+        "handoff_2_s": round(h2, 3),
+        "background_cpu_2_s": round(background, 3),
+    }
+
+
+def bench_mlp(repeat: int = 1) -> list[dict[str, Any]]:
     rows = []
-    for workers in ("1", "2"):
-        rows.append(run(["--task", "mlp:13000", "--devices", "20", "--rounds", "10", "--local-epochs", "2",
-                         "--backend", "ray", "--workers", workers]))
-        _show(rows[-1])
-    speedup = rows[0]["rounds_s"] / rows[1]["rounds_s"]
-    print(f"parallel speed-up, 2 workers over 1: {speedup:.2f}x", flush=True)
+    for backend in ("ray", "processes"):
+        for _ in range(repeat):
+            pair = []
+            for workers in ("1", "2"):
+                pair.append(run([*MLP, "--backend", backend, "--workers", workers]))
+                _show(pair[-1])
+            wall = pair[0]["rounds_s"] / pair[1]["rounds_s"]
+            cpu = _accounting(*pair)
+            print(f"{backend}: speed-up, 2 workers over 1: {wall:.2f}x wall (loads "
+                  f"{pair[0]['load']} and {pair[1]['load']}), {cpu['speedup_cpu']:.2f}x from CPU "
+                  f"critical paths, {cpu['speedup_estimate']:.2f}x estimated for a quiet machine; "
+                  f"{json.dumps(cpu)}", flush=True)
+            rows.extend({**r, "accounting": cpu, "speedup_wall": round(wall, 3)} for r in pair)
     return rows
 
 
@@ -147,13 +221,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--only", choices=sorted(BENCHES))
     parser.add_argument("--json", type=Path, help="also write every row here")
+    parser.add_argument("--repeat", type=int, default=1, help="mlp: pairs of runs per backend")
     opts = parser.parse_args()
     print(f"machine: {machine()}", flush=True)
     results = {}
     for name, fn in BENCHES.items():
         if opts.only in (None, name):
             print(f"== {name}", flush=True)
-            results[name] = fn()
+            results[name] = bench_mlp(opts.repeat) if name == "mlp" else fn()
     if opts.json:
         opts.json.write_text(json.dumps({"machine": machine(), **results}, indent=2))
 

@@ -224,7 +224,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     # on waking its threads than it saves (3.4x slower for 1,000 devices with a
     # 1M-parameter MLP on 2 cores).
     _single_threaded_blas()
+    from fedge.sim.backends import tune_malloc
     from fedge.sim.engine import Simulation
+
+    tune_malloc()  # the driver's per-round arrays reuse memory, as the workers' do
     from fedge.sim.report import RunWriter, default_out_dir
 
     if "no_plot" not in args and importlib.util.find_spec("matplotlib") is None:

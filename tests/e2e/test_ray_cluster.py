@@ -8,6 +8,26 @@ processes run with ``--block`` in their own process groups; the fixture
 stops them with SIGTERM (Ray's graceful stop) and then SIGKILLs what is left
 of their groups, so it never touches another Ray instance on the machine (a
 plain ``ray stop`` would stop every one).
+
+Ports. This test used to fail now and then on a busy machine, with ``ray
+start`` exiting after 30 s: "The current node timed out during startup. This
+could happen because some of the raylet failed to startup or the GCS has
+become overloaded". The raylet's own log said why: ``bind: Address already
+in use`` on a port the fixture had picked with ``free_port()`` (bind to port
+0, close, hand the number to Ray). Such a port is in the kernel's ephemeral
+range, which the kernel hands out again to anyone who binds port 0 (other
+tests' servers) and to outgoing connections; between the pick and Ray's
+bind (seconds, more under load) someone else could take it. Reproduced:
+holding one connection on such a port gives the same 30 s failure every
+time; with listeners on port 0 coming and going beside the test (150 a
+second, each held 5 s) and CPU hogs, the old fixture failed 3 of 19 runs
+and this one 0 of 13 (under CPU hogs alone the old one passed 12 of 12).
+So the fixture now leaves every
+port that Ray can bind as port 0 to Ray (the kernel picks it at bind time:
+no window), and picks the few that must be known in advance (the head's GCS
+port, each node's dashboard-agent HTTP port, which defaults to one fixed
+number for every node, and the worker port ranges) below the ephemeral range,
+where the kernel never hands out ports on its own, checking each with a bind.
 """
 
 from __future__ import annotations
@@ -16,6 +36,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,32 +47,67 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedge_processes import FEDGE, child_env, free_port
+from fedge_processes import FEDGE, child_env
 from safetensors.numpy import load_file
 
 from fedge.sim.engine import simulate
 
 RAY = str(Path(sys.executable).with_name("ray"))
 ATOL = 1e-5
+#: Ports for each node's worker processes (the driver's among them).
+WORKER_PORTS = 100
 
 
-def _node_args(temp_dir: Path, node: int) -> list[str]:
-    ports = {
-        "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--dashboard-agent-grpc-port": free_port(),
-        "--metrics-export-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-    }
-    # Each node its own range of worker ports (both listen on 127.0.0.1),
-    # below Linux's ephemeral range (32768+) that free_port() draws from.
-    low = 11000 + (os.getpid() * 7919) % 19000 + node * 1000
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+class _LowPorts:
+    """Ports below the ephemeral range, from a block of this process's own, each checked free.
+
+    The block's start follows the process id, so two test runs at once use
+    different blocks; a port something listens on is skipped.
+    """
+
+    BLOCK = 1000
+
+    def __init__(self) -> None:
+        top = _ephemeral_low()
+        blocks = (top - 10000) // self.BLOCK
+        self._next = 10000 + (os.getpid() % blocks) * self.BLOCK
+        self._end = self._next + self.BLOCK
+
+    def take(self, count: int = 1) -> int:
+        """The first of ``count`` consecutive free ports."""
+        while self._next + count <= self._end:
+            first, self._next = self._next, self._next + count
+            if all(_bindable(p) for p in range(first, first + count)):
+                return first
+        raise RuntimeError("no free ports left in this test's block")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _node_args(temp_dir: Path, ports: _LowPorts) -> list[str]:
+    workers = ports.take(WORKER_PORTS)
     return [
         "--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
         "--temp-dir", str(temp_dir), "--disable-usage-stats",
-        "--min-worker-port", str(low), "--max-worker-port", str(low + 200),
-        *(x for k, v in ports.items() for x in (k, str(v))),
+        # Its default is one fixed port for every node, so two nodes on one
+        # machine would collide; every other port Ray binds as port 0.
+        "--dashboard-agent-listen-port", str(ports.take()),
+        "--min-worker-port", str(workers), "--max-worker-port", str(workers + WORKER_PORTS - 1),
     ]
 
 
@@ -62,20 +118,21 @@ def ray_cluster() -> Iterator[str]:
     # Short paths: Ray's Unix sockets live under the temp folder (108-byte limit).
     top = Path(tempfile.mkdtemp(prefix="fr", dir="/tmp"))
     env = {**child_env(), "RAY_AUTH_MODE": "disabled"}
-    port = free_port()
+    ports = _LowPorts()
+    port = ports.take()
     address = f"127.0.0.1:{port}"
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
     try:
-        for node, (name, extra) in enumerate((
+        for name, extra in (
             ("head", ["--head", "--port", str(port), "--include-dashboard", "false",
-                      "--ray-client-server-port", str(free_port())]),
+                      "--ray-client-server-port", str(ports.take())]),
             ("node", ["--address", address]),
-        )):
+        ):
             log = (top / f"{name}.log").open("wb")
             logs.append(log)
             procs.append(subprocess.Popen(
-                [RAY, "start", *extra, *_node_args(top / name, node)], stdout=log,
+                [RAY, "start", *extra, *_node_args(top / name, ports)], stdout=log,
                 stderr=subprocess.STDOUT, env=env, start_new_session=True,
             ))
             _wait_for(top / f"{name}.log", "Ray runtime started", procs[-1])
@@ -102,25 +159,56 @@ def _wait_for(log: Path, text: str, proc: subprocess.Popen[bytes], timeout_s: fl
         if text in log.read_text(errors="replace"):
             return
         if proc.poll() is not None:
-            pytest.fail(f"ray start exited {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+            pytest.fail(f"ray start exited {proc.returncode}:\n{log.read_text(errors='replace')[-2000:]}"
+                        f"{_component_errors(log.with_suffix(''))}")
         time.sleep(0.3)
-    pytest.fail(f"ray start did not report {text!r} in {timeout_s} s")
+    pytest.fail(f"ray start did not report {text!r} in {timeout_s} s{_component_errors(log.with_suffix(''))}")
 
 
-def _wait_for_nodes(address: str, count: int, env: dict[str, str], timeout_s: float = 60) -> None:
+def _component_errors(temp_dir: Path) -> str:
+    """The last lines of the node's raylet and GCS error logs: why `ray start` gave up.
+
+    `ray start` itself only says that the node "timed out during startup";
+    the component that died says what it hit (a port in use, for one).
+    """
+    out = []
+    for name in ("raylet.out", "raylet.err", "gcs_server.out", "gcs_server.err"):
+        for path in sorted(temp_dir.glob(f"session_*/logs/{name}")):
+            lines = [ln for ln in path.read_text(errors="replace").splitlines()
+                     if " E " in ln or " C " in ln or "rror" in ln][-5:]
+            if lines:
+                out.append(f"--- {path.name}:\n" + "\n".join(ln[:400] for ln in lines))
+    return ("\n" + "\n".join(out)) if out else ""
+
+
+def _wait_for_nodes(address: str, count: int, env: dict[str, str], timeout_s: float = 120) -> None:
+    """Wait until the cluster counts ``count`` live nodes, from one driver that asks every second.
+
+    `ray start` returns once its node is registered, so this normally holds at
+    the first look; it is the test's own check that the second raylet joined
+    this head (not another cluster) before the run relies on it.
+    """
     probe = textwrap.dedent(f"""
+        import sys, time
         import ray
         ray.init(address={address!r}, logging_level="ERROR", log_to_driver=False)
-        print(sum(1 for n in ray.nodes() if n["Alive"]))
+        end = time.monotonic() + {timeout_s}
+        while True:
+            alive = sum(1 for n in ray.nodes() if n["Alive"])
+            if alive >= {count} or time.monotonic() > end:
+                break
+            time.sleep(1)
+        print(alive)
     """)
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
+    try:
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                             env=env, check=False, timeout=120)
-        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
-            return
-        time.sleep(1)
-    pytest.fail(f"the Ray cluster at {address} did not reach {count} nodes")
+                             env=env, check=False, timeout=timeout_s + 120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the probe driver could not join the Ray cluster at {address} in {timeout_s + 120} s")
+    last = out.stdout.strip().splitlines()[-1:]
+    if out.returncode != 0 or last != [str(count)]:
+        pytest.fail(f"the Ray cluster at {address} did not reach {count} live nodes (saw {last}):\n"
+                    f"{out.stderr[-2000:]}")
 
 
 def _simulate(
@@ -157,6 +245,10 @@ def test_local_ray_instance_from_the_cli(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["backend"]["name"] == "ray" and summary["backend"]["nodes"] == 1
     assert summary["timing"]["backend_start_s"] > 0
+    # A local instance is this run's own: its GCS and raylet are charged their
+    # CPU (in clock ticks, so two short rounds may well cost 0.0 of it).
+    profile = summary["backend"]["profile"]
+    assert profile["rounds"] == 2 and profile["system_cpu_s"] >= 0
 
 
 _NO_RAY = textwrap.dedent("""

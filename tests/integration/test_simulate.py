@@ -271,3 +271,20 @@ def test_api_refuses_wrongly_typed_settings(field: str, value: object, message: 
 def test_api_accepts_numpy_numbers() -> None:
     cfg = SimConfig(seed=np.int64(3), lr=np.float32(0.5), rounds=2)  # type: ignore[arg-type]
     assert cfg.seed == 3 and type(cfg.seed) is int and cfg.lr == 0.5
+
+
+def test_processes_backend_profiles_its_rounds() -> None:
+    result = simulate(rounds=3, backend="processes", workers=2, devices=8)
+    info = result.summary()["backend"]
+    assert info["name"] == "processes" and info["workers"] == 2
+    prof = info["profile"]
+    assert prof["rounds"] == 3
+    assert len(prof["worker_run_cpu_s"]) == 2 and all(c > 0 for c in prof["worker_run_cpu_s"])
+    # Each worker's process did at least its rounds' work.
+    assert all(p >= c - 0.05 for p, c in zip(prof["worker_process_cpu_s"], prof["worker_run_cpu_s"],
+                                             strict=True))
+    assert prof["critical_worker_cpu_s"] <= sum(prof["worker_run_cpu_s"])
+    # The phases split the rounds' wall time.
+    phases = prof["start_s"] + prof["workers_s"] + prof["collect_s"] + prof["engine_s"]
+    assert phases == pytest.approx(result.timing["rounds_s"], abs=0.05)
+    assert prof["engine_cpu_s"] > 0  # three evaluations at least

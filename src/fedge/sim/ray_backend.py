@@ -6,8 +6,10 @@ Emerging AI Applications", OSDI 2018), which may be a local instance, a
 multi-node cluster, or a KubeRay cluster on Kubernetes:
 
 - **Actors own devices.** ``W`` long-lived actors (cluster CPUs divided by
-  ``--ray-cpus-per-device``, or ``--workers``) each hold the devices
-  ``d % W == index``. An actor loads or generates its devices' data itself,
+  ``--ray-cpus-per-device``, or ``--workers``) each hold the devices that
+  :func:`~fedge.sim.backends.assign_devices` gives them (balanced in
+  devices, local steps and examples, as with ``processes``). An actor
+  loads or generates its devices' data itself,
   once, from the run's data settings (every source is deterministic for a
   seed), so no data leaves the driver; data handed to the Python API as
   values is put in the object store once, one shard per actor.
@@ -16,8 +18,10 @@ multi-node cluster, or a KubeRay cluster on Kubernetes:
 - **Reduced on the cluster.** Each actor returns one partial accumulator
   (:class:`~fedge.sim.devices.PartialRound`); zero-CPU merge tasks join them
   in a tree of fan-in :data:`FAN_IN`, always through
-  :func:`~fedge.sim.backends.merge_partials`, and the driver fetches only the
-  root: O(model) memory at the driver whatever the cohort size. A strategy
+  :func:`~fedge.sim.backends.merge_partials`, and the driver joins the last
+  :data:`FAN_IN` or fewer itself (the root costs no task and no extra trip
+  through the object store): O(model) memory at the driver whatever the
+  cohort size. A strategy
   whose accumulator keeps every update (``needs_every_update``) gets its
   partials collected at the driver instead, with a warning about memory.
 - **Failures.** A worker process lost mid-round (killed, out of memory, its
@@ -28,6 +32,11 @@ multi-node cluster, or a KubeRay cluster on Kubernetes:
   that round, as a coordinator would count devices that never reported.
   Either way a worker that keeps dying stops the run with a
   :class:`~fedge.errors.BackendError` rather than a hung or wrong round.
+
+Each round is profiled (:mod:`fedge.sim.backend_profile`): actors time
+their ``run`` calls, the driver the rest, and a local instance's own
+processes are charged their CPU; ``summary.json`` has it under
+``backend.profile``.
 
 Bit-identity with ``inline`` is lost in one place only: the order in which
 partial sums are added (per actor, then the merge tree), so the model agrees
@@ -43,7 +52,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -55,7 +64,8 @@ from fedge.encoding import EncodingConfig
 from fedge.errors import BackendError, ConfigError, DataError, FedgeError, TaskError
 from fedge.params import Params
 from fedge.sim.attacks import Attack
-from fedge.sim.backends import _WORKER_ENV, _usable_cores, merge_partials
+from fedge.sim.backend_profile import BackendProfile, RoundTimes, WorkerClock, WorkerReport, descendants_cpu_s
+from fedge.sim.backends import _WORKER_ENV, _usable_cores, assign_devices, merge_partials
 from fedge.sim.devices import DeviceJob, DeviceRunner, PartialRound
 from fedge.strategies.base import Strategy
 from fedge.tasks import load_task
@@ -74,6 +84,8 @@ MAX_RESTARTS = 3
 CONNECT_TIMEOUT_S = 5.0
 #: How long actors may take to start and load their data.
 READY_TIMEOUT_S = 600.0
+#: How long closing waits for the actors' timings.
+PROFILE_TIMEOUT_S = 10.0
 
 # A worker's error, by class name, becomes the same class on the driver, so a
 # bad task name is still a configuration error (exit 2) when a worker finds it.
@@ -109,13 +121,15 @@ class DataRecipe:
     devices: int | None
     seed: int
 
-    def shard(self, index: int, count: int) -> dict[int, Dataset]:
-        """The devices ``d % count == index`` of the run's data."""
+    def shard(self, devices: Collection[int]) -> dict[int, Dataset]:
+        """The run's data for ``devices`` (ids) alone."""
         from fedge.data import load_federated
         from fedge.data.sources import synthetic_shard
 
+        wanted = frozenset(devices)
+
         def mine(d: int) -> bool:
-            return d % count == index
+            return d in wanted
 
         if self.data.startswith("synthetic:"):
             # Generated device by device, keeping only this worker's: the
@@ -137,8 +151,7 @@ class _DeviceActor:
         base_config: TrainConfig,
         seed: int,
         source: DataRecipe | Mapping[int, Dataset],
-        index: int,
-        count: int,
+        devices: Sequence[int],
         attack: Attack | None = None,
         encoding: EncodingConfig | None = None,
         count_bytes: str = "wire",
@@ -148,8 +161,9 @@ class _DeviceActor:
         # it arrives as itself, so a bad task name stays a ConfigError.
         self._error: Exception | None = None
         self._devices = 0
+        self._clock = WorkerClock()
         try:
-            datasets = source.shard(index, count) if isinstance(source, DataRecipe) else dict(source)
+            datasets = source.shard(devices) if isinstance(source, DataRecipe) else dict(source)
             self._runner = DeviceRunner(
                 task=load_task(task_name, spec), strategy=strategy, datasets=datasets,
                 base_config=base_config, seed=seed, attack=attack, encoding=encoding,
@@ -170,18 +184,30 @@ class _DeviceActor:
     def run(self, round_id: int, params: Params, jobs: Sequence[DeviceJob]) -> PartialRound:
         if self._error is not None:
             raise self._error
+        started = self._clock.start()
         # The object store hands out read-only views; a private copy per actor
         # and round gives the task the same writable params as other backends.
         own = {k: np.array(v) for k, v in params.items()}
-        return self._runner.run(round_id, own, jobs)
+        out = self._runner.run(round_id, own, jobs)
+        self._clock.stop(round_id, started)
+        return out
+
+    def profile(self) -> WorkerReport:
+        """This actor's round spans and CPU, for the backend's profile."""
+        return self._clock.report()
 
 
 @dataclass
 class _Merged:
-    """A merge task's result: the joined partial (None if every input was lost) and lost actors."""
+    """A merge task's result: the joined partial (None if every input was lost) and lost actors.
+
+    ``spans`` are the (process id, start, end, thread CPU s) of every merge
+    in its subtree, for the backend's profile.
+    """
 
     part: PartialRound | None
     lost: list[int] = field(default_factory=list)
+    spans: list[tuple[int, float, float, float]] = field(default_factory=list)
 
 
 def _combine(items: Sequence[tuple[int, Any]], *, tolerate: bool, get: Callable[[Any], Any]) -> _Merged:
@@ -193,8 +219,10 @@ def _combine(items: Sequence[tuple[int, Any]], *, tolerate: bool, get: Callable[
     """
     from ray.exceptions import RayActorError
 
+    cpu = time.thread_time()  # waiting for the inputs costs none
     parts: list[PartialRound] = []
     lost: list[int] = []
+    spans: list[tuple[int, float, float, float]] = []
     for index, ref in items:
         try:
             got = get(ref)
@@ -205,16 +233,19 @@ def _combine(items: Sequence[tuple[int, Any]], *, tolerate: bool, get: Callable[
             continue
         if isinstance(got, _Merged):
             lost.extend(got.lost)
+            spans.extend(got.spans)
             if got.part is not None:
                 parts.append(got.part)
         else:
             parts.append(got)
-    if not parts:
-        return _Merged(None, lost)
-    # Objects from the store are read-only views; the partial that the others
-    # are added into gets a private copy first (one model's worth of memory).
-    parts[0] = copy.deepcopy(parts[0])
-    return _Merged(merge_partials(parts), lost)
+    start, merged = time.time(), None
+    if parts:
+        # Objects from the store are read-only views; the partial that the others
+        # are added into gets a private copy first (one model's worth of memory).
+        parts[0] = copy.deepcopy(parts[0])
+        merged = merge_partials(parts)
+    spans.append((os.getpid(), start, time.time(), time.thread_time() - cpu))
+    return _Merged(merged, lost, spans)
 
 
 def _merge_task(wrapped: list[tuple[int, list[Any]]], tolerate: bool) -> _Merged:
@@ -262,6 +293,11 @@ class RayBackend:
                 type(strategy).__name__,
             )
         self._owns_ray = False
+        # A local instance's processes are this one's descendants, charged in the profile.
+        local = address is None and not ray.is_initialized()
+        self._profile = BackendProfile(
+            (lambda: descendants_cpu_s(os.getpid())) if local else None)
+        self.profile: dict[str, Any] | None = None
         self._actors: list[Any] = []
         self._failures: list[int] = []
         self._shards: list[Any] = []
@@ -280,9 +316,10 @@ class RayBackend:
             self._start_actors(task_name, spec, strategy, datasets, recipe, base_config, seed,
                                cpus_per_device, on_failure)
             self._merge = ray.remote(num_cpus=0)(_merge_task)
-            # Start the merge tasks' worker process now, so its start-up is
-            # counted once here rather than in the first round.
-            self._get_one(lambda: ray.get(self._merge.remote([], self._tolerate)))
+            if count > FAN_IN and not self._collect:
+                # Start the merge tasks' worker process now, so its start-up is
+                # counted once here rather than in the first round.
+                self._get_one(lambda: ray.get(self._merge.remote([], self._tolerate)))
         except BaseException:
             self.close()
             raise
@@ -308,6 +345,10 @@ class RayBackend:
             if workers is not None:
                 cores = max(cores, int(np.ceil(workers * cpus_per_device)))
             options["num_cpus"] = cores
+            # Nothing reads an instance's metrics when it lives for one run
+            # without a dashboard; not recording and exporting them takes
+            # about 1% of a core off the cores the actors train on.
+            options["_system_config"] = {"enable_metrics_collection": False}
         else:
             _check_reachable(address)
             options["address"] = address
@@ -337,14 +378,17 @@ class RayBackend:
             max_task_retries=MAX_RESTARTS if on_failure == "retry" else 0,
             scheduling_strategy="SPREAD",
         )
+        self.owner = assign_devices([len(ds) for ds in datasets], count,
+                                    batch_size=base_config.batch_size)
         for index in range(count):
+            mine = [d for d, w in enumerate(self.owner) if w == index]
             source: DataRecipe | Any = recipe
             if recipe is None:
-                source = ray.put({d: ds for d, ds in enumerate(datasets) if d % count == index})
+                source = ray.put({d: datasets[d] for d in mine})
                 # Held for the backend's life: a restarted actor reads its shard again.
                 self._shards.append(source)
             self._actors.append(actor_cls.remote(
-                task_name, spec, strategy, base_config, seed, source, index, count, self._attack,
+                task_name, spec, strategy, base_config, seed, source, mine, self._attack,
                 self._encoding, self._count_bytes,
             ))
         self._failures = [0] * count
@@ -366,29 +410,28 @@ class RayBackend:
 
     def run_round(self, round_id: int, params: Params, jobs: Sequence[DeviceJob]) -> PartialRound:
         ray = self._ray
+        enter = self._profile.enter()
         per_actor: list[list[DeviceJob]] = [[] for _ in range(self.workers)]
         for job in jobs:
-            per_actor[job.device_id % self.workers].append(job)
+            per_actor[self.owner[job.device_id]].append(job)
         params_ref = ray.put(params)
-        leaves = [
+        level: list[tuple[int, Any]] = [
             (i, self._actors[i].run.remote(round_id, params_ref, per_actor[i]))
             for i in range(self.workers) if per_actor[i]
         ]
-        if self._collect:
-            merged = self._get_one(
-                lambda: _combine(leaves, tolerate=self._tolerate, get=ray.get)
-            )
-        else:
-            level: list[tuple[int, Any]] = leaves
-            while True:
-                groups = [level[k:k + FAN_IN] for k in range(0, len(level), FAN_IN)]
-                level = [
-                    (g[0][0], self._merge.remote([(i, [ref]) for i, ref in g], self._tolerate))
-                    for g in groups
-                ]
-                if len(level) == 1:
-                    break
-            merged = self._get_one(lambda: ray.get(level[0][1]))
+        # Merge tasks join the partials FAN_IN at a time until FAN_IN or fewer
+        # are left, which the driver joins itself as they arrive: the root of
+        # the tree costs no task, no extra trip through the object store, and
+        # the driver still holds O(model) (objects it reads from the store are
+        # shared-memory views; the first is copied once to add the rest into).
+        while not self._collect and len(level) > FAN_IN:
+            level = [
+                (g[0][0], self._merge.remote([(i, [ref]) for i, ref in g], self._tolerate))
+                for g in (level[k:k + FAN_IN] for k in range(0, len(level), FAN_IN))
+            ]
+        items = level
+        merged = self._get_one(lambda: _combine(items, tolerate=self._tolerate, get=ray.get))
+        times = RoundTimes(round_id, enter, time.time(), merged.spans)
         for index in merged.lost:
             self._failures[index] += 1
             if self._failures[index] > MAX_RESTARTS:
@@ -400,6 +443,7 @@ class RayBackend:
                 round_id, index, len(per_actor[index]),
             )
             self._await_restart(index)
+        self._profile.leave(times)
         if merged.part is None:
             # Every worker was lost: an empty partial, so every device is a dropout.
             return PartialRound(accumulator=self._strategy.accumulator(params))
@@ -449,8 +493,27 @@ class RayBackend:
             return BackendError(f"Ray worker: {type(cause).__name__}: {_one_line(str(cause))}")
         return e
 
+    def _finish_profile(self) -> None:
+        """Gather the actors' spans and the processes' CPU into :attr:`profile`."""
+        self._profile.finish()
+        ray = self._ray
+        refs = [a.profile.remote() for a in self._actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=PROFILE_TIMEOUT_S)
+        got: list[WorkerReport | None] = []
+        for ref in refs:
+            try:
+                got.append(ray.get(ref) if ref in ready else None)
+            except Exception:  # a lost actor's spans are gone with it
+                got.append(None)
+        self.profile = self._profile.summary(got, self.pids)
+
     def close(self) -> None:
         ray = self._ray
+        if self._profile.rounds and self.profile is None:
+            try:
+                self._finish_profile()
+            except Exception as e:
+                logger.debug("no backend profile: %s: %s", type(e).__name__, e)
         for actor in self._actors:
             try:
                 ray.kill(actor)
@@ -464,7 +527,11 @@ class RayBackend:
 
     def describe(self) -> dict[str, Any]:
         """What summary.json records about the backend."""
-        return {"workers": self.workers, "nodes": len(self.nodes), "start_s": round(self.start_s, 4)}
+        out: dict[str, Any] = {"workers": self.workers, "nodes": len(self.nodes),
+                               "start_s": round(self.start_s, 4)}
+        if self.profile is not None:
+            out["profile"] = self.profile
+        return out
 
 
 def _check_reachable(address: str) -> None:
