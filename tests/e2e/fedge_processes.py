@@ -34,11 +34,57 @@ _TAIL_LINES = 25
 _ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+class LowPorts:
+    """Ports below the ephemeral range, from a block of this process's own, each checked free.
+
+    The block's start follows the process id, so two test runs at once use
+    different blocks; a port something listens on is skipped. A port picked by
+    binding port 0 is in the ephemeral range, where the kernel may hand it to
+    another connection before the child process that was told it binds it
+    (seen with Ray's many processes); ports below that range are not handed out.
+    """
+
+    BLOCK = 1000
+
+    def __init__(self) -> None:
+        top = _ephemeral_low()
+        blocks = (top - 10000) // self.BLOCK
+        self._next = 10000 + (os.getpid() % blocks) * self.BLOCK
+        self._end = self._next + self.BLOCK
+
+    def take(self, count: int = 1) -> int:
+        """The first of ``count`` consecutive free ports."""
+        while self._next + count <= self._end:
+            first, self._next = self._next, self._next + count
+            if all(_bindable(p) for p in range(first, first + count)):
+                return first
+        raise RuntimeError("no free ports left in this test's block")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+#: This test process's ports (one block: the tests and fixtures that pick ports share it).
+PORTS = LowPorts()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, below the ephemeral range."""
+    return PORTS.take()
 
 
 def child_env() -> dict[str, str]:

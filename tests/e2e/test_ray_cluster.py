@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedge_processes import FEDGE, child_env
+from fedge_processes import FEDGE, PORTS, LowPorts, child_env
 from safetensors.numpy import load_file
 
 from fedge.sim.engine import simulate
@@ -58,48 +57,7 @@ ATOL = 1e-5
 WORKER_PORTS = 100
 
 
-def _ephemeral_low() -> int:
-    """The first port of the kernel's ephemeral range (Linux's default: 32768)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-class _LowPorts:
-    """Ports below the ephemeral range, from a block of this process's own, each checked free.
-
-    The block's start follows the process id, so two test runs at once use
-    different blocks; a port something listens on is skipped.
-    """
-
-    BLOCK = 1000
-
-    def __init__(self) -> None:
-        top = _ephemeral_low()
-        blocks = (top - 10000) // self.BLOCK
-        self._next = 10000 + (os.getpid() % blocks) * self.BLOCK
-        self._end = self._next + self.BLOCK
-
-    def take(self, count: int = 1) -> int:
-        """The first of ``count`` consecutive free ports."""
-        while self._next + count <= self._end:
-            first, self._next = self._next, self._next + count
-            if all(_bindable(p) for p in range(first, first + count)):
-                return first
-        raise RuntimeError("no free ports left in this test's block")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _node_args(temp_dir: Path, ports: _LowPorts) -> list[str]:
+def _node_args(temp_dir: Path, ports: LowPorts) -> list[str]:
     workers = ports.take(WORKER_PORTS)
     return [
         "--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1",
@@ -118,7 +76,7 @@ def ray_cluster() -> Iterator[str]:
     # Short paths: Ray's Unix sockets live under the temp folder (108-byte limit).
     top = Path(tempfile.mkdtemp(prefix="fr", dir="/tmp"))
     env = {**child_env(), "RAY_AUTH_MODE": "disabled"}
-    ports = _LowPorts()
+    ports = PORTS
     port = ports.take()
     address = f"127.0.0.1:{port}"
     procs: list[subprocess.Popen[bytes]] = []
