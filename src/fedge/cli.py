@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -1020,7 +1021,103 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backup(sub)
     _add_events(sub)
     _add_rounds(sub)
+    _add_lab(sub)
     return parser
+
+
+def _add_lab(sub: Any) -> None:
+    lab = sub.add_parser(
+        "lab", help="rehearse a real edge fleet on this machine (namespaces, shaped links, arm64, faults)",
+        description=(
+            "Run a real coordinator and real agents (from the offline bundle, in Podman containers, amd64 or "
+            "emulated arm64) with CPU and memory limits, each device in its own network namespace behind a "
+            "shaped, lossy link, through a fault schedule; then report and tear everything down. Needs root "
+            "(docs/lab.md)."
+        ),
+    )
+    lsub = lab.add_subparsers(dest="lab_command", metavar="COMMAND", required=True)
+    p = lsub.add_parser(
+        "run", help="bring a lab up from SPEC.toml, run its federation and faults, report, tear down",
+        description=(
+            "Build (or reuse) the agent images, create the lab's bridge, namespaces, links and disks, start "
+            "the coordinator and the agents, fire the spec's faults, and write report.json and report.html "
+            "to --out. Ctrl-C, SIGTERM and `fedge lab down` tear everything down."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("spec", type=Path, metavar="SPEC.toml", help="the lab spec (docs/lab.md)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="output folder (default: a new folder under runs/)")
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip the plain simulation of the same partitions that the report compares with")
+    p.set_defaults(func=_cmd_lab_run, log_level=logging.INFO)
+    p = lsub.add_parser("status", help="the labs that are up, and how far their runs are")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=_cmd_lab_status)
+    p = lsub.add_parser("down", help="stop a lab's run and remove everything it made",
+                        description="Stop the run (if one is going) and remove every namespace, link, qdisc, "
+                        "firewall rule, disk, container and process its state file lists.")
+    p.add_argument("name", nargs="?", help="the lab's name (default: every lab that is up)")
+    p.set_defaults(func=_cmd_lab_down)
+    p = lsub.add_parser("check",
+                        help="what the lab needs on this machine: present, and missing with its package")
+    p.add_argument("spec", type=Path, nargs="?", metavar="SPEC.toml",
+                   help="check only what this spec needs (its architectures)")
+    p.set_defaults(func=_cmd_lab_check)
+
+
+def _cmd_lab_run(args: argparse.Namespace) -> int:
+    from fedge.lab.runner import run_lab
+    from fedge.lab.spec import load_spec
+    from fedge.sim.report import default_out_dir
+
+    spec = load_spec(args.spec)
+    out_dir = args.out if args.out is not None else default_out_dir(Path("runs"), f"lab-{spec.lab.name}")
+
+    def progress(line: str) -> None:
+        print(f"lab {spec.lab.name}: {line}", file=sys.stderr, flush=True)
+
+    report = run_lab(spec, out_dir=Path(out_dir), progress=progress, compare=not args.no_compare)
+    c = report["comparison"]
+    lab_acc = "-" if c["lab_accuracy"] is None else f"{c['lab_accuracy']:.4f}"
+    sim_acc = "-" if c["simulated_accuracy"] is None else f"{c['simulated_accuracy']:.4f}"
+    complete = sum(1 for r in report["rounds"] if r["state"] == "complete")
+    left = report["lab"]["leftovers"]
+    print(f"lab {spec.lab.name}: {complete} rounds complete, accuracy {lab_acc} "
+          f"(plain simulation {sim_acc}), {report['lab']['wall_s']:.0f} s; "
+          + (f"left behind: {', '.join(left)}" if left else "nothing left behind"))
+    print(f"report: {out_dir}/report.html  {out_dir}/report.json")
+    return EXIT_OK if report["lab"]["ok"] else EXIT_FAILED
+
+
+def _cmd_lab_status(args: argparse.Namespace) -> int:
+    from fedge.lab.control import format_status, lab_status
+
+    labs = lab_status()
+    print(json.dumps(labs, indent=2) if args.json else format_status(labs))
+    return EXIT_OK
+
+
+def _cmd_lab_down(args: argparse.Namespace) -> int:
+    from fedge.lab.control import lab_down
+
+    failures = lab_down(args.name, progress=lambda line: print(line, file=sys.stderr))
+    for failure in failures:
+        print(f"fedge: {failure}", file=sys.stderr)
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def _cmd_lab_check(args: argparse.Namespace) -> int:
+    from fedge.lab.prereqs import check, format_report
+
+    arches = {"amd64", "arm64"}
+    if args.spec is not None:
+        from fedge.lab.spec import load_spec
+
+        arches = set(load_spec(args.spec).arches)
+    prereqs = check(arches=arches)
+    print(format_report(prereqs))
+    return EXIT_OK if all(p.ok for p in prereqs) else EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,7 +47,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from pydantic import ValidationError
@@ -62,6 +62,7 @@ from fedge.agent.profile import ProfileCache
 from fedge.agent.residual import load_residual, save_residual
 from fedge.agent.state import RoundsToday, StateLock, resolve_device_id
 from fedge.agent.textfile import write_textfile
+from fedge.agent.traffic import WIRE_FILE, WireRecorder
 from fedge.agent.trainer import Trainer, TrainingStopped, agent_overhead
 from fedge.data.dataset import Dataset, DataSpec
 from fedge.data.files import load_file
@@ -82,6 +83,9 @@ from fedge.wire import (
     encode_update,
     parse_message,
 )
+
+if TYPE_CHECKING:
+    from fedge.transport.meter import WireMeter
 
 __all__ = ["Agent", "backoff_delay", "run_agent", "training_rng"]
 
@@ -217,6 +221,9 @@ class Agent:
             is called (default: the stop event's ``wait``); tests inject one
             that records delays.
         clock: a monotonic clock in seconds, for deadlines and timings.
+        meter: the meter ``transport`` counts its bytes in, or ``None``; its
+            totals are kept in ``<state_dir>/wire.json`` (:mod:`fedge.agent.traffic`)
+            and exported in the metrics file.
     """
 
     def __init__(
@@ -227,9 +234,11 @@ class Agent:
         rng: random.Random | None = None,
         sleep: Callable[[float], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        meter: WireMeter | None = None,
     ) -> None:
         self._config = config
         self._transport = transport
+        self._meter = meter
         self._rng = rng if rng is not None else random.Random()
         self._stop = threading.Event()
         self._sleep: Callable[[float], object] = sleep if sleep is not None else self._stop.wait
@@ -305,7 +314,13 @@ class Agent:
             client = CoordinatorClient(
                 self._transport, device_id=device_id, timeout_s=self._config.request_timeout_s
             )
-            status = self._loop(_Session(client, device_id, data, int(data.y.max())))
+            session = _Session(client, device_id, data, int(data.y.max()))
+            if self._meter is None:
+                status = self._loop(session)
+            else:
+                # Under the state lock: only the agent that owns the state directory writes wire.json.
+                with WireRecorder(self._meter, self._config.state_dir / WIRE_FILE):
+                    status = self._loop(session)
         logger.info("stopped")
         return status
 
@@ -645,6 +660,8 @@ class Agent:
                 "fedge_agent_resident_memory_bytes": float(str(fields["agent_rss_mb"])) * mb,
                 "fedge_agent_examples_per_second": float(rate) if isinstance(rate, int | float) else None,
                 "fedge_agent_events_queued": float(len(self.events)),
+                'fedge_agent_wire_bytes_total{direction="up"}': self._wire("sent"),
+                'fedge_agent_wire_bytes_total{direction="down"}': self._wire("received"),
             })
         except OSError as e:
             if not self._metrics_file_failed:  # once, not on every check-in
@@ -652,6 +669,11 @@ class Agent:
             self._metrics_file_failed = True
         else:
             self._metrics_file_failed = False
+
+    def _wire(self, direction: str) -> float | None:
+        if self._meter is None:
+            return None
+        return float(self._meter.sent if direction == "sent" else self._meter.received)
 
     def _profile_fields(self, readings: Readings, v: Verdict) -> dict[str, str | int | float | bool]:
         fields: dict[str, str | int | float | bool] = {"fedge_version": __version__}
@@ -822,7 +844,8 @@ def run_agent(config: AgentConfig, *, transport: Transport | None = None) -> int
         config: the agent's settings.
         transport: carries requests; default an
             :class:`~fedge.transport.http.HttpTransport` to ``config.coordinator``,
-            closed on return.
+            closed on return, whose bytes on the wire are counted and kept in
+            ``<state_dir>/wire.json`` (:mod:`fedge.agent.traffic`).
 
     Returns:
         The exit status: 0.
@@ -830,15 +853,19 @@ def run_agent(config: AgentConfig, *, transport: Transport | None = None) -> int
     Raises:
         ConfigError: as :meth:`Agent.run`.
     """
-    owned = None
+    owned = meter = None
     if transport is None:
-        transport = owned = _transport_for(config)
+        from fedge.transport.meter import WireMeter
+
+        # One meter for every connection of this run, enrolment included.
+        meter = WireMeter()
+        transport = owned = _transport_for(config, meter)
     if config.coordinator.lower().startswith("http://"):
         logger.warning(
             "INSECURE: coordinator %s is plain HTTP: updates travel unencrypted and unauthenticated",
             config.coordinator,
         )
-    agent = Agent(config, transport=transport)
+    agent = Agent(config, transport=transport, meter=meter)
     restore = _install_signal_handlers(agent)
     try:
         return agent.run()
@@ -849,13 +876,13 @@ def run_agent(config: AgentConfig, *, transport: Transport | None = None) -> int
             close()
 
 
-def _transport_for(config: AgentConfig) -> Transport:
-    """Plain HTTP (``insecure``), or mutual TLS with this device's enrolled identity."""
+def _transport_for(config: AgentConfig, meter: WireMeter) -> Transport:
+    """Plain HTTP (``insecure``), or mutual TLS with this device's enrolled identity; counted in ``meter``."""
     from fedge.transport.http import HttpTransport
 
     max_body = config.max_payload_bytes + _BODY_SLACK
     if config.coordinator.lower().startswith("http://"):
-        return HttpTransport(config.coordinator, max_body_bytes=max_body)
+        return HttpTransport(config.coordinator, max_body_bytes=max_body, meter=meter)
     from fedge.agent.identity import DeviceIdentity, MutualTlsTransport
     from fedge.transport.tls import client_ssl_context
 
@@ -878,7 +905,7 @@ def _transport_for(config: AgentConfig) -> Transport:
             context = client_ssl_context(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
         except (OSError, ssl.SSLError) as e:
             raise ConfigError(f"TLS files in {state} cannot be used: {e}") from None
-        return HttpTransport(config.coordinator, verify=context, max_body_bytes=max_body)
+        return HttpTransport(config.coordinator, verify=context, max_body_bytes=max_body, meter=meter)
 
     return MutualTlsTransport(identity, make, config=config, token=token)
 

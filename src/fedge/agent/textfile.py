@@ -27,22 +27,31 @@ _HELP = {
     "fedge_agent_resident_memory_bytes": "Resident memory of the agent",
     "fedge_agent_examples_per_second": "Training throughput measured by the capability benchmark",
     "fedge_agent_events_queued": "Device events waiting to be sent",
+    "fedge_agent_wire_bytes_total": "Bytes the agent's sockets sent (up) and received (down), TLS included",
 }
 
 
 def write_textfile(path: Path, values: Mapping[str, float | None]) -> None:
     """Write ``values`` (metric name -> value; ``None`` skipped) to ``path`` atomically.
 
+    A name may carry labels (``fedge_agent_wire_bytes_total{direction="up"}``);
+    the samples of one metric must be adjacent in ``values``, and its HELP and
+    TYPE lines are written once, before the first.
+
     Raises:
         OSError: the folder cannot be written.
     """
     lines = []
-    for name, value in values.items():
+    described = set()
+    for sample, value in values.items():
         if value is None:
             continue
-        kind = "counter" if name.endswith("_total") else "gauge"
-        lines += [f"# HELP {name} {_HELP.get(name, name)}", f"# TYPE {name} {kind}",
-                  f"{name} {float(value)!r}"]
+        name = sample.split("{", 1)[0]
+        if name not in described:
+            described.add(name)
+            kind = "counter" if name.endswith("_total") else "gauge"
+            lines += [f"# HELP {name} {_HELP.get(name, name)}", f"# TYPE {name} {kind}"]
+        lines.append(f"{sample} {float(value)!r}")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)

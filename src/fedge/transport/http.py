@@ -10,14 +10,21 @@ failure, TLS failure, timeout) becomes one :class:`~fedge.errors.TransportError`
 with a one-line message; every response, whatever its status, is returned.
 Bodies are read as a stream and refused past ``max_body_bytes``, so a
 misbehaving server cannot make a small device buffer gigabytes.
+
+With a :class:`~fedge.transport.meter.WireMeter` the client's connections
+are made by :mod:`fedge.transport.meter`, which counts every byte at the
+socket (TLS records included); without one, httpx's own transport is used.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import ssl
+import urllib.request
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from fedge import __version__
 from fedge.errors import ConfigError, ProtocolError, TransportError
@@ -25,6 +32,8 @@ from fedge.transport.base import Response
 
 if TYPE_CHECKING:
     import httpx
+
+    from fedge.transport.meter import WireMeter
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "HttpTransport"]
 
@@ -50,10 +59,13 @@ class HttpTransport:
         max_connections: the connection pool's size.
         trust_env: honour ``HTTPS_PROXY``/``NO_PROXY`` and ``SSL_CERT_FILE``
             from the environment (a device behind a proxy needs it).
+        meter: counts every byte the transport's sockets send and receive,
+            and its connections; ``None`` counts nothing.
 
     Raises:
         ValueError: ``max_body_bytes`` or ``max_connections`` is not positive.
-        ConfigError: a CA bundle or client certificate cannot be loaded.
+        ConfigError: a CA bundle or client certificate cannot be loaded, or (with a
+            ``meter``) the environment names a proxy that cannot be used.
     """
 
     def __init__(
@@ -65,6 +77,7 @@ class HttpTransport:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_connections: int = 4,
         trust_env: bool = True,
+        meter: WireMeter | None = None,
     ) -> None:
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
@@ -78,10 +91,25 @@ class HttpTransport:
             # No TLS to verify; skipping the default CA bundle saves ~2 MB of
             # RSS on a small device (redirects, which could lead to https, are off).
             verify = False
+        context = _tls_context(verify, cert)
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        transport = None
+        if meter is not None:
+            from fedge.transport.meter import metered_transport
+
+            ssl_context = (
+                context if isinstance(context, ssl.SSLContext)
+                else httpx.create_ssl_context(verify=context, trust_env=trust_env)
+            )
+            transport = metered_transport(
+                meter, ssl_context=ssl_context, limits=limits,
+                proxy=_environment_proxy(base_url) if trust_env else None,
+            )
         self._client: httpx.Client = httpx.Client(
             base_url=base_url,
-            verify=_tls_context(verify, cert),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            verify=context,
+            transport=transport,
+            limits=limits,
             headers={"user-agent": f"fedge-agent/{__version__}"},
             follow_redirects=False,
             trust_env=trust_env,
@@ -186,6 +214,31 @@ def _tls_context(
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"TLS setup failed (CA {verify!r}, certificate {cert!r}): {e}") from e
     return context
+
+
+def _environment_proxy(base_url: str) -> str | None:
+    """The proxy the environment names for ``base_url`` (``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``).
+
+    httpx applies these itself only to the transports it builds; a metered
+    transport is ours, so the same variables are read here, with the stdlib's rules.
+
+    Raises:
+        ConfigError: the proxy's scheme is not http, https, socks5 or socks5h,
+            or a SOCKS proxy is named and socksio is not installed.
+    """
+    url = urlsplit(base_url)
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(url.scheme.lower()) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(url.hostname or ""):
+        return None
+    if "://" not in proxy:
+        proxy = "http://" + proxy  # curl's reading of a bare host:port
+    scheme = urlsplit(proxy).scheme.lower()
+    if scheme not in ("http", "https", "socks5", "socks5h"):
+        raise ConfigError(f"proxy {proxy!r} from the environment: scheme must be http, https or socks5")
+    if scheme.startswith("socks") and importlib.util.find_spec("socksio") is None:
+        raise ConfigError(f"proxy {proxy!r} from the environment needs the socksio package")
+    return proxy
 
 
 def _describe(e: Exception) -> str:
