@@ -129,7 +129,7 @@ def _small_spec(tmp_path: Path, name: str) -> Path:
     spec.write_text(f"""
 [lab]
 name = "{name}"
-subnet = "10.214.0.0/24"
+subnet = "10.216.0.0/24"
 [data]
 source = "digits"
 [federation]
