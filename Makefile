@@ -32,7 +32,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict src
 
 unit: $(STAMP)
-	$(VENV)/bin/pytest -m "not containers and not lab" -rs
+	$(VENV)/bin/pytest -m "not containers and not lab" -rs --durations=15
 
 # Builds the images from offline bundles and runs them with Podman (root; see docs/deployment.md).
 test-containers: $(STAMP)

@@ -38,7 +38,7 @@ from fedge.data import load_federated
 from fedge.errors import ConfigError, FedgeError
 from fedge.store import Store, atomic_write
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = ["DemoResult", "process_cpu_s", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def run_demo(
         )
         with httpx.Client(verify=context, headers={"authorization": f"Bearer {admin_token}"}) as client:
             _wait_healthy(client, url, coordinator, children)
-            cpu_at_start = _cpu_s(coordinator.pid)
+            cpu_at_start = process_cpu_s(coordinator.pid)
             for i, path in enumerate(data_paths):
                 children.start(
                     f"agent-{i}",
@@ -282,7 +282,7 @@ def run_demo(
                     )
                 time.sleep(_POLL_S)
             train_s = time.perf_counter() - t_train
-            cpu_at_end = _cpu_s(coordinator.pid)
+            cpu_at_end = process_cpu_s(coordinator.pid)
             assert last is not None
             statuses.append(last)
         # The coordinator lingers for the agents to hear "done", then exits.
@@ -298,7 +298,7 @@ def run_demo(
     return DemoResult(out_dir, summary)
 
 
-def _cpu_s(pid: int) -> float | None:
+def process_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``), or None."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

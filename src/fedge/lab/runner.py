@@ -44,6 +44,7 @@ from typing import Any
 
 from fedge import pki
 from fedge.coordinator.identity import create_token, init_ca, issue_server, tls_files
+from fedge.demo import process_cpu_s
 from fedge.errors import FedgeError
 from fedge.lab.control import forget, state_path, write_run_info
 from fedge.lab.data import agent_toml, coordinator_toml, simulate_args, write_device_data
@@ -338,7 +339,7 @@ class LabRun:
         # The lab's own CPU over the rounds: this process, the commands it ran (ip, tc, ss, podman)
         # and Podman's conmon monitors; coordinators it reaped are taken out (they are not overhead).
         self.runner_cpu_s = _own_cpu_s() - cpu0 - (self.reaped_cpu_s - reaped0)
-        conmon1 = {pid: cpu for pid in conmon0 if (cpu := _proc_cpu_s(pid)) is not None}
+        conmon1 = {pid: cpu for pid in conmon0 if (cpu := process_cpu_s(pid)) is not None}
         self.conmon_cpu_s = sum(cpu - conmon0[pid] for pid, cpu in conmon1.items())
         self.training_cpu = (self.runner_cpu_s + self.conmon_cpu_s, time.monotonic() - wall0)
 
@@ -369,7 +370,7 @@ class LabRun:
         out = _podman("inspect", "--format", "{{.State.ConmonPid}}", *(d.container for d in self.devices),
                       check=False)
         pids = [int(p) for p in out.split() if p.isdigit() and int(p) > 0]
-        return {pid: cpu for pid in pids if (cpu := _proc_cpu_s(pid)) is not None}
+        return {pid: cpu for pid in pids if (cpu := process_cpu_s(pid)) is not None}
 
     # --- faults -----------------------------------------------------------------------------
     def fire_faults(self, status: dict[str, Any] | None) -> None:
@@ -389,7 +390,7 @@ class LabRun:
         logger.info("fault fired: %s", what)
         if s.action == "kill-coordinator":
             assert self.coordinator is not None
-            cpu = _proc_cpu_s(self.coordinator.pid) or 0.0
+            cpu = process_cpu_s(self.coordinator.pid) or 0.0
             self.coordinator_cpu_s += cpu
             self.reaped_cpu_s += cpu
             self._coordinator_down = True
@@ -493,7 +494,7 @@ class LabRun:
         for d in self.devices:
             _podman("stop", "-t", "5", d.container, check=False)
         if self.coordinator is not None and self.coordinator.poll() is None:
-            self.coordinator_cpu_s += _proc_cpu_s(self.coordinator.pid) or 0.0
+            self.coordinator_cpu_s += process_cpu_s(self.coordinator.pid) or 0.0
             self.coordinator.send_signal(signal.SIGTERM)
             try:
                 self.coordinator.wait(15)
@@ -678,14 +679,6 @@ def _own_cpu_s() -> float:
     me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def _proc_cpu_s(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -69,6 +69,7 @@ from fedge.coordinator.config import CoordinatorConfig
 from fedge.data import parse_partitioner
 from fedge.data.sources import DEFAULT_PARTITION
 from fedge.errors import ConfigError
+from fedge.lab.state import validate_lab_name
 from fedge.lab.values import _human, _message, _rate_bps, _size_bytes, parse_rate, parse_size
 
 __all__ = [
@@ -132,10 +133,11 @@ class LabSection(_Table):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        # fl<name><index>h must fit a 15-character interface name.
-        if not re.fullmatch(r"[a-z0-9]{1,6}", v):
-            raise ValueError("must be 1 to 6 lowercase letters or digits")
-        return v
+        # fl<name><iii>h must fit a 15-character interface name: the host module's own rule.
+        try:
+            return validate_lab_name(v)
+        except ConfigError:
+            raise ValueError("must be 1 to 6 lowercase letters or digits") from None
 
     @field_validator("subnet")
     @classmethod
