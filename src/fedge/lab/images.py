@@ -28,6 +28,7 @@ from pathlib import Path
 from fedge.bundle import build_bundle, find_source
 from fedge.errors import ConfigError
 from fedge.lab.host import LabError
+from fedge.lab.prereqs import host_arch
 
 __all__ = ["IMAGE_REPO", "agent_image", "deploy_dir", "ensure_agent_image", "podman_env", "source_key"]
 
@@ -136,16 +137,12 @@ def ensure_agent_image(arch: str, *, progress: Callable[[str], None] = lambda _m
         # need it, but the build context must hold the folder for the COPY to resolve.
         (context / "bundles" / "coordinator").mkdir()
         progress(f"{arch}: building {image} from the bundle"
-                 + (" (emulated: several minutes)" if arch != _host_arch() else ""))
+                 + (" (emulated: several minutes)" if arch != host_arch() else ""))
         _run(["podman", "build", "--format", "docker", "--arch", arch, "--build-arg", f"BASE={base}",
               "--target", "agent", "-f", str(deploy / "container" / "Containerfile"), "-t", image,
               str(context)], what=f"building {image}")
     _remove_older(arch, keep=image)
     return image
-
-
-def _host_arch() -> str:
-    return {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
 
 
 def _remove_older(arch: str, *, keep: str) -> None:
