@@ -1043,7 +1043,6 @@ def _add_lab(sub: Any) -> None:
             "the coordinator and the agents, fire the spec's faults, and write report.json and report.html "
             "to --out. Ctrl-C, SIGTERM and `fedge lab down` tear everything down."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("spec", type=Path, metavar="SPEC.toml", help="the lab spec (docs/lab.md)")
     p.add_argument("--out", type=Path, metavar="DIR",
