@@ -69,7 +69,7 @@ def source_key(root: Path | None = None) -> str:
     files = [root / "pyproject.toml", root / "deploy" / "container" / "Containerfile"]
     files += sorted(p for p in (root / "src" / "fedge").rglob("*")
                     if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
-                    and p.parent.name != "lab")
+                    and p.relative_to(root / "src" / "fedge").parts[0] != "lab")
     for path in files:
         digest.update(str(path.relative_to(root)).encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")

@@ -52,7 +52,7 @@ def kernel_view(address: str, c: Counters, dropped: Mapping[str, tuple[int, int]
     arrive twice and are read once. The coordinator's retransmitted bytes are reported beside
     it (sampled every second, so a lower bound; resends during an outage never reach the link).
     """
-    resent = sum(n for (_, peer), n in retransmitted.items() if peer == address)
+    resent = sum(n for (_, peer), n in retransmitted.items() if peer.rsplit(":", 1)[0] == address)
     in_packets, in_ip_bytes = dropped.get("INPUT", (0, 0))
     out_packets, out_ip_bytes = dropped.get("OUTPUT", (0, 0))
     link_up = c.rx_bytes - HEADER_BYTES * c.rx_packets

@@ -79,7 +79,7 @@ _UID = 10001  # the image's fedge user
 _AGENT_EXIT_S = 60.0
 _START_PARALLEL = 4
 _SAMPLE_S = 1.0
-_ADDRESS = re.compile(r"(\d+\.\d+\.\d+\.\d+):\d+")
+_ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+:\d+")  # one connection: address and port
 _RETRANS = re.compile(r"\bbytes_retrans:(\d+)")
 _WATCH_S = 10.0  # how often the lab looks for agent containers that exited
 _STARTUP_S = 120.0
@@ -113,8 +113,6 @@ class LabRun:
         self.out = out_dir.resolve()
         self._progress = progress
         self.name = spec.lab.name
-        self.state = LabState.create(state_path(self.name), lab=self.name)
-        self.host = Host(self.state)
         specs = spec.devices()
         bridge_cidr, device_cidrs = subnet_addresses(spec.lab.subnet, len(specs))
         self.bridge_ip, prefix = bridge_cidr.split("/")
@@ -150,6 +148,9 @@ class LabRun:
         # The coordinator's TCP connections: (local, peer) -> bytes it sent again (TCP_INFO, via ss).
         self.retransmitted: dict[tuple[str, str], int] = {}
         self._execs: list[subprocess.Popen[bytes]] = []  # fill-memory processes inside containers
+        # Last: once the state file exists a lab of this name is up until teardown forgets it.
+        self.state = LabState.create(state_path(self.name), lab=self.name)
+        self.host = Host(self.state)
 
     def mark(self, milestone: str) -> None:
         self.timeline.setdefault(milestone, round(time.time() - self.started_unix, 3))
@@ -262,9 +263,12 @@ class LabRun:
             self.host.record_container(d.container)
         native = host_arch()
         order = sorted(self.devices, key=lambda d: d.spec.arch == native)
-        with ThreadPoolExecutor(max_workers=_START_PARALLEL) as pool:
+        pool = ThreadPoolExecutor(max_workers=_START_PARALLEL)
+        try:
             for done in [pool.submit(self._run_container, d) for d in order]:
                 done.result()
+        finally:  # on an error or Ctrl-C, start no more: teardown should not wait for them
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _run_container(self, d: _Device) -> None:
         spec = d.spec
@@ -283,18 +287,27 @@ class LabRun:
             "--ca-cert", "/etc/fedge/ca.crt", "--token-file", "/etc/fedge/token",
         )
 
-    def running_agents(self) -> set[str]:
-        """The lab's containers that run now: one ``podman ps`` for the whole fleet (cheap to poll)."""
-        out = _podman("ps", "--filter", f"label=fedge-lab={self.name}", "--format", "{{.Names}}", check=False)
-        return set(out.split())
+    def running_agents(self) -> set[str] | None:
+        """The lab's containers that run now (one ``podman ps`` for the whole fleet, cheap to poll);
+        None when Podman could not say."""
+        done = subprocess.run(["podman", "ps", "--filter", f"label=fedge-lab={self.name}", "--format",
+                               "{{.Names}}"], capture_output=True, text=True, env=podman_env(), check=False,
+                              timeout=60)
+        return set(done.stdout.split()) if done.returncode == 0 else None
 
     def restart_dead_agents(self) -> None:
         running = self.running_agents()
+        if running is None:
+            return
         for d in self.devices:
             if not d.held_down and d.container not in running:
                 logger.warning("agent %s is not running; starting it again", d.spec.name)
                 self.say(f"agent {d.spec.name} exited; starting it again")
-                _podman("start", d.container)
+                try:
+                    _podman("start", d.container)
+                except LabError as e:
+                    logger.warning("could not start agent %s again: %s", d.spec.name, e)
+                    continue
                 d.restarts += 1
 
     # --- the run ----------------------------------------------------------------------------
@@ -455,6 +468,8 @@ class LabRun:
             action(d)
 
     def _restart_coordinator(self) -> None:
+        if self.coordinator is not None and self.coordinator.poll() is None:
+            return  # another fault's restart brought it back already
         self.coordinator_restarts += 1
         self.say("coordinator: restarting")
         self.start_coordinator()
@@ -466,20 +481,26 @@ class LabRun:
             d.restarts += 1
             d.held_down = False
 
-    def undo_faults(self) -> None:
-        now = time.time()
+    def undo_faults(self, *, now: float | None = None) -> None:
+        """Undo each fault whose time is up (all of them when ``now`` is infinite)."""
+        now = time.time() if now is None else now
         for f in self.faults:
             if f.undo_at is not None and f.undone_unix is None and now >= f.undo_at:
-                f.undone_unix = now
                 if f.undo is not None:
                     f.undo()
+                f.undone_unix = time.time()
+
+    def end_faults(self) -> None:
+        """Undo every fault still in force (a link still down, a disk still full, an agent still
+        held down), so the agents can hear that training is over and write their last counts."""
+        self.undo_faults(now=float("inf"))
 
     # --- results ----------------------------------------------------------------------------
     def wait_agents(self, timeout_s: float = _AGENT_EXIT_S) -> None:
         """Let the agents hear "training is over" and exit on their own (writing their final byte
         counts), then stop any still running."""
         deadline = time.monotonic() + timeout_s
-        while self.running_agents() and time.monotonic() < deadline:
+        while self.running_agents() != set() and time.monotonic() < deadline:
             time.sleep(0.5)
         for d in self.devices:
             _podman("stop", "-t", "10", d.container, check=False)
@@ -601,10 +622,10 @@ def run_lab(spec: LabSpec, *, out_dir: Path, progress: Callable[[str], None] = l
         raise LabError(f"a lab named {spec.lab.name!r} is up or was not torn down "
                        f"({state_path(spec.lab.name)}); run `fedge lab down {spec.lab.name}` first")
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = LabRun(spec, out_dir=out_dir, progress=progress)
     error: str | None = None
     collected: Collected | None = None
     with _signals_raise():
+        run = LabRun(spec, out_dir=out_dir, progress=progress)
         try:
             run.prepare()
             run.network()
@@ -612,28 +633,56 @@ def run_lab(spec: LabSpec, *, out_dir: Path, progress: Callable[[str], None] = l
             run.mark("coordinator_up")
             run.say(f"coordinator up on {run.url}; starting {len(run.devices)} agents")
             run.train()
+            run.end_faults()
             run.wait_agents()
             collected = run.collect()
-        except (FedgeError, KeyboardInterrupt, OSError, subprocess.SubprocessError) as e:
-            error = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+        except (Exception, KeyboardInterrupt) as e:  # the run fails; teardown and the report still come
+            if isinstance(e, KeyboardInterrupt):
+                error = "interrupted"
+            else:
+                error = str(e) if isinstance(e, FedgeError) else f"{type(e).__name__}: {e}"
             logger.error("lab run failed: %s", error)
+            with contextlib.suppress(Exception):
+                run.end_faults()
             with contextlib.suppress(Exception):
                 collected = run.collect()
         finally:
-            run.stop()
-            progress("tearing down")
-            result = teardown(run.state)
-            for failure in result.failures:
-                progress(f"teardown: {failure}")
-            if not result.failures:
-                forget(spec.lab.name)
-    left = leftovers(spec.lab.name)
-    simulated = _simulate(spec, out_dir) if compare and error is None else None
-    report = run.report(collected, error=error, left=left, simulated=simulated)
-    write_report(out_dir, report)
+            # A second Ctrl-C or SIGTERM must not cut the teardown short: both wait until it is done.
+            with _signals_held():
+                with contextlib.suppress(Exception):
+                    run.stop()
+                progress("tearing down")
+                result = teardown(run.state)
+                for failure in result.failures:
+                    progress(f"teardown: {failure}")
+                if not result.failures:
+                    forget(spec.lab.name)
+        try:
+            left = leftovers(spec.lab.name)
+        except (FedgeError, OSError) as e:
+            left = [f"could not look: {e}"]
+        simulated = None
+        if compare and error is None:
+            try:
+                simulated = _simulate(spec, out_dir)
+            except (Exception, KeyboardInterrupt) as e:
+                logger.warning("no comparison simulation: %s", e)
+        report = run.report(collected, error=error, left=left, simulated=simulated)
+        write_report(out_dir, report)
     if error is not None:
         raise LabError(f"lab {spec.lab.name!r} failed: {error} (report in {out_dir})")
     return report
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM are ignored for the duration (teardown), then handled as before."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
