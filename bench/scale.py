@@ -27,10 +27,14 @@ Workloads (``--only NAME`` runs one; default all):
   the same from CPU accounting (``backend.profile`` in summary.json, see
   docs/scale.md, "Where the time goes"), which a busy machine distorts far
   less than wall time. ``--repeat N`` alternates 1 and 2 workers N times.
+  After each pair, ``bench/ceiling.py`` runs the workers' own job in two
+  plain processes: the speed-up the machine itself gives that work, against
+  which the backend's is read.
 - ``startup``: a 1-round, 2-device run on each backend: ``backend_start_s``
   from summary.json is the fixed cost of starting its workers.
 
-    .venv/bin/python bench/scale.py [--only 10k|1k|mlp|startup] [--repeat N] [--json OUT.json]
+    .venv/bin/python bench/scale.py [--only 10k|1k|mlp|startup] [--repeat N] [--backend ray|processes]
+                                    [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -188,9 +193,19 @@ def _accounting(one: dict[str, Any], two: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def bench_mlp(repeat: int = 1) -> list[dict[str, Any]]:
+def _ceiling() -> dict[str, Any]:
+    """bench/ceiling.py: the workers' own job in two plain processes, the machine's speed-up for it."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("ceiling.py"))],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench/ceiling.py failed:\n{proc.stderr}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def bench_mlp(repeat: int = 1, backends: tuple[str, ...] = ("ray", "processes")) -> list[dict[str, Any]]:
     rows = []
-    for backend in ("ray", "processes"):
+    for backend in backends:
         for _ in range(repeat):
             pair = []
             for workers in ("1", "2"):
@@ -198,11 +213,15 @@ def bench_mlp(repeat: int = 1) -> list[dict[str, Any]]:
                 _show(pair[-1])
             wall = pair[0]["rounds_s"] / pair[1]["rounds_s"]
             cpu = _accounting(*pair)
+            ceiling = _ceiling()
             print(f"{backend}: speed-up, 2 workers over 1: {wall:.2f}x wall (loads "
                   f"{pair[0]['load']} and {pair[1]['load']}), {cpu['speedup_cpu']:.2f}x from CPU "
                   f"critical paths, {cpu['speedup_estimate']:.2f}x estimated for a quiet machine; "
-                  f"{json.dumps(cpu)}", flush=True)
-            rows.extend({**r, "accounting": cpu, "speedup_wall": round(wall, 3)} for r in pair)
+                  f"the same work in two plain processes right after: {ceiling['speedup']:.2f}x, "
+                  f"so {backend} reached {wall / ceiling['speedup']:.0%} of it; "
+                  f"{json.dumps(cpu)}; ceiling {json.dumps(ceiling)}", flush=True)
+            rows.extend({**r, "accounting": cpu, "speedup_wall": round(wall, 3), "ceiling": ceiling}
+                        for r in pair)
     return rows
 
 
@@ -222,13 +241,18 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(BENCHES))
     parser.add_argument("--json", type=Path, help="also write every row here")
     parser.add_argument("--repeat", type=int, default=1, help="mlp: pairs of runs per backend")
+    parser.add_argument("--backend", choices=("ray", "processes"), help="mlp: this backend only")
     opts = parser.parse_args()
     print(f"machine: {machine()}", flush=True)
     results = {}
     for name, fn in BENCHES.items():
         if opts.only in (None, name):
             print(f"== {name}", flush=True)
-            results[name] = bench_mlp(opts.repeat) if name == "mlp" else fn()
+            if name == "mlp":
+                backends = (opts.backend,) if opts.backend else ("ray", "processes")
+                results[name] = bench_mlp(opts.repeat, backends)
+            else:
+                results[name] = fn()
     if opts.json:
         opts.json.write_text(json.dumps({"machine": machine(), **results}, indent=2))
 

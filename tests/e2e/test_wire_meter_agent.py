@@ -56,11 +56,12 @@ def _kill_and_restart(tmp_path: Path, procs: Processes, files: DigitsFiles, coor
         agent = procs.agent("dev-a", f"https://127.0.0.1:{first.port}", files.devices[0], "--ca-cert",
                             str(coord.ca_file), "--token-file", str(tmp_path / "dev-a.token"))
         deadline = time.monotonic() + 60
-        while coord.status()["rounds_complete"] < 2 or not wire.exists():
+        # Written while traffic flows, not only at exit (once a second, so it may
+        # lag the rounds by a write): enrolment, then the mutual-TLS connection.
+        while (coord.status()["rounds_complete"] < 2 or not wire.exists()
+               or _counts(wire)["connections"] < 2):
             assert time.monotonic() < deadline and agent.alive(), procs.logs()
             time.sleep(0.1)
-        # Written while traffic flows, not only at exit.
-        assert _counts(wire)["connections"] >= 2  # enrolment, then the mutual-TLS connection
         agent.send(signal.SIGKILL)
         agent.wait(10)
         first.wait_idle()

@@ -332,6 +332,16 @@ def test_label_out_of_range_refused(task: Task) -> None:
         task.train(params, negative, TrainConfig(), rng())
 
 
+def test_the_label_check_is_computed_once_per_dataset(task: Task) -> None:
+    data = Dataset(x=np.zeros((3, 3), dtype=np.float32), y=np.array([2, 0, 1], dtype=np.int64))
+    assert data.label_range == (0, 2)
+    params = task.init_params(rng())
+    task.train(params, data, TrainConfig(), rng())
+    task.train(params, data, TrainConfig(), rng())  # the cached range, checked again
+    assert "label_range" in vars(data) and data.label_range == (0, 2)
+    assert Dataset(x=np.zeros((0, 3), dtype=np.float32), y=np.zeros(0, dtype=np.int64)).label_range == (0, -1)
+
+
 # --- load_task ------------------------------------------------------------------------
 
 

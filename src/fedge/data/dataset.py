@@ -7,6 +7,7 @@ and :mod:`fedge.data.sources` build them, tasks read them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,18 @@ class Dataset:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    @cached_property
+    def label_range(self) -> tuple[int, int]:
+        """The smallest and largest label (0, -1 when empty), computed once.
+
+        Tasks check it on every train call; a simulated device's data is the
+        same every round, and two reductions over a handful of labels cost
+        more than a tiny device's SGD step.
+        """
+        if self.y.shape[0] == 0:
+            return 0, -1
+        return int(self.y.min()), int(self.y.max())
 
     def subset(self, index: npt.NDArray[np.integer[Any]]) -> Dataset:
         """The examples at ``index`` (copied, so a device's data owns its memory)."""

@@ -3,7 +3,7 @@
 Each simulated device's delta goes through the federation's encoding
 pipeline (:mod:`fedge.encoding`) and is then serialized as
 :func:`fedge.wire.encode_update` serializes it (safetensors with the same
-metadata an agent sends, zstd level 3), and the payload's length is the
+metadata an agent sends, zstd level 1), and the payload's length is the
 device's bytes up for the round: a measurement, not an estimate. The
 framing is written here rather than imported because :mod:`fedge.wire`
 imports pydantic, which would cost the simulator ~0.3 s of start-up and
@@ -51,7 +51,7 @@ COUNT_BYTES = ("wire", "raw", "off")
 # fedge.wire's protocol version and zstd level (tests/integration/test_compress_simulate.py
 # checks that these sizes are those of fedge.wire's own payloads).
 _PROTOCOL = "1"
-_ZSTD_LEVEL = 3
+_ZSTD_LEVEL = 1
 _compressors: dict[str, Any] = {}  # one per process: making one costs more than a small payload
 
 

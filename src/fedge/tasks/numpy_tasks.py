@@ -57,7 +57,7 @@ def _check_data(name: str, spec: DataSpec, data: Dataset) -> None:
         )
     if len(data) == 0:
         raise TaskError(f"task {name!r} cannot train or evaluate on an empty dataset")
-    low, high = int(data.y.min()), int(data.y.max())
+    low, high = data.label_range
     if low < 0 or high >= spec.num_classes:
         raise TaskError(
             f"task {name!r} was built for {spec.num_classes} classes (labels 0..{spec.num_classes - 1}), "
@@ -101,10 +101,13 @@ def _sgd(
             yb = y if idx is None else y[idx]
             batch_loss, grads = grads_of(xb, yb, current)
             loss += batch_loss
+            # In place on the fresh gradients: no model-sized temporaries, so
+            # a step's working set stays small enough to share a cache.
             for p, grad, p0 in zip(current, grads, start, strict=True):
                 if mu:
-                    np.add(grad, mu * (p - p0), out=grad)
-                np.subtract(p, lr * grad, out=p)
+                    prox = np.subtract(p, p0)
+                    np.add(grad, np.multiply(prox, mu, out=prox), out=grad)
+                np.subtract(p, np.multiply(grad, lr, out=grad), out=p)
     return TrainResult(
         params=dict(zip(names, current, strict=True)),
         num_examples=n,
@@ -121,10 +124,12 @@ def _logreg_grads(xb: F32, yb: npt.NDArray[np.int64], p: list[F32]) -> tuple[flo
 
 def _mlp_grads(xb: F32, yb: npt.NDArray[np.int64], p: list[F32]) -> tuple[float, list[F32]]:
     w1, b1, w2, b2 = p
-    hid = xb @ w1 + b1
+    hid = xb @ w1
+    hid += b1
     np.maximum(hid, 0, out=hid)
-    g = _softmax_(hid @ w2 + b2)
-    loss = _xent_grad_(g, yb)
+    g = hid @ w2
+    g += b2
+    loss = _xent_grad_(_softmax_(g), yb)
     gh = g @ w2.T
     gh *= hid > 0
     return loss, [xb.T @ gh, gh.sum(axis=0), hid.T @ g, g.sum(axis=0)]
