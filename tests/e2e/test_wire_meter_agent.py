@@ -75,7 +75,7 @@ def _kill_and_restart(tmp_path: Path, procs: Processes, files: DigitsFiles, coor
         again = procs.start(
             "dev-a-restarted", "agent", "--coordinator", f"https://127.0.0.1:{second.port}",
             "--data", str(files.devices[0]), "--state-dir", str(state), "--device-id", "dev-a",
-            "--ca-cert", str(coord.ca_file),
+            "--ca-cert", str(coord.ca_file), "--log-format", "json",
         )
         assert coord.proc.wait(120) == 0, procs.logs()
         assert again.wait(30) == 0, procs.logs()
@@ -87,3 +87,9 @@ def _kill_and_restart(tmp_path: Path, procs: Processes, files: DigitsFiles, coor
     assert second.up > 10_000 and second.down > 10_000  # it trained: params down, updates up
     assert stat.S_IMODE(wire.stat().st_mode) == 0o644
     assert abs(final["updated_unix"] - time.time()) < 60
+    # The same totals in its last log line, for when wire.json cannot be written (a full disk).
+    stop = [json.loads(line) for line in again.log.read_text().splitlines()
+            if line.startswith("{") and '"event": "stop"' in line]
+    assert len(stop) == 1, again.log.read_text()[-2000:]
+    assert (stop[0]["wire_sent"], stop[0]["wire_received"], stop[0]["wire_connections"]) == (
+        final["sent"], final["received"], final["connections"])

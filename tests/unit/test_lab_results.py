@@ -9,7 +9,15 @@ from collections.abc import Sequence
 import pytest
 
 from fedge.lab.host import Counters
-from fedge.lab.results import HEADER_BYTES, Collected, kernel_view, ratio, recovery, rounds_and_devices
+from fedge.lab.results import (
+    HEADER_BYTES,
+    Collected,
+    final_wire_counts,
+    kernel_view,
+    ratio,
+    recovery,
+    rounds_and_devices,
+)
 from fedge.store import RoundRow
 
 T0 = 1_700_000_000.0
@@ -251,3 +259,33 @@ def test_an_open_attempt_has_no_duration() -> None:
 ])
 def test_ratio(a: float, b: float, want: float | None) -> None:
     assert ratio(a, b) == want
+
+
+def _stop_line(sent: int, received: int, connections: int) -> str:
+    return json.dumps({"time": "2026-12-03T13:36:09.168Z", "level": "info", "logger": "fedge.agent.loop",
+                       "message": "stopped", "event": "stop", "wire_sent": sent, "wire_received": received,
+                       "wire_connections": connections})
+
+
+def test_final_wire_counts_take_the_file_when_it_is_current() -> None:
+    kept = {"sent": 500, "received": 900, "connections": 2, "updated_unix": T0}
+    got = final_wire_counts(kept, "\n".join(["console noise", _stop_line(500, 900, 2)]))
+    assert got == {"sent": 500, "received": 900, "connections": 2, "source": "wire.json"}
+
+
+def test_final_wire_counts_take_the_log_when_the_file_fell_behind() -> None:
+    # A disk still full when the agent stopped: its last writes failed, the log line has the totals.
+    kept = {"sent": 500, "received": 900, "connections": 2}
+    log = "\n".join([_stop_line(300, 400, 1), "not json {", _stop_line(1200, 2100, 3)])
+    assert final_wire_counts(kept, log) == {"sent": 1200, "received": 2100, "connections": 3,
+                                            "source": "agent log"}
+
+
+def test_final_wire_counts_ignore_malformed_and_other_lines() -> None:
+    log = "\n".join([
+        '{"wire_sent": 99999}',  # no received or connections
+        json.dumps({"event": "start", "wire_sent": 9, "wire_received": 9, "wire_connections": 9}) + "x",
+        json.dumps({"event": "other", "wire_sent": 10**9, "wire_received": 1, "wire_connections": 1}),
+        '{"event": "stop", "wire_sent": "many", "wire_received": 1, "wire_connections": 1}',
+    ])
+    assert final_wire_counts({}, log) == {"sent": 0, "received": 0, "connections": 0, "source": "wire.json"}

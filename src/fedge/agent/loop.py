@@ -321,7 +321,14 @@ class Agent:
                 # Under the state lock: only the agent that owns the state directory writes wire.json.
                 with WireRecorder(self._meter, self._config.state_dir / WIRE_FILE):
                     status = self._loop(session)
-        logger.info("stopped")
+        if self._meter is None:
+            logger.info("stopped", extra={"event": "stop"})
+        else:
+            # The totals in the log too: wire.json cannot be written while the disk is full.
+            counts = self._meter.counts()
+            logger.info("stopped", extra={"event": "stop", "wire_sent": counts.sent,
+                                          "wire_received": counts.received,
+                                          "wire_connections": counts.connections})
         return status
 
     # ------------------------------------------------------------- the loop

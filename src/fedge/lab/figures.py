@@ -76,7 +76,9 @@ def _plot_phases(fig: Figure, report: Mapping[str, object]) -> bool:
     if not rounds:
         return False
     ax = fig.add_subplot(1, 1, 1)
-    x = [str(r["round"]) for r in rounds]
+    # Numeric positions, labelled with the round numbers: string categories that look like
+    # numbers make matplotlib log a notice for every call.
+    x = list(range(len(rounds)))
     bottom = [0.0] * len(rounds)
     phases = _phase_names(rounds)
     for p in phases:
@@ -92,6 +94,7 @@ def _plot_phases(fig: Figure, report: Mapping[str, object]) -> bool:
         ax.bar(x, rest, bottom=bottom, label="other", color="lightgray")
     ax.plot(x, durations, linestyle="none", marker="_", markersize=24, markeredgewidth=2, color="black",
             label="round")
+    ax.set_xticks(x, [str(r["round"]) for r in rounds])
     ax.set_xlabel("round")
     ax.set_ylabel("seconds")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))

@@ -299,8 +299,9 @@ def _devices_table(devices: list[Mapping[str, object]]) -> str:
         ])
     note = ('<p class="note">kernel: payload bytes on the device\'s host veth end (frame bytes minus '
             "66 bytes of Ethernet, IPv4 and TCP header per packet); fedge: what the agent's sockets sent "
-            f"and received, TLS included. Agreement is fedge / kernel; outside 1 \u00b1 "
-            f"{_AGREEMENT_TOLERANCE:.0%} it is marked.</p>")
+            "and received, TLS included, from its wire.json or, where that fell behind (a disk still "
+            "full when the agent stopped), from its last log line. Agreement is fedge / kernel; outside "
+            f"1 \u00b1 {_AGREEMENT_TOLERANCE:.0%} it is marked.</p>")
     return _table(head, rows, text_cols=3) + note
 
 

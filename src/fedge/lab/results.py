@@ -18,7 +18,8 @@ from typing import Any
 from fedge.lab.host import Counters
 from fedge.store import RoundRow
 
-__all__ = ["HEADER_BYTES", "Collected", "kernel_view", "ratio", "recovery", "rounds_and_devices"]
+__all__ = ["HEADER_BYTES", "Collected", "final_wire_counts", "kernel_view", "ratio", "recovery",
+           "rounds_and_devices"]
 
 #: Bytes of framing the kernel counts per packet on a veth and the agent does not: Ethernet (14),
 #: IPv4 (20) and TCP with the timestamp option Linux uses by default (32).
@@ -32,11 +33,40 @@ class Collected:
 
     counters: Mapping[str, Counters]
     dropped: Mapping[str, Mapping[str, tuple[int, int]]]  # chain -> (packets, IP bytes)
-    wires: Mapping[str, Mapping[str, Any]]  # the agents' wire.json
+    wires: Mapping[str, Mapping[str, Any]]  # the agents' counts (final_wire_counts)
     attempts: Sequence[RoundRow]
     updates: Mapping[tuple[int, int], list[dict[str, object]]]
     profiles: Mapping[str, Mapping[str, object]]
 
+
+
+def final_wire_counts(kept: Mapping[str, Any], log: str) -> dict[str, Any]:
+    """An agent's own byte counts: its ``wire.json``, or its last "stopped" log line if that is further.
+
+    The agent rewrites ``wire.json`` once a second and at exit, and logs the
+    same totals when it stops. The file can fall behind: a full disk (the
+    fill-disk fault, while still in force when the run ends) fails every
+    write, the last one included. Counts only grow (a restarted agent counts
+    on from the file), so whichever of the two holds more is the later. The
+    result says which it was under ``source``.
+    """
+    best: dict[str, Any] = {"sent": int(kept.get("sent", 0)), "received": int(kept.get("received", 0)),
+                            "connections": int(kept.get("connections", 0)), "source": "wire.json"}
+    for line in log.splitlines():
+        if '"wire_sent"' not in line:
+            continue
+        try:
+            entry = json.loads(line)
+            logged: dict[str, Any] = {
+                "sent": int(entry["wire_sent"]), "received": int(entry["wire_received"]),
+                "connections": int(entry["wire_connections"]), "source": "agent log",
+            }
+        except (ValueError, KeyError, TypeError):
+            continue  # not one of the agent's JSON lines, or not a stop line
+        if entry.get("event") == "stop" and (
+                logged["sent"] + logged["received"] > best["sent"] + best["received"]):
+            best = logged
+    return best
 
 def kernel_view(address: str, c: Counters, dropped: Mapping[str, tuple[int, int]],
                 retransmitted: Mapping[tuple[str, str], int]) -> dict[str, int]:

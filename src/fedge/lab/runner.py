@@ -66,7 +66,7 @@ from fedge.lab.host import (
 from fedge.lab.images import ensure_agent_image, podman_env
 from fedge.lab.prereqs import host_arch, require
 from fedge.lab.report import write_report
-from fedge.lab.results import Collected, kernel_view, ratio, recovery, rounds_and_devices
+from fedge.lab.results import Collected, final_wire_counts, kernel_view, ratio, recovery, rounds_and_devices
 from fedge.lab.spec import DeviceSpec, LabSpec
 from fedge.store import Store
 
@@ -509,12 +509,14 @@ class LabRun:
         self.sample_retransmissions()
         counters = {d.spec.name: self.host.counters(d.host_end) for d in self.devices}
         dropped = {d.spec.name: self.host.dropped(d.netns) for d in self.devices}
-        wires = {d.spec.name: _read_wire(d.disk / "wire.json") for d in self.devices}
+        wires = {}
         for d in self.devices:
             log = self.out / "logs" / f"{d.spec.name}.log"
             out = subprocess.run(["podman", "logs", d.container], capture_output=True, env=podman_env(),
                                  check=False)
             log.write_bytes(out.stdout + out.stderr)
+            wires[d.spec.name] = final_wire_counts(
+                _read_wire(d.disk / "wire.json"), (out.stdout + out.stderr).decode(errors="replace"))
         with Store(self.store_dir) as store:
             attempts = store.rounds()
             updates = {(r.round, r.attempt): store.updates(r.round, r.attempt) for r in attempts}
@@ -553,8 +555,10 @@ class LabRun:
             kernel = None if collected is None else kernel_view(
                 d.address, collected.counters[d.spec.name], collected.dropped[d.spec.name],
                 self.retransmitted)
-            fedge = {"sent": int(w.get("sent", 0)), "received": int(w.get("received", 0)),
-                     "connections": int(w.get("connections", 0))}
+            fedge: dict[str, Any] = {
+                "sent": int(w.get("sent", 0)), "received": int(w.get("received", 0)),
+                "connections": int(w.get("connections", 0)), "source": w.get("source"),
+            }
             agreement = None if kernel is None else {
                 "up": ratio(fedge["sent"], kernel["payload_up"]),
                 "down": ratio(fedge["received"], kernel["payload_down"]),
