@@ -39,7 +39,6 @@ class Collected:
     profiles: Mapping[str, Mapping[str, object]]
 
 
-
 def final_wire_counts(kept: Mapping[str, Any], log: str) -> dict[str, Any]:
     """An agent's own byte counts: its ``wire.json``, or its last "stopped" log line if that is further.
 
@@ -67,6 +66,7 @@ def final_wire_counts(kept: Mapping[str, Any], log: str) -> dict[str, Any]:
                 logged["sent"] + logged["received"] > best["sent"] + best["received"]):
             best = logged
     return best
+
 
 def kernel_view(address: str, c: Counters, dropped: Mapping[str, tuple[int, int]],
                 retransmitted: Mapping[tuple[str, str], int]) -> dict[str, int]:
